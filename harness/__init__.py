@@ -1,0 +1,20 @@
+"""streamline-bench harness: the small public interface methods are written against.
+
+A method plugin imports only from here::
+
+    from harness import MethodConfig, MethodContext, PruneResult, register_method
+"""
+from .adapters import ModelAdapter, ReplacedBlock, get_adapter, supported_model_types
+from .context import MethodContext
+from .errors import UsageError
+from .registry import MethodConfig, PruneResult, available_methods, register_method
+from .replacement import MLPReplacement, describe, fit_to_boundaries
+from .saving import load_pruned, save_pruned
+from .surgery import count_params, insert_replacement, remove_layers
+
+__all__ = [
+    "MLPReplacement", "MethodConfig", "MethodContext", "ModelAdapter", "PruneResult", "ReplacedBlock",
+    "UsageError", "available_methods", "count_params", "describe", "fit_to_boundaries", "get_adapter",
+    "insert_replacement", "load_pruned", "register_method", "remove_layers", "save_pruned",
+    "supported_model_types",
+]

@@ -1,0 +1,194 @@
+"""Activation capture with forward hooks and streaming layer statistics.
+
+X_0 is the input of decoder layer 0 (embeddings output), X_{i+1} the output of decoder layer
+i; X_L is taken from the last layer's output, i.e. *before* the final norm (``hidden_states``
+from ``output_hidden_states`` would apply the final norm to the last entry in some
+architectures). Every statistic is a running sum over real tokens (attention mask = 1), so
+one forward pass of the calibration set scores every window and every layer, with memory
+bounded by one batch.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .adapters import ModelAdapter, first_tensor
+from .loading import model_device
+
+
+@contextmanager
+def boundary_hooks(adapter: ModelAdapter, callback, stop_after: int | None = None):
+    """Call ``callback(j, X_j)`` for each boundary j = 0..L during forward passes.
+
+    If ``stop_after`` is given, the forward pass is aborted right after X_{stop_after} was
+    delivered (raising ``_StopForward``, which ``run_forward`` swallows), so capturing an early
+    boundary costs only the layers before it.
+    """
+    handles = []
+    layers = adapter.layers
+
+    def pre_hook(_module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        callback(0, hidden)
+        if stop_after == 0:
+            raise _StopForward
+
+    handles.append(layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
+    for i, layer in enumerate(layers):
+        def hook(_module, _args, output, j=i + 1):
+            callback(j, first_tensor(output))
+            if stop_after == j:
+                raise _StopForward
+
+        handles.append(layer.register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class _StopForward(Exception):
+    pass
+
+
+def run_forward(model, input_ids, attention_mask) -> None:
+    device = model_device(model)
+    try:
+        with torch.no_grad():
+            model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
+    except _StopForward:
+        pass
+
+
+@dataclass
+class LayerStats:
+    """Mean cosine similarities between boundaries, over real tokens.
+
+    ``window_cos[n][i]`` = mean_t cos(X_i[t], X_{i+n}[t]) for i = 0..L-n (Streamline's S(i)
+    for window n; n = 1 gives 1 - BI). ``angular[n][i]`` = mean over sequences of
+    arccos(cos(X_i[last], X_{i+n}[last])) / pi on each sequence's last real token.
+    """
+
+    num_layers: int
+    window_cos: dict[int, list[float]] = field(default_factory=dict)
+    angular: dict[int, list[float]] = field(default_factory=dict)
+    tokens: int = 0
+    sequences: int = 0
+
+    def block_influence(self) -> list[float]:
+        """ShortGPT's BI_i = 1 - mean cos(X_i, X_{i+1})."""
+        return [1.0 - c for c in self.window_cos[1]]
+
+    def best_window(self, n: int) -> int:
+        """Streamline's i* = argmax_i S(i) (first maximum on ties)."""
+        scores = self.window_cos[n]
+        return max(range(len(scores)), key=lambda i: (scores[i], -i))
+
+    def to_dict(self) -> dict:
+        return {
+            "num_layers": self.num_layers,
+            "tokens": self.tokens,
+            "sequences": self.sequences,
+            "window_cos": {str(k): v for k, v in self.window_cos.items()},
+            "angular": {str(k): v for k, v in self.angular.items()},
+        }
+
+
+class StatsAccumulator:
+    """Streaming sums of cos(X_j, X_{j-n}) for a set of lags n, per boundary j."""
+
+    def __init__(self, num_layers: int, lags):
+        self.L = num_layers
+        self.lags = sorted(set(int(n) for n in lags if 1 <= int(n) <= num_layers))
+        self.max_lag = max(self.lags)
+        self.cos_sum = {n: torch.zeros(self.L - n + 1, dtype=torch.float64) for n in self.lags}
+        self.ang_sum = {n: torch.zeros(self.L - n + 1, dtype=torch.float64) for n in self.lags}
+        self.tokens = 0
+        self.sequences = 0
+        self._mask = None
+        self._last_idx = None
+        self._states: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._dev: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def begin_batch(self, attention_mask: torch.Tensor) -> None:
+        self._mask = attention_mask.bool()
+        lengths = attention_mask.long().sum(dim=1)
+        # last real token per sequence (right padding or left padding both handled)
+        positions = torch.arange(attention_mask.shape[1]).expand_as(attention_mask)
+        self._last_idx = torch.where(self._mask, positions, torch.full_like(positions, -1)).max(dim=1).values
+        self.tokens += int(lengths.sum())
+        self.sequences += int((lengths > 0).sum())
+        self._states = {}
+
+    def __call__(self, j: int, hidden: torch.Tensor) -> None:
+        x = hidden.detach().float()
+        dev = x.device
+        mask = self._mask.to(dev)
+        unit = F.normalize(x, dim=-1)  # (B, T, d)
+        last = unit[torch.arange(unit.shape[0], device=dev), self._last_idx.to(dev).clamp(min=0)]  # (B, d)
+        for n in self.lags:
+            prev = self._states.get(j - n)
+            if prev is None:
+                continue
+            p_unit, p_last = prev
+            cos = (unit * p_unit.to(dev)).sum(-1)  # (B, T)
+            lc = (last * p_last.to(dev)).sum(-1).clamp(-1.0, 1.0)
+            valid = (self._last_idx >= 0).to(dev)
+            # accumulate on the accelerator: no host sync per layer
+            cs, an = self._device_sums(n, dev)
+            cs[j - n] += cos[mask].double().sum().to(cs.device)
+            an[j - n] += (torch.arccos(lc[valid]) / math.pi).double().sum().to(an.device)
+        self._states[j] = (unit, last)
+        self._states.pop(j - self.max_lag, None)
+
+    def _device_sums(self, n, dev):
+        if n not in self._dev:
+            self._dev[n] = (self.cos_sum[n].to(dev), self.ang_sum[n].to(dev))
+        return self._dev[n]
+
+    def result(self) -> LayerStats:
+        for n, (cs, an) in self._dev.items():
+            self.cos_sum[n] = cs.cpu()
+            self.ang_sum[n] = an.cpu()
+        stats = LayerStats(num_layers=self.L, tokens=self.tokens, sequences=self.sequences)
+        for n in self.lags:
+            stats.window_cos[n] = (self.cos_sum[n] / max(self.tokens, 1)).tolist()
+            stats.angular[n] = (self.ang_sum[n] / max(self.sequences, 1)).tolist()
+        return stats
+
+
+def collect_layer_stats(model, adapter: ModelAdapter, calibration, lags=(1,), progress: bool = True) -> LayerStats:
+    """One forward pass over the calibration set; returns cosine/angular stats for ``lags``."""
+    acc = StatsAccumulator(adapter.num_layers, lags)
+    batches = list(calibration.batches())
+    with boundary_hooks(adapter, acc):
+        for input_ids, attention_mask in tqdm(batches, desc="scoring layers", disable=not progress):
+            acc.begin_batch(attention_mask)
+            run_forward(model, input_ids, attention_mask)
+    return acc.result()
+
+
+def iter_boundary_pairs(model, adapter: ModelAdapter, data, start: int, end: int,
+                        batch_size: int | None = None, boundaries=None):
+    """Yield ``(states, mask)`` per batch, where ``states[j]`` is X_j for each requested j.
+
+    By default the boundaries are ``(start, end)``. The forward pass stops right after X_end,
+    so only the layers before the window's end are computed. Nothing is kept between batches.
+    """
+    wanted = sorted(set(boundaries or (start, end)))
+    for input_ids, attention_mask in data.batches(batch_size):
+        captured: dict[int, torch.Tensor] = {}
+
+        def grab(j, hidden):
+            if j in wanted:
+                captured[j] = hidden.detach()
+
+        with boundary_hooks(adapter, grab, stop_after=wanted[-1]):
+            run_forward(model, input_ids, attention_mask)
+        yield captured, attention_mask.bool()

@@ -1,0 +1,137 @@
+"""Calibration data: a text source cut into fixed-length token blocks.
+
+Sources: a local ``.txt`` file (whole text), a local ``.jsonl``/``.json`` file (a text field,
+default ``text``), or a Hub dataset id ``path[:config]`` (split via ``split``). The default is
+wikitext-2 (Hub ``wikitext:wikitext-2-raw-v1`` train; offline the caller passes
+``<data-dir>/wikitext2/wikitext-2-v1-tokens/valid.txt``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UsageError
+
+HUB_DEFAULT = "wikitext:wikitext-2-raw-v1"
+LOCAL_DEFAULT = "wikitext2/wikitext-2-v1-tokens/valid.txt"  # relative to --data-dir
+
+
+@dataclass
+class CalibrationConfig:
+    source: str = HUB_DEFAULT
+    split: str = "train"
+    field: str = "text"
+    num_samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+    batch_size: int = 8
+
+
+@dataclass
+class CalibrationData:
+    input_ids: torch.Tensor  # (N, T) long
+    attention_mask: torch.Tensor  # (N, T) long; 1 = real token
+    config: CalibrationConfig
+    description: dict
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def batches(self, batch_size: int | None = None):
+        bs = batch_size or self.config.batch_size
+        for start in range(0, len(self), bs):
+            yield self.input_ids[start:start + bs], self.attention_mask[start:start + bs]
+
+
+def _is_local(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or Path(source).suffix in (".txt", ".jsonl", ".json", ".gz") or Path(source).exists()
+
+
+def read_text(source: str, split: str = "train", field: str = "text") -> str:
+    """Return the whole text of a calibration source (documents joined by blank lines)."""
+    if _is_local(source):
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise UsageError(f"calibration file '{source}' does not exist; pass an existing .txt or .jsonl file")
+        if path.suffix == ".txt":
+            text = path.read_text(encoding="utf-8")
+        else:
+            opener = __import__("gzip").open if path.suffix == ".gz" else open
+            rows = []
+            with opener(path, "rt", encoding="utf-8") as fh:
+                for line_no, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        raise UsageError(f"calibration file '{source}' line {line_no} is not JSON; use one JSON object per line") from None
+                    if field not in row:
+                        raise UsageError(f"calibration file '{source}' has no field '{field}'; pick it with --calib-field")
+                    rows.append(str(row[field]))
+            text = "\n\n".join(rows)
+    else:
+        path_name, _, config_name = source.partition(":")
+        try:
+            import datasets
+
+            ds = datasets.load_dataset(path_name, config_name or None, split=split)
+        except Exception as exc:  # noqa: BLE001
+            raise UsageError(
+                f"could not load calibration dataset '{source}' ({type(exc).__name__}); offline, pass a local "
+                f"file with --calib-data or --data-dir (which uses {LOCAL_DEFAULT})"
+            ) from None
+        if field not in ds.column_names:
+            raise UsageError(f"calibration dataset '{source}' has no column '{field}'; pick it with --calib-field")
+        text = "\n\n".join(ds[field])
+    if not text.strip():
+        raise UsageError(f"calibration source '{source}' is empty; pass a file with text in it")
+    return text
+
+
+def load_calibration(cfg: CalibrationConfig, tokenizer, seed_offset: int = 0,
+                     num_samples: int | None = None) -> CalibrationData:
+    """Tokenise the source and draw ``num_samples`` random blocks of ``seq_len`` tokens.
+
+    ``seed_offset`` draws a different sample from the same source (e.g. training data for a
+    replacement network next to the scoring data). Blocks are sampled without replacement
+    when there are enough; otherwise with replacement (recorded in the description).
+    """
+    n = cfg.num_samples if num_samples is None else num_samples
+    if n < 1 or cfg.seq_len < 2:
+        raise UsageError("calibration needs at least 1 sample of at least 2 tokens (--calib-samples, --calib-seq-len)")
+    text = read_text(cfg.source, cfg.split, cfg.field)
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    block = cfg.seq_len - (1 if bos is not None else 0)
+    n_blocks = len(ids) // block
+    if n_blocks < 1:
+        raise UsageError(
+            f"calibration source '{cfg.source}' has {len(ids)} tokens, fewer than one block of {cfg.seq_len}; "
+            "lower --calib-seq-len or pass more text"
+        )
+    gen = torch.Generator().manual_seed(cfg.seed + seed_offset)
+    with_replacement = n > n_blocks
+    if with_replacement:
+        picks = torch.randint(n_blocks, (n,), generator=gen)
+    else:
+        picks = torch.randperm(n_blocks, generator=gen)[:n]
+    all_ids = torch.tensor(ids[: n_blocks * block], dtype=torch.long).view(n_blocks, block)
+    input_ids = all_ids[picks]
+    if bos is not None:
+        input_ids = torch.cat([torch.full((n, 1), bos, dtype=torch.long), input_ids], dim=1)
+    attention_mask = torch.ones_like(input_ids)
+    desc = asdict(cfg) | {
+        "num_samples": n,
+        "seed": cfg.seed + seed_offset,
+        "source_tokens": len(ids),
+        "available_blocks": n_blocks,
+        "sampled_with_replacement": bool(with_replacement),
+        "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        "bos_prepended": bos is not None,
+    }
+    return CalibrationData(input_ids, attention_mask, cfg, desc)

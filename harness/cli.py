@@ -1,0 +1,187 @@
+"""Command line: ``python run_benchmarks.py --methods streamline,shortgpt --model M ...``."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import RegressionFailure, UsageError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2 (argparse's own convention)
+        raise UsageError(f"{message} (see --help)")
+
+
+def _int(name):
+    def parse(value):
+        try:
+            return int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} expects an integer, got '{value}'") from None
+    return parse
+
+
+def _float(name):
+    def parse(value):
+        try:
+            return float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} expects a number, got '{value}'") from None
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="run_benchmarks.py", description=(
+        "Prune a causal LM with registered layer-pruning methods, evaluate each pruned model and the "
+        "dense one with lm-eval (and wikitext-2 perplexity), and print one comparison table."))
+    p.add_argument("--methods", default=None, help="comma-separated method names (see --list-methods)")
+    p.add_argument("--list-methods", action="store_true", help="list registered methods, one line each")
+    p.add_argument("--model", default=None, help="Hub id or local model folder")
+    p.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks "
+                   "(default: piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa,boolq)")
+    tgt = p.add_mutually_exclusive_group()
+    tgt.add_argument("--ratio", type=_float("--ratio"), default=None,
+                     help="fraction of the dense model's parameters to remove (default 0.25)")
+    tgt.add_argument("--layers", type=_int("--layers"), default=None, help="number of decoder layers to remove")
+    p.add_argument("-o", "--method-opt", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="a method option, e.g. -o streamline.epochs=3 (repeatable; lists use a/b/c)")
+    p.add_argument("--plugins", default=None, help="comma-separated .py files that register extra methods")
+    p.add_argument("--data-dir", default=None,
+                   help="local benchmark files laid out like shared/data (tasks, wikitext-2, calibration)")
+    p.add_argument("--limit", type=_int("--limit"), default=None, help="evaluate only the first N items per task")
+    p.add_argument("--eval-batch-size", type=_int("--eval-batch-size"), default=8)
+    p.add_argument("--ppl", action="store_true", help="also measure wikitext-2 test perplexity")
+    p.add_argument("--ppl-seq-len", type=_int("--ppl-seq-len"), default=None,
+                   help="perplexity window (default min(2048, model positions))")
+    p.add_argument("--ppl-stride", type=_int("--ppl-stride"), default=None, help="window stride (default = window)")
+    p.add_argument("--ppl-max-windows", type=_int("--ppl-max-windows"), default=None)
+    p.add_argument("--calib-data", default=None, help="calibration text: .txt/.jsonl file or Hub dataset "
+                   "id[:config] (default wikitext-2; with --data-dir its wikitext2 valid.txt)")
+    p.add_argument("--calib-split", default="train")
+    p.add_argument("--calib-field", default="text")
+    p.add_argument("--calib-samples", type=_int("--calib-samples"), default=128)
+    p.add_argument("--calib-seq-len", type=_int("--calib-seq-len"), default=512)
+    p.add_argument("--calib-batch-size", type=_int("--calib-batch-size"), default=8)
+    p.add_argument("--seed", type=_int("--seed"), default=0)
+    p.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (accelerate device_map)")
+    p.add_argument("--output-dir", default="results/runs", help="where result JSON and tables go")
+    p.add_argument("--force", action="store_true", help="re-run even when a result JSON exists")
+    p.add_argument("--save-models", action="store_true", help="save every pruned model next to its result")
+    p.add_argument("--report", default=None, metavar="DIR", help="only re-render tables from the JSON under DIR")
+    p.add_argument("--table-metric", default="acc",
+                   help="acc | acc_norm | per task, e.g. acc,hellaswag=acc_norm (printed with the table)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return p
+
+
+def _split(value: str | None) -> list[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+def _method_options(items: list[str]) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        head, eq, value = item.partition("=")
+        method, dot, key = head.partition(".")
+        if not eq or not dot or not method or not key:
+            raise UsageError(f"bad method option '{item}'; write METHOD.KEY=VALUE, e.g. streamline.epochs=3")
+        out.setdefault(method.strip(), {})[key.strip()] = value.strip()
+    return out
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return _main(argv)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RegressionFailure as exc:
+        print(f"regression: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; finished runs are saved and will be skipped next time", file=sys.stderr)
+        return 130
+
+
+def _main(argv) -> int:
+    args = build_parser().parse_args(argv)
+    from .registry import available_methods, load_plugin_file
+
+    for plugin in _split(args.plugins):
+        load_plugin_file(plugin)
+    if args.list_methods:
+        for name, spec in available_methods().items():
+            print(f"{name:<14} {spec.help}")
+        return 0
+
+    from . import report
+
+    if args.report:
+        from .results import load_runs
+
+        if not Path(args.report).is_dir():
+            raise UsageError(f"--report directory '{args.report}' does not exist")
+        runs = load_runs(args.report)
+        tables = report.build_tables(runs, args.table_metric)
+        if not tables:
+            raise UsageError(f"no complete result set (dense + methods) under '{args.report}'")
+        print(report.render_text(tables))
+        for path in report.write_reports(tables, Path(args.report)):
+            print(f"wrote {path}")
+        return 0
+
+    if not args.model:
+        raise UsageError("--model is required: a Hub id (e.g. facebook/opt-1.3b) or a local model folder")
+    report.parse_metric_spec(args.table_metric)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING)
+    from .calibration import LOCAL_DEFAULT, CalibrationConfig
+    from .evaluation import DEFAULT_TASKS, EvalConfig
+    from .runner import RunOptions, run_benchmark
+    from .target import Target
+
+    if args.calib_data:
+        calib_source = args.calib_data
+    elif args.data_dir:
+        calib_source = str(Path(args.data_dir) / LOCAL_DEFAULT)
+        if not Path(calib_source).is_file():
+            raise UsageError(f"missing calibration file {calib_source}; pass --calib-data or fix --data-dir")
+    else:
+        calib_source = CalibrationConfig().source
+    if args.calib_data and Path(args.calib_data).suffix in (".txt", ".jsonl", ".json", ".gz") \
+            and not Path(args.calib_data).is_file():
+        raise UsageError(f"calibration file '{args.calib_data}' does not exist; pass an existing .txt or .jsonl file")
+    target = Target(ratio=args.ratio, layers=args.layers)
+    if target.ratio is None and target.layers is None:
+        target.ratio = 0.25
+    opts = RunOptions(
+        model=args.model,
+        methods=_split(args.methods),
+        method_options=_method_options(args.method_opt),
+        target=target,
+        eval=EvalConfig(tasks=_split(args.tasks) or list(DEFAULT_TASKS), data_dir=args.data_dir, limit=args.limit,
+                        batch_size=args.eval_batch_size, ppl=args.ppl, ppl_seq_len=args.ppl_seq_len,
+                        ppl_stride=args.ppl_stride, ppl_max_windows=args.ppl_max_windows),
+        calibration=CalibrationConfig(source=calib_source, split=args.calib_split, field=args.calib_field,
+                                      num_samples=args.calib_samples, seq_len=args.calib_seq_len,
+                                      seed=args.seed, batch_size=args.calib_batch_size),
+        dtype=args.dtype, device=args.device, seed=args.seed, output_dir=args.output_dir, force=args.force,
+        save_models=args.save_models, progress=not args.no_progress,
+    )
+    records = run_benchmark(opts)
+    tables = report.build_tables(records, args.table_metric, method_order=opts.methods)
+    print()
+    print(report.render_text(tables))
+    from .results import slug
+
+    out = Path(args.output_dir) / slug(args.model)
+    for path in report.write_reports(tables, out):
+        print(f"wrote {path}")
+    return 0

@@ -1,0 +1,60 @@
+"""What a method receives: ``MethodContext`` (the harness's small public interface)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .activations import LayerStats, collect_layer_stats, iter_boundary_pairs
+from .adapters import ModelAdapter
+from .calibration import CalibrationData, load_calibration
+from .errors import UsageError
+
+
+@dataclass
+class MethodContext:
+    model: Any  # a private copy of the dense model the method may modify
+    adapter: ModelAdapter
+    tokenizer: Any
+    calibration: CalibrationData
+    num_remove: int  # n, layers to remove (resolved from --ratio or --layers)
+    seed: int = 0
+    progress: bool = True
+    stats_cache: dict = field(default_factory=dict)  # shared across methods of one run
+    dense_stats_key: str = ""
+
+    @property
+    def num_layers(self) -> int:
+        return self.adapter.num_layers
+
+    def layer_stats(self, lags=None) -> LayerStats:
+        """Cosine/angular statistics of the *dense* model on the calibration set.
+
+        Computed once per run with lags {1, n} and shared by every method (one forward pass
+        scores all Streamline windows, all ShortGPT BIs and all angular distances).
+        """
+        lags = sorted(set(lags or (1, self.num_remove)))
+        key = (self.dense_stats_key, tuple(lags))
+        for (k, have), stats in self.stats_cache.items():
+            if k == self.dense_stats_key and set(lags) <= set(have):
+                return stats
+        stats = collect_layer_stats(self.model, self.adapter, self.calibration, lags, progress=self.progress)
+        self.stats_cache[key] = stats
+        return stats
+
+    def training_data(self, num_samples: int, seq_len: int | None = None, seed_offset: int = 1) -> CalibrationData:
+        """More blocks from the calibration source (a different draw, for training)."""
+        cfg = self.calibration.config
+        if seq_len is not None and seq_len != cfg.seq_len:
+            from dataclasses import replace
+
+            cfg = replace(cfg, seq_len=seq_len)
+        return load_calibration(cfg, self.tokenizer, seed_offset=seed_offset, num_samples=num_samples)
+
+    def boundary_pairs(self, data: CalibrationData, start: int, end: int, batch_size: int | None = None,
+                       boundaries=None):
+        """Stream ``({j: X_j}, mask)`` per batch for the current model (see activations)."""
+        return iter_boundary_pairs(self.model, self.adapter, data, start, end, batch_size, boundaries)
+
+    def check_window(self, n: int) -> None:
+        if n >= self.num_layers:
+            raise UsageError(f"a window of {n} layers does not fit a model with {self.num_layers} layers")

@@ -1,0 +1,104 @@
+"""Load a causal LM and its tokenizer from a Hub id or a local folder."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import UsageError
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+DEVICES = ("cpu", "cuda", "auto")
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise UsageError(f"unknown --dtype '{name}'; choose one of: float32, float16, bfloat16")
+    return DTYPES[name]
+
+
+def resolve_device(name: str) -> str:
+    if name not in DEVICES and not name.startswith("cuda:"):
+        raise UsageError(f"unknown --device '{name}'; choose one of: cpu, cuda, cuda:N, auto")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name} asked for, but no CUDA device is available here; use --device cpu")
+    return name
+
+
+def looks_like_path(name: str) -> bool:
+    """Hub ids are ``name`` or ``org/name``; anything else is taken as a local path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
+
+
+def check_model_source(name: str) -> None:
+    """Fail early for a local path that does not exist (a Hub id is checked when loaded)."""
+    if looks_like_path(name) and not Path(name).expanduser().exists():
+        raise UsageError(f"model path '{name}' does not exist; pass a local model folder or a Hub id")
+
+
+def load_config(name: str):
+    from transformers import AutoConfig
+
+    check_model_source(name)
+    try:
+        return AutoConfig.from_pretrained(os.path.expanduser(name))
+    except Exception as exc:  # noqa: BLE001 - any loader failure is a usage problem here
+        raise UsageError(
+            f"could not load a model config from '{name}' ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            "pass an existing local folder, or a Hub id with network access"
+        ) from None
+
+
+def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
+    """Return ``(model, tokenizer)`` in eval mode.
+
+    ``device='auto'`` uses accelerate's ``device_map='auto'`` so models larger than one device
+    are spread over the available devices (and CPU).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from .adapters import check_supported_config
+
+    torch_dtype = resolve_dtype(dtype)
+    device = resolve_device(device)
+    config = load_config(name)
+    check_supported_config(config)
+    path = os.path.expanduser(name)
+    kwargs = {"dtype": torch_dtype}
+    if device == "auto":
+        kwargs["device_map"] = "auto"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise UsageError(
+            f"could not load model weights from '{name}' ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+        ) from None
+    if device != "auto":
+        model.to(device)
+    model.eval()
+    tokenizer = load_tokenizer(name)
+    return model, tokenizer
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(os.path.expanduser(name))
+    except Exception as exc:  # noqa: BLE001
+        raise UsageError(
+            f"could not load a tokenizer from '{name}' ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            "save the tokenizer into the model folder"
+        ) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device

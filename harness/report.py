@@ -1,0 +1,176 @@
+"""Tables rendered from result JSON files (pandas + tabulate): Markdown, CSV and LaTeX.
+
+Rows: the dense model, then one per method. Columns: measured pruning ratio, one score per
+task (the table's metric choice, printed with the table), "Ave." (mean over tasks) and
+"Per." (retained performance = Ave. / dense Ave. x 100, a ratio of means as in ShortGPT's
+and LLM-Streamline's tables), and wikitext-2 perplexity when it was measured.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import pandas as pd
+
+from .errors import UsageError
+from .results import canonical, write_text_atomic
+
+TASK_LABELS = {
+    "piqa": "PIQA", "hellaswag": "HellaSwag", "winogrande": "WinoGrande", "arc_easy": "ARC-e",
+    "arc_challenge": "ARC-c", "openbookqa": "OBQA", "boolq": "BoolQ",
+}
+
+
+def parse_metric_spec(spec: str | None) -> tuple[str, dict[str, str]]:
+    """``acc`` | ``acc_norm`` | ``acc,hellaswag=acc_norm,...`` -> (default, per-task)."""
+    default, per_task = "acc", {}
+    for part in (spec or "acc").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "=" in part:
+            task, metric = part.split("=", 1)
+            per_task[task.strip()] = metric.strip()
+        else:
+            default = part
+    for m in [default, *per_task.values()]:
+        if m not in ("acc", "acc_norm"):
+            raise UsageError(f"unknown table metric '{m}'; use acc or acc_norm (optionally per task: hellaswag=acc_norm)")
+    return default, per_task
+
+
+def pick_metric(row: dict, task: str, default: str, per_task: dict) -> tuple[float | None, str]:
+    want = per_task.get(task, default)
+    if row.get(want) is not None:
+        return row[want], want
+    if row.get("acc") is not None:  # e.g. winogrande/boolq have no acc_norm in lm-eval
+        return row["acc"], "acc"
+    return None, want
+
+
+def eval_group_key(run: dict) -> str:
+    """Runs are comparable when model, evaluation config and dtype agree."""
+    return canonical({"model": run["model"]["name"], "eval": run["eval"], "dtype": run["model"].get("dtype")})
+
+
+def build_tables(runs: list[dict], metric_spec: str | None = None, method_order: list[str] | None = None):
+    """Return a list of ``(title, DataFrame, notes)``, one per comparable group of runs."""
+    default, per_task = parse_metric_spec(metric_spec)
+    groups: "OrderedDict[str, list[dict]]" = OrderedDict()
+    for run in runs:
+        groups.setdefault(eval_group_key(run), []).append(run)
+    tables = []
+    for _key, group in groups.items():
+        dense = [r for r in group if r["method"] == "dense"]
+        if not dense:
+            continue
+        dense_run = max(dense, key=lambda r: r["environment"].get("created", ""))
+        others = [r for r in group if r["method"] != "dense"]
+        if method_order:
+            rank = {m: i for i, m in enumerate(method_order)}
+            others.sort(key=lambda r: (rank.get(r["method"], len(rank)), r["method"], r.get("_path", "")))
+        else:
+            others.sort(key=lambda r: (r["method"], r.get("_path", "")))
+        tasks = list(dense_run["metrics"].keys())
+        used = {}
+        rows = []
+        dense_avg = None
+        for run in [dense_run, *others]:
+            row = OrderedDict()
+            row["Method"] = run.get("label") or run["method"]
+            ratio = run.get("params", {}).get("ratio", 0.0)
+            row["Ratio"] = 100.0 * ratio
+            scores = []
+            for t in tasks:
+                value, used_metric = pick_metric(run["metrics"].get(t, {}), t, default, per_task)
+                used[t] = used_metric
+                row[TASK_LABELS.get(t, t)] = None if value is None else 100.0 * value
+                if value is not None:
+                    scores.append(100.0 * value)
+            avg = sum(scores) / len(scores) if scores and len(scores) == len(tasks) else None
+            if run is dense_run:
+                dense_avg = avg
+            row["Ave."] = avg
+            row["Per."] = (100.0 * avg / dense_avg) if (avg is not None and dense_avg) else None
+            if any("perplexity" in r and r["perplexity"] for r in group):
+                ppl = (run.get("perplexity") or {}).get("ppl")
+                row["PPL"] = ppl
+            rows.append(row)
+        df = pd.DataFrame(rows)
+        model = dense_run["model"]["name"]
+        notes = [
+            "Metric per task: " + ", ".join(f"{TASK_LABELS.get(t, t)}={used[t]}" for t in tasks)
+            + " (lm-eval, x100). Ratio: measured from parameter counts (removed - added) / dense.",
+            "Per. = Ave. / dense Ave. x 100.",
+        ]
+        ev = dense_run["eval"]
+        if ev.get("limit"):
+            notes.append(f"--limit {ev['limit']}: each task scored on its first {ev['limit']} items only.")
+        if ev.get("ppl") and dense_run.get("perplexity"):
+            p = dense_run["perplexity"]
+            notes.append(f"PPL: wikitext-2 test, window {p['seq_len']}, stride {p['stride']}, {p['windows']} windows.")
+        tables.append((f"{model}", df, notes))
+    return tables
+
+
+def _fmt(df: pd.DataFrame) -> pd.DataFrame:
+    out = df.copy()
+    for col in out.columns:
+        if col == "Method":
+            continue
+        out[col] = out[col].map(lambda v: "-" if v is None or pd.isna(v) else (f"{v:.2f}" if col == "PPL" else f"{v:.1f}"))
+    return out
+
+
+def render_markdown(tables) -> str:
+    from tabulate import tabulate
+
+    parts = []
+    for title, df, notes in tables:
+        parts.append(f"### {title}\n")
+        parts.append(tabulate(_fmt(df), headers="keys", tablefmt="github", showindex=False))
+        parts.append("\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+    return "\n".join(parts)
+
+
+def render_text(tables) -> str:
+    from tabulate import tabulate
+
+    parts = []
+    for title, df, notes in tables:
+        parts.append(f"Model: {title}")
+        parts.append(tabulate(_fmt(df), headers="keys", tablefmt="simple", showindex=False))
+        parts.extend(notes)
+        parts.append("")
+    return "\n".join(parts)
+
+
+def render_csv(tables) -> str:
+    frames = []
+    for title, df, _notes in tables:
+        d = df.copy()
+        d.insert(0, "Model", title)
+        frames.append(d)
+    if not frames:
+        return ""
+    return pd.concat(frames, ignore_index=True).to_csv(index=False, float_format="%.4f")
+
+
+def render_latex(tables) -> str:
+    from tabulate import tabulate
+
+    parts = []
+    for title, df, notes in tables:
+        parts.append(f"% {title}\n% " + "\n% ".join(notes))
+        parts.append(tabulate(_fmt(df), headers="keys", tablefmt="latex_booktabs", showindex=False))
+    return "\n".join(parts) + "\n"
+
+
+def write_reports(tables, out_dir: Path, stem: str = "table") -> list[Path]:
+    out_dir = Path(out_dir)
+    paths = []
+    for ext, render in (("md", render_markdown), ("csv", render_csv), ("tex", render_latex)):
+        p = out_dir / f"{stem}.{ext}"
+        write_text_atomic(p, render(tables))
+        paths.append(p)
+    return paths

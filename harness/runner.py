@@ -1,0 +1,217 @@
+"""The pipeline: model -> activations -> scores -> plan -> pruned model -> evaluation -> JSON.
+
+``run_benchmark`` evaluates the dense model once, then each requested method on its own copy
+of the dense model. Every run (dense included) is one result JSON, written atomically; a run
+whose JSON exists is skipped unless ``force``, so a sweep that dies resumes where it stopped.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .adapters import get_adapter
+from .calibration import CalibrationConfig, load_calibration
+from .context import MethodContext
+from .errors import UsageError
+from .evaluation import EvalConfig, perplexity, run_lm_eval, validate_tasks
+from .loading import check_model_source, load_model, resolve_device, resolve_dtype
+from .registry import build_config, get_method
+from .results import SCHEMA_VERSION, environment, run_path, write_json_atomic
+from .saving import save_pruned
+from .surgery import count_params
+from .target import Target, resolve_num_remove
+
+log = logging.getLogger("streamline_bench")
+
+
+@dataclass
+class RunOptions:
+    model: str
+    methods: list[str]
+    method_options: dict[str, dict[str, str]] = field(default_factory=dict)
+    target: Target = field(default_factory=lambda: Target(ratio=0.25))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    dtype: str = "float32"
+    device: str = "cpu"
+    seed: int = 0
+    output_dir: str = "results/runs"
+    force: bool = False
+    save_models: bool = False
+    progress: bool = True
+    skip_dense_eval: bool = False
+
+
+def method_label(name: str, cfg) -> str:
+    """Method name plus the options that differ from the method's defaults."""
+    diffs = []
+    defaults = type(cfg)()
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value != getattr(defaults, f.name):
+            diffs.append(f"{f.name}={value}")
+    return f"{name}({', '.join(diffs)})" if diffs else name
+
+
+def prepare(opts: RunOptions):
+    """Validate every input before anything runs; returns ``[(name, spec, cfg)]``."""
+    resolve_dtype(opts.dtype)
+    resolve_device(opts.device)
+    opts.target.validate()
+    if not opts.methods:
+        raise UsageError("no methods given; pass --methods streamline,shortgpt (see --list-methods)")
+    plan = []
+    for name in opts.methods:
+        spec = get_method(name)
+        cfg = build_config(spec, opts.method_options.get(name, {}))
+        plan.append((name, spec, cfg))
+    unknown_opt_methods = set(opts.method_options) - set(opts.methods)
+    if unknown_opt_methods:
+        raise UsageError(f"options given for methods not being run: {', '.join(sorted(unknown_opt_methods))}")
+    validate_tasks(opts.eval)
+    check_model_source(opts.model)
+    cal = opts.calibration
+    if cal.num_samples < 1 or cal.seq_len < 2 or cal.batch_size < 1:
+        raise UsageError("calibration needs --calib-samples >= 1, --calib-seq-len >= 2, --calib-batch-size >= 1")
+    return plan
+
+
+def _model_record(opts: RunOptions, model, adapter) -> dict:
+    return {
+        "name": opts.model,
+        "class": type(model).__name__,
+        "model_type": model.config.model_type,
+        "num_layers": adapter.num_layers,
+        "hidden_size": adapter.hidden_size,
+        "params": count_params(model),
+        "dtype": opts.dtype,
+        "device": opts.device,
+    }
+
+
+def _evaluate(model, tokenizer, opts: RunOptions, timings: dict) -> tuple[dict, dict | None]:
+    t = time.perf_counter()
+    metrics = run_lm_eval(model, tokenizer, opts.eval)["metrics"]
+    timings["eval"] = time.perf_counter() - t
+    ppl = None
+    if opts.eval.ppl:
+        t = time.perf_counter()
+        ppl = perplexity(model, tokenizer, opts.eval, progress=opts.progress)
+        timings["ppl"] = time.perf_counter() - t
+    return metrics, ppl
+
+
+def run_benchmark(opts: RunOptions, echo=print) -> list[dict]:
+    plan = prepare(opts)
+    t_load = time.perf_counter()
+    model, tokenizer = load_model(opts.model, opts.dtype, opts.device)
+    load_seconds = time.perf_counter() - t_load
+    adapter = get_adapter(model)
+    n = resolve_num_remove(opts.target, model, adapter)
+    dense_record = _model_record(opts, model, adapter)
+    dense_params = dense_record["params"]
+    eval_dict = opts.eval.to_dict()
+    echo(f"model {opts.model}: {adapter.num_layers} layers, {dense_params:,} parameters; "
+         f"removing n={n} layers ({opts.target.to_dict()})")
+    records = []
+
+    # --- dense ------------------------------------------------------------------------
+    dense_key = {"model": opts.model, "dtype": opts.dtype, "eval": eval_dict}
+    dense_path = run_path(opts.output_dir, opts.model, "dense", dense_key)
+    if dense_path.exists() and not opts.force:
+        echo(f"dense: result exists, skipping ({dense_path})")
+        records.append(_read(dense_path))
+    else:
+        echo("dense: evaluating")
+        timings = {"load": load_seconds}
+        torch.manual_seed(opts.seed)
+        metrics, ppl = _evaluate(model, tokenizer, opts, timings)
+        rec = {
+            "schema": SCHEMA_VERSION, "method": "dense", "label": "Dense", "method_config": {},
+            "model": dense_record, "eval": eval_dict, "target": None, "calibration": None, "seed": opts.seed,
+            "manifest": {"removed_layers": []},
+            "params": {"dense": dense_params, "pruned": dense_params, "removed": 0, "added": 0, "ratio": 0.0},
+            "metrics": metrics, "perplexity": ppl, "timings": timings, "environment": environment(),
+        }
+        write_json_atomic(dense_path, rec)
+        rec["_path"] = str(dense_path)
+        records.append(rec)
+
+    # --- methods ----------------------------------------------------------------------
+    calibration = None
+    stats_cache: dict = {}
+    cal_dict = dataclasses.asdict(opts.calibration)
+    for name, spec, cfg in plan:
+        cfg_dict = dataclasses.asdict(cfg)
+        key = {"model": opts.model, "dtype": opts.dtype, "method": name, "method_config": cfg_dict,
+               "target": opts.target.to_dict(), "calibration": cal_dict, "eval": eval_dict, "seed": opts.seed}
+        path = run_path(opts.output_dir, opts.model, name, key)
+        if path.exists() and not opts.force:
+            echo(f"{name}: result exists, skipping ({path})")
+            records.append(_read(path))
+            continue
+        echo(f"{name}: pruning")
+        timings = {}
+        if calibration is None:
+            t = time.perf_counter()
+            calibration = load_calibration(opts.calibration, tokenizer)
+            timings["calibration_load"] = time.perf_counter() - t
+        t = time.perf_counter()
+        if opts.device == "auto":
+            work_model, _ = load_model(opts.model, opts.dtype, opts.device)
+        else:
+            work_model = copy.deepcopy(model)
+        timings["copy_model"] = time.perf_counter() - t
+        ctx = MethodContext(model=work_model, adapter=get_adapter(work_model), tokenizer=tokenizer,
+                            calibration=calibration, num_remove=n, seed=opts.seed, progress=opts.progress,
+                            stats_cache=stats_cache, dense_stats_key=opts.model)
+        torch.manual_seed(opts.seed)
+        t = time.perf_counter()
+        result = spec.fn(ctx, cfg)
+        timings["prune"] = time.perf_counter() - t
+        pruned = result.model
+        pruned.eval()
+        pruned_params = count_params(pruned)
+        added = (result.replacement or {}).get("params", 0) if result.replacement else 0
+        removed = dense_params - pruned_params + added
+        torch.manual_seed(opts.seed)
+        metrics, ppl = _evaluate(pruned, tokenizer, opts, timings)
+        manifest = result.manifest()
+        rec = {
+            "schema": SCHEMA_VERSION, "method": name, "label": method_label(name, cfg), "method_config": cfg_dict,
+            "model": dense_record, "eval": eval_dict, "target": opts.target.to_dict() | {"num_remove": n},
+            "calibration": calibration.description, "seed": opts.seed, "manifest": manifest,
+            "params": {"dense": dense_params, "pruned": pruned_params, "removed": removed, "added": added,
+                       "ratio": (dense_params - pruned_params) / dense_params,
+                       "pruned_layers": get_adapter(pruned).num_layers},
+            "metrics": metrics, "perplexity": ppl, "timings": timings, "environment": environment(),
+        }
+        if opts.save_models:
+            save_dir = path.parent / "models" / path.stem
+            t = time.perf_counter()
+            save_pruned(pruned, tokenizer, save_dir, {"method": name, "method_config": cfg_dict, **manifest,
+                                                        "source_model": opts.model})
+            timings["save"] = time.perf_counter() - t
+            rec["saved_model"] = str(save_dir)
+        write_json_atomic(path, rec)
+        rec["_path"] = str(path)
+        records.append(rec)
+        echo(f"{name}: removed layers {manifest['removed_layers']}, measured ratio {100 * rec['params']['ratio']:.1f}%")
+        del work_model, pruned, result, ctx
+        gc.collect()
+    return records
+
+
+def _read(path: Path) -> dict:
+    import json
+
+    rec = json.loads(Path(path).read_text())
+    rec["_path"] = str(path)
+    return rec
