@@ -131,7 +131,8 @@ class StatsAccumulator:
         dev = x.device
         mask = self._mask.to(dev)
         unit = F.normalize(x, dim=-1)  # (B, T, d)
-        last = unit[torch.arange(unit.shape[0], device=dev), self._last_idx.to(dev).clamp(min=0)]  # (B, d)
+        # last real token per sequence, float64: arccos near 1 needs the precision
+        last = F.normalize(x[torch.arange(x.shape[0], device=dev), self._last_idx.to(dev).clamp(min=0)].double(), dim=-1)
         for n in self.lags:
             prev = self._states.get(j - n)
             if prev is None:

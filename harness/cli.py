@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table-metric", default="acc",
                    help="acc | acc_norm | per task, e.g. acc,hellaswag=acc_norm (printed with the table)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--verbose", action="store_true", help="show lm-eval's and transformers' warnings")
     return p
 
 
@@ -141,7 +142,10 @@ def _main(argv) -> int:
         raise UsageError("--model is required: a Hub id (e.g. facebook/opt-1.3b) or a local model folder")
     report.parse_metric_spec(args.table_metric)
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.WARNING)
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # lm-eval warns about every task's fewshot default and every in-memory model
+        for name in ("lm_eval", "lm-eval", "datasets", "transformers"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     from .calibration import LOCAL_DEFAULT, CalibrationConfig
     from .evaluation import DEFAULT_TASKS, EvalConfig
     from .runner import RunOptions, run_benchmark

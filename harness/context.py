@@ -1,6 +1,7 @@
 """What a method receives: ``MethodContext`` (the harness's small public interface)."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ class MethodContext:
     progress: bool = True
     stats_cache: dict = field(default_factory=dict)  # shared across methods of one run
     dense_stats_key: str = ""
+    timings: dict = field(default_factory=dict)  # stage -> seconds, copied into the result JSON
 
     @property
     def num_layers(self) -> int:
@@ -36,8 +38,11 @@ class MethodContext:
         key = (self.dense_stats_key, tuple(lags))
         for (k, have), stats in self.stats_cache.items():
             if k == self.dense_stats_key and set(lags) <= set(have):
+                self.timings["score"] = 0.0  # shared with an earlier method of this run
                 return stats
+        t = time.perf_counter()
         stats = collect_layer_stats(self.model, self.adapter, self.calibration, lags, progress=self.progress)
+        self.timings["score"] = time.perf_counter() - t
         self.stats_cache[key] = stats
         return stats
 

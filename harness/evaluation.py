@@ -163,8 +163,33 @@ def make_lm(model, tokenizer, batch_size: int):
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model_device(model)))
 
 
-def run_lm_eval(model, tokenizer, cfg: EvalConfig, log_samples: bool = False) -> dict:
-    """Evaluate ``model`` in memory; returns ``{task: {metric: value, metric_stderr: value}}``.
+class TaskCache:
+    """lm-eval Task objects loaded once per run and reused for every model.
+
+    Loading (and HellaSwag's document preprocessing) costs more than scoring a small model;
+    the Task objects hold no model state, and each evaluation rebuilds its requests.
+    """
+
+    def __init__(self):
+        self._key = None
+        self._tasks = None
+        self._workdir = None
+
+    def get(self, cfg: EvalConfig):
+        key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+        if self._key != key:
+            self._workdir = tempfile.TemporaryDirectory(prefix="sb_tasks_")
+            specs = _task_yaml_specs(cfg, self._workdir.name)
+            self._tasks = list(task_manager().load(specs)["tasks"].values())
+            self._key = key
+        return self._tasks
+
+
+_DEFAULT_CACHE = TaskCache()
+
+
+def run_lm_eval(model, tokenizer, cfg: EvalConfig, log_samples: bool = False, cache: TaskCache | None = None) -> dict:
+    """Evaluate ``model`` in memory; returns ``{"metrics": {task: {metric: v, metric_stderr: v, n}}}``.
 
     No request cache is used: lm-eval's cache key ignores the model, so differently pruned
     models must never share one.
@@ -172,20 +197,17 @@ def run_lm_eval(model, tokenizer, cfg: EvalConfig, log_samples: bool = False) ->
     import lm_eval
 
     lm = make_lm(model, tokenizer, cfg.batch_size)
-    with tempfile.TemporaryDirectory(prefix="sb_tasks_") as workdir:
-        specs = _task_yaml_specs(cfg, workdir)
-        tasks = task_manager().load(specs)["tasks"] if (cfg.data_dir or cfg.suite) else specs
-        if isinstance(tasks, dict):
-            tasks = list(tasks.values())
-        out = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=tasks,
-            num_fewshot=cfg.num_fewshot,
-            limit=cfg.limit,
-            use_cache=None,
-            cache_requests=False,
-            log_samples=log_samples,
-        )
+    tasks = (cache or _DEFAULT_CACHE).get(cfg)
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        task_manager=task_manager(),  # else lm-eval re-indexes every task YAML per call (~15 s)
+        num_fewshot=cfg.num_fewshot,
+        limit=cfg.limit,
+        use_cache=None,
+        cache_requests=False,
+        log_samples=log_samples,
+    )
     metrics = {}
     for task, res in out["results"].items():
         row = {}

@@ -32,6 +32,9 @@ class MLPReplacement(nn.Module):
         self.down = nn.Linear(intermediate_size, hidden_size)
         self.repeat = repeat
         self.residual = residual
+        if residual:  # start exactly at the identity (= plain removal) and improve from there
+            nn.init.zeros_(self.down.weight)
+            nn.init.zeros_(self.down.bias)
 
     def forward(self, x):
         for _ in range(self.repeat):
@@ -88,7 +91,7 @@ def fit_to_boundaries(ctx, module: nn.Module, data, start: int, end: int, *, epo
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-            total += float(loss) * x.shape[0]
+            total += loss.detach().item() * x.shape[0]
             tokens += x.shape[0]
             log["steps"] += 1
         log["epoch_loss"].append(total / max(tokens, 1))

@@ -171,11 +171,11 @@ def run_benchmark(opts: RunOptions, echo=print) -> list[dict]:
         timings["copy_model"] = time.perf_counter() - t
         ctx = MethodContext(model=work_model, adapter=get_adapter(work_model), tokenizer=tokenizer,
                             calibration=calibration, num_remove=n, seed=opts.seed, progress=opts.progress,
-                            stats_cache=stats_cache, dense_stats_key=opts.model)
+                            stats_cache=stats_cache, dense_stats_key=opts.model, timings=timings)
         torch.manual_seed(opts.seed)
         t = time.perf_counter()
         result = spec.fn(ctx, cfg)
-        timings["prune"] = time.perf_counter() - t
+        timings["prune"] = time.perf_counter() - t  # includes "score" and any training
         pruned = result.model
         pruned.eval()
         pruned_params = count_params(pruned)
