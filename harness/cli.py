@@ -41,7 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
         "dense one with lm-eval (and wikitext-2 perplexity), and print one comparison table."))
     p.add_argument("--methods", default=None, help="comma-separated method names (see --list-methods)")
     p.add_argument("--list-methods", action="store_true", help="list registered methods, one line each")
-    p.add_argument("--model", default=None, help="Hub id or local model folder")
+    p.add_argument("--model", default=None, help="Hub id, local model folder, or a reference model name "
+                   "(ref-opt-12l, ref-opt-16l, ref-opt-24l; default: ref-opt-16l on the reference suite)")
+    p.add_argument("--suite", default=None, help="a generated task-suite folder (suite.json) instead of --tasks "
+                   "(default for reference models: reference/suite)")
     p.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks "
                    "(default: piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa,boolq)")
     tgt = p.add_mutually_exclusive_group()
@@ -65,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-split", default="train")
     p.add_argument("--calib-field", default="text")
     p.add_argument("--calib-samples", type=_int("--calib-samples"), default=128)
-    p.add_argument("--calib-seq-len", type=_int("--calib-seq-len"), default=512)
+    p.add_argument("--calib-seq-len", type=_int("--calib-seq-len"), default=None,
+                   help="tokens per calibration block (default 512; 128 for reference models)")
     p.add_argument("--calib-batch-size", type=_int("--calib-batch-size"), default=8)
     p.add_argument("--seed", type=_int("--seed"), default=0)
     p.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16")
@@ -77,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table-metric", default="acc",
                    help="acc | acc_norm | per task, e.g. acc,hellaswag=acc_norm (printed with the table)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--write-golden", default=None, metavar="FILE",
+                   help="after the run, store its command line and metrics as a golden file")
+    p.add_argument("--check", default=None, metavar="FILE",
+                   help="re-run the golden file's command and fail (exit 1) if a metric drops below golden - tolerance")
+    p.add_argument("--tolerance", type=_float("--tolerance"), default=None,
+                   help="allowed drop for --check, as a fraction of accuracy (default 0.02)")
     p.add_argument("--verbose", action="store_true", help="show lm-eval's and transformers' warnings")
     return p
 
@@ -138,11 +148,93 @@ def _main(argv) -> int:
             print(f"wrote {path}")
         return 0
 
+    if args.check:
+        return _check(args, argv)
+    if args.tolerance is not None:
+        raise UsageError("--tolerance only applies with --check FILE")
+    records, _ = _run(args)
+    if args.write_golden:
+        from .regression import write_golden
+
+        path = write_golden(args.write_golden, _golden_argv(argv), records)
+        print(f"wrote golden results {path}")
+    return 0
+
+
+def _golden_argv(argv) -> list[str]:
+    """The run's own arguments, without the ones that only say where things go."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--write-golden", "--output-dir"):
+            skip = True
+            continue
+        if a.startswith(("--write-golden=", "--output-dir=")) or a in ("--force",):
+            continue
+        out.append(a)
+    return out
+
+
+def _check(args, argv) -> int:
+    import tempfile
+
+    from .regression import DEFAULT_TOLERANCE, check, load_golden
+
+    golden = load_golden(args.check)
+    tol = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
+    if not 0 <= tol < 1:
+        raise UsageError(f"--tolerance {tol} is out of range; give a fraction of accuracy, e.g. 0.02")
+    print(f"regression check against {args.check}: re-running `{golden['command']}` (tolerance {tol})")
+    with tempfile.TemporaryDirectory(prefix="sb_check_") as tmp:
+        run_args = build_parser().parse_args(golden["argv"] + ["--output-dir", tmp, "--force"]
+                                             + (["--no-progress"] if args.no_progress else []))
+        records, _ = _run(run_args)
+    print()
+    check(golden, records, tol)
+    return 0
+
+
+def _reference_defaults(args) -> None:
+    """No --model: the built-in reference model and suite. A reference model gets its suite and calibration text."""
+    from . import reference
+
     if not args.model:
-        raise UsageError("--model is required: a Hub id (e.g. facebook/opt-1.3b) or a local model folder")
+        args.model = reference.DEFAULT_MODEL
+        print(f"Using the built-in reference model {reference.DEFAULT_MODEL} ({reference.MODELS_DIR / args.model}) "
+              f"on the reference suite ({reference.SUITE_DIR}); everything runs offline.")
+        print("To run a Hub model instead: --model facebook/opt-1.3b --tasks "
+              "piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa,boolq --ratio 0.25 "
+              "(add --data-dir ../shared/data to read the task files locally)")
+    ref_dir = reference.resolve(args.model)
+    if ref_dir is None:
+        return
+    args.model = str(ref_dir)
+    if not args.tasks and not args.suite:
+        args.suite = str(reference.SUITE_DIR)
+    if not args.calib_data and not args.data_dir:
+        args.calib_data = str(reference.CALIBRATION_PATH)
+    if args.calib_seq_len is None:
+        args.calib_seq_len = reference.CALIB_SEQ_LEN
+
+
+def _run(args):
+    from . import report
+
+    _reference_defaults(args)
+    if args.calib_seq_len is None:
+        args.calib_seq_len = 512
+    if args.suite and args.tasks:
+        raise UsageError("give either --tasks or --suite, not both")
     report.parse_metric_spec(args.table_metric)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.no_progress:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     if not args.verbose:  # lm-eval warns about every task's fewshot default and every in-memory model
         for name in ("lm_eval", "lm-eval", "datasets", "transformers"):
             logging.getLogger(name).setLevel(logging.ERROR)
@@ -172,7 +264,7 @@ def _main(argv) -> int:
         target=target,
         eval=EvalConfig(tasks=_split(args.tasks) or list(DEFAULT_TASKS), data_dir=args.data_dir, limit=args.limit,
                         batch_size=args.eval_batch_size, ppl=args.ppl, ppl_seq_len=args.ppl_seq_len,
-                        ppl_stride=args.ppl_stride, ppl_max_windows=args.ppl_max_windows),
+                        ppl_stride=args.ppl_stride, ppl_max_windows=args.ppl_max_windows, suite=args.suite),
         calibration=CalibrationConfig(source=calib_source, split=args.calib_split, field=args.calib_field,
                                       num_samples=args.calib_samples, seq_len=args.calib_seq_len,
                                       seed=args.seed, batch_size=args.calib_batch_size),
@@ -188,4 +280,4 @@ def _main(argv) -> int:
     out = Path(args.output_dir) / slug(args.model)
     for path in report.write_reports(tables, out):
         print(f"wrote {path}")
-    return 0
+    return records, tables

@@ -1,0 +1,36 @@
+"""Small, real, trained reference models and the multiple-choice suite they are scored on.
+
+``world`` generates (deterministically, from a seed) a synthetic training corpus and a held-out
+multiple-choice task suite; ``tokenizer`` builds a word-level tokenizer for that world;
+``train`` trains the reference OPT models (``python -m harness.reference.train``).
+
+The trained checkpoints are checked in under ``reference/models/<name>/`` and can be passed to
+``run_benchmarks.py --model`` by name (``--model ref-opt-12l``) or path.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+REFERENCE_DIR = REPO_ROOT / "reference"
+MODELS_DIR = REFERENCE_DIR / "models"
+SUITE_DIR = REFERENCE_DIR / "suite"
+CALIBRATION_PATH = REFERENCE_DIR / "calibration.txt"
+NAMES = {"small": "ref-opt-12l", "medium": "ref-opt-16l", "large": "ref-opt-24l"}
+DEFAULT_MODEL = NAMES["medium"]  # what run_benchmarks.py uses when no --model is given
+CALIB_SEQ_LEN = 128  # the models' context is 256 positions; documents are ~20-60 words
+
+
+def resolve(name: str | None) -> Path | None:
+    """The folder of a reference model given by name (``ref-opt-16l``) or path, else None."""
+    if not name:
+        return None
+    if name in NAMES.values() and (MODELS_DIR / name).is_dir():
+        return MODELS_DIR / name
+    p = Path(name).expanduser()
+    try:
+        if p.is_dir() and p.resolve().parent == MODELS_DIR.resolve():
+            return p
+    except OSError:
+        return None
+    return None

@@ -1,0 +1,186 @@
+"""Train the reference OPT models on the generated world (CPU, deterministic).
+
+    python -m harness.reference.train                 # all sizes, then the suite/calibration files
+    python -m harness.reference.train --sizes small   # one size
+
+Writes ``reference/models/<name>/`` (``config.json``, ``model.safetensors``, the world tokenizer,
+``manifest.json``) and ``reference/suite/`` + ``reference/calibration.txt``. The manifest records
+the command, seed, corpus hash, steps, final loss, wall time, thread count and the dense model's
+accuracy on the suite. Same command + same machine (same thread count) -> same weights.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from . import world as W
+from .scoring import evaluate_suite, load_suite
+from .tokenizer import EOS_ID, build_tokenizer, word_ids
+
+from . import MODELS_DIR, NAMES  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Size:
+    name: str
+    layers: int
+    hidden: int = 64
+    heads: int = 4
+    ffn: int = 256
+    steps: int = 2400
+    batch: int = 32
+    seq_len: int = 128
+    lr: float = 2e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    seed: int = 0
+
+
+SIZES = {
+    "small": Size(NAMES["small"], layers=12),
+    "medium": Size(NAMES["medium"], layers=16),
+    "large": Size(NAMES["large"], layers=24),
+}
+DEFAULT_MODEL = "medium"  # the no-argument run_benchmarks.py default
+SMALLEST = "small"  # CI's regression model
+
+
+def model_dir(size: str) -> Path:
+    return MODELS_DIR / SIZES[size].name
+
+
+def tokenizer_for(world: W.World):
+    return build_tokenizer(world.vocabulary(), model_max_length=256)
+
+
+def token_stream(world: W.World, n_tokens: int, ids: dict[str, int]) -> torch.Tensor:
+    """Documents as ``</s> doc </s> doc ...`` until ``n_tokens`` ids (one pass, nothing repeated)."""
+    out: list[int] = []
+    for doc in world.documents("train", n_tokens):
+        out.append(EOS_ID)
+        out.extend(ids[w] for w in doc.split())
+        if len(out) >= n_tokens:
+            break
+    return torch.tensor(out[:n_tokens], dtype=torch.long)
+
+
+def build_model(size: Size, vocab_size: int):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    cfg = OPTConfig(
+        vocab_size=vocab_size, hidden_size=size.hidden, num_hidden_layers=size.layers, ffn_dim=size.ffn,
+        num_attention_heads=size.heads, max_position_embeddings=256, word_embed_proj_dim=size.hidden,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, do_layer_norm_before=True,
+        pad_token_id=1, bos_token_id=EOS_ID, eos_token_id=EOS_ID, tie_word_embeddings=True)
+    torch.manual_seed(size.seed)
+    return OPTForCausalLM(cfg)
+
+
+def lr_at(step: int, size: Size) -> float:
+    if step < size.warmup:
+        return size.lr * (step + 1) / size.warmup
+    frac = (step - size.warmup) / max(1, size.steps - size.warmup)
+    return size.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def train(size_key: str, world: W.World, tasks: dict, out_dir: Path, *, log=print, eval_every: int = 600) -> dict:
+    size = SIZES[size_key]
+    torch.manual_seed(size.seed)
+    tok = tokenizer_for(world)
+    ids = word_ids(world.vocabulary())
+    n_tokens = size.steps * size.batch * size.seq_len
+    t0 = time.perf_counter()
+    stream = token_stream(world, n_tokens, ids)
+    data_sha = W.sha256_text(",".join(map(str, stream[:1_000_000].tolist())) + f"/{len(stream)}")
+    batches = stream.view(size.steps, size.batch, size.seq_len)
+    model = build_model(size, len(tok))
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": size.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=size.lr, betas=(0.9, 0.95))
+    probe = {t: items[:60] for t, items in tasks.items()}
+    losses: list[float] = []
+    history = []
+    model.train()
+    for step in range(size.steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, size)
+        x = batches[step]
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if (step + 1) % 100 == 0:
+            log(f"[{size.name}] step {step + 1}/{size.steps} loss {sum(losses[-100:]) / 100:.4f} "
+                f"({time.perf_counter() - t0:.0f}s)")
+        if eval_every and (step + 1) % eval_every == 0 and step + 1 < size.steps:
+            model.eval()
+            r = evaluate_suite(model, tok, probe)
+            model.train()
+            history.append({"step": step + 1, **{t: round(v["acc"], 3) for t, v in r.items() if t != "average"}})
+            log(f"[{size.name}] probe acc {history[-1]}")
+    train_s = time.perf_counter() - t0
+    model.eval()
+    dense = evaluate_suite(model, tok, tasks)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+    manifest = {
+        "name": size.name,
+        "command": "python -m harness.reference.train --sizes " + size_key,
+        "size": asdict(size),
+        "params": sum(p.numel() for p in model.parameters()),
+        "world": {"suite": W.SUITE_NAME, "seed": world.seed, "n_people": world.n_people},
+        "train_tokens": int(stream.numel()),
+        "train_data_sha256": data_sha,
+        "steps": size.steps,
+        "final_loss": round(sum(losses[-100:]) / min(100, len(losses)), 5),
+        "loss_curve": [round(sum(losses[i:i + 100]) / len(losses[i:i + 100]), 4) for i in range(0, len(losses), 100)],
+        "probe_history": history,
+        "train_seconds": round(train_s, 1),
+        "torch_threads": torch.get_num_threads(),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
+        "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
+        "dense_suite_accuracy": {t: {k: round(v, 4) for k, v in r.items()} for t, r in dense.items()},
+        "note": "dense_suite_accuracy is measured by harness.reference.scoring (lm-eval's acc/acc_norm "
+                "definitions, no delimiter); run_benchmarks.py reports the same numbers through lm-eval.",
+    }
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    log(f"[{size.name}] done in {train_s:.0f}s, final loss {manifest['final_loss']}, "
+        f"dense acc {dense['average']['acc']:.3f}: " + ", ".join(f"{t} {r['acc']:.3f}" for t, r in dense.items()))
+    return manifest
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Train the reference OPT models on the generated world.")
+    ap.add_argument("--sizes", default=",".join(SIZES), help=f"comma list of {', '.join(SIZES)}")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (the manifest records it)")
+    ap.add_argument("--out", type=Path, default=MODELS_DIR)
+    args = ap.parse_args(argv)
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    bad = [s for s in sizes if s not in SIZES]
+    if bad:
+        print(f"error: unknown size {bad[0]!r}; choose from {', '.join(SIZES)}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    world = W.World()
+    W.write_world_files(world)
+    _, tasks = load_suite(W.SUITE_DIR)
+    for s in sizes:
+        train(s, world, tasks, args.out / SIZES[s].name, log=lambda m: print(m, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

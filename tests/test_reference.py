@@ -1,0 +1,105 @@
+"""The generated world, its suite files, the world tokenizer and the checked-in reference models."""
+import json
+
+import pytest
+
+from harness import reference as R
+from harness.reference import world as W
+from harness.reference.scoring import evaluate_suite, load_suite
+from harness.reference.tokenizer import build_tokenizer
+
+
+def test_world_is_deterministic_and_seeded():
+    a, b, c = W.World(), W.World(), W.World(seed=W.DEFAULT_SEED + 1)
+    assert [i.as_json() for i in a.items()["var_chain"]] == [i.as_json() for i in b.items()["var_chain"]]
+    assert a.corpus_text(50_000) == b.corpus_text(50_000)
+    assert a.corpus_text(50_000) != c.corpus_text(50_000)
+    assert a.facts != c.facts
+
+
+def test_heldout_items_never_in_training_text():
+    world = W.World()
+    corpus = world.corpus_text(300_000)
+    W.check_no_leak(world.items(), corpus)
+    # the held-out fact phrasing really is absent, while the fact itself is taught
+    p, a = world.heldout_pairs[0]
+    assert f"the {a} of {p} is {world.facts[p][a]} ." not in corpus
+    # a planted leak is caught
+    item = world.items()["arith"][0]
+    with pytest.raises(AssertionError):
+        W.check_no_leak(world.items(), corpus + item.gold_text)
+
+
+def test_suite_items_are_well_formed():
+    for task, items in W.World().items().items():
+        assert len(items) == W.DEFAULT_ITEMS, task
+        for it in items:
+            assert len(it.choices) == 4 and len(set(it.choices)) == 4
+            assert all(c.startswith(" ") for c in it.choices)
+            assert 0 <= it.label < 4
+
+
+def test_checked_in_suite_matches_generator():
+    if not (R.SUITE_DIR / "suite.json").is_file():
+        pytest.skip("reference/suite not generated; run python -m harness.reference.train")
+    world = W.World()
+    meta = json.loads((R.SUITE_DIR / "suite.json").read_text())
+    for task, items in world.items().items():
+        expected = "".join(json.dumps(it.as_json(), ensure_ascii=True) + "\n" for it in items)
+        assert (R.SUITE_DIR / meta["tasks"][task]["file"]).read_text() == expected, task
+    assert R.CALIBRATION_PATH.read_text() == world.calibration_text()
+
+
+def test_world_tokenizer_splits_query_and_choice_cleanly():
+    world = W.World()
+    tok = build_tokenizer(world.vocabulary(), 256)
+    for items in world.items().values():
+        for it in items[:50]:
+            q = tok(it.query, add_special_tokens=False)["input_ids"]
+            for ch in it.choices:
+                whole = tok(it.query + ch, add_special_tokens=False)["input_ids"]
+                assert whole[:len(q)] == q and len(whole) == len(q) + 1
+            assert tok.unk_token_id not in q
+
+
+def _trained(size):
+    d = R.MODELS_DIR / R.NAMES[size]
+    if not (d / "model.safetensors").is_file():
+        pytest.skip(f"reference model {d.name} not trained; run python -m harness.reference.train --sizes {size}")
+    return d
+
+
+def test_reference_models_fit_the_size_budget():
+    dirs = [R.MODELS_DIR / n for n in R.NAMES.values() if (R.MODELS_DIR / n / "model.safetensors").is_file()]
+    if not dirs:
+        pytest.skip("no reference model trained yet")
+    total = sum(f.stat().st_size for d in dirs for f in d.iterdir())
+    assert total <= 25 * 2 ** 20, f"reference models take {total / 2 ** 20:.1f} MiB > 25 MiB"
+
+
+def test_smallest_reference_model_meets_quality_bars():
+    from harness.reference.quality import BARS, measure
+
+    q = measure(_trained("small"), calib_samples=32)
+    assert q["dense_avg"] >= BARS["dense_acc_min"], q["dense"]
+    assert q["remove_drop"] >= BARS["remove_drop_min"], (q["dense_avg"], q["remove_avg"])
+    assert q["profile_spread"] >= BARS["profile_spread_min"], q["per_layer_cos"]
+
+
+def test_lm_eval_path_agrees_with_reference_scoring():
+    """run_benchmarks.py's lm-eval numbers on the suite equal the direct computation."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from harness.evaluation import EvalConfig, run_lm_eval
+
+    d = _trained("small")
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(d)
+    limit = 25
+    got = run_lm_eval(model, tok, EvalConfig(suite=str(R.SUITE_DIR), limit=limit, batch_size=16))["metrics"]
+    _, tasks = load_suite(R.SUITE_DIR)
+    want = evaluate_suite(model, tok, {t: items[:limit] for t, items in tasks.items()})
+    for task in tasks:
+        assert got[task]["acc"] == pytest.approx(want[task]["acc"]), task
+        assert got[task]["acc_norm"] == pytest.approx(want[task]["acc_norm"]), task
