@@ -18,3 +18,9 @@ __all__ = [
     "insert_replacement", "load_pruned", "register_method", "remove_layers", "save_pruned",
     "supported_model_types",
 ]
+
+# LaCo-style tentative merges (try a removal, roll back) and hand-built token batches
+from .calibration import CalibrationData  # noqa: E402
+from .surgery import restore_layers, snapshot_layers  # noqa: E402
+
+__all__ += ["CalibrationData", "restore_layers", "snapshot_layers"]

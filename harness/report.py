@@ -48,6 +48,20 @@ def pick_metric(row: dict, task: str, default: str, per_task: dict) -> tuple[flo
     return None, want
 
 
+def stability_cell(run: dict, tasks: list[str], default: str, per_task: dict) -> float | None:
+    """Mean over tasks of the run's stability vs the dense model (x100), each task on its table metric."""
+    block = (run.get("stability") or {}).get("tasks") or {}
+    values = []
+    for t in tasks:
+        row = block.get(t) or {}
+        want = per_task.get(t, default)
+        value = row.get(want) if row.get(want) is not None else row.get("acc")  # as pick_metric falls back
+        if value is None:
+            return None
+        values.append(100.0 * value)
+    return sum(values) / len(values) if values else None
+
+
 def eval_group_key(run: dict) -> str:
     """Runs are comparable when model, evaluation config and dtype agree."""
     return canonical({"model": run["model"]["name"], "eval": run["eval"], "dtype": run["model"].get("dtype")})
@@ -92,6 +106,8 @@ def build_tables(runs: list[dict], metric_spec: str | None = None, method_order:
                 dense_avg = avg
             row["Ave."] = avg
             row["Per."] = (100.0 * avg / dense_avg) if (avg is not None and dense_avg) else None
+            if any(r.get("stability") for r in group):
+                row["Stab."] = stability_cell(run, tasks, default, per_task)
             if any("perplexity" in r and r["perplexity"] for r in group):
                 ppl = (run.get("perplexity") or {}).get("ppl")
                 row["PPL"] = ppl
@@ -103,6 +119,11 @@ def build_tables(runs: list[dict], metric_spec: str | None = None, method_order:
             + " (lm-eval, x100). Ratio: measured from parameter counts (removed - added) / dense.",
             "Per. = Ave. / dense Ave. x 100.",
         ]
+        if any(r.get("stability") for r in group):
+            notes.append("Stab. = stability vs the dense model (LLM-Streamline, ICLR 2025): sum_k w_k*agree_k, "
+                         "w = softmax over a task's items of the std of the dense model's per-choice lm-eval "
+                         "summed log-likelihoods; agree = both right or both wrong on the task's metric; "
+                         "mean over tasks, x100.")
         ev = dense_run["eval"]
         if ev.get("limit"):
             notes.append(f"--limit {ev['limit']}: each task scored on its first {ev['limit']} items only.")

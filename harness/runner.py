@@ -25,6 +25,8 @@ from .loading import check_model_source, load_model, resolve_device, resolve_dty
 from .registry import build_config, get_method
 from .results import SCHEMA_VERSION, environment, run_path, write_json_atomic
 from .saving import save_pruned
+from .stability import compact_samples, load_samples, samples_path, save_samples
+from .stability import compare as stability_vs_dense
 from .surgery import count_params
 from .target import Target, resolve_num_remove
 
@@ -96,9 +98,14 @@ def _model_record(opts: RunOptions, model, adapter) -> dict:
     }
 
 
-def _evaluate(model, tokenizer, opts: RunOptions, timings: dict) -> tuple[dict, dict | None]:
+def _evaluate(model, tokenizer, opts: RunOptions, timings: dict,
+              samples_out: dict | None = None) -> tuple[dict, dict | None]:
+    """lm-eval metrics and perplexity; per-item data (compact, for stability) into ``samples_out``."""
     t = time.perf_counter()
-    metrics = run_lm_eval(model, tokenizer, opts.eval)["metrics"]
+    out = run_lm_eval(model, tokenizer, opts.eval, log_samples=samples_out is not None)
+    metrics = out["metrics"]
+    if samples_out is not None:
+        samples_out.update(compact_samples(out.get("samples", {})))
     timings["eval"] = time.perf_counter() - t
     ppl = None
     if opts.eval.ppl:
@@ -125,14 +132,18 @@ def run_benchmark(opts: RunOptions, echo=print) -> list[dict]:
     # --- dense ------------------------------------------------------------------------
     dense_key = {"model": opts.model, "dtype": opts.dtype, "eval": eval_dict}
     dense_path = run_path(opts.output_dir, opts.model, "dense", dense_key)
-    if dense_path.exists() and not opts.force:
+    # the per-item side file is part of the dense run (stability needs it): re-run without it
+    if dense_path.exists() and samples_path(dense_path).exists() and not opts.force:
         echo(f"dense: result exists, skipping ({dense_path})")
         records.append(_read(dense_path))
+        dense_samples = load_samples(dense_path)
     else:
         echo("dense: evaluating")
         timings = {"load": load_seconds}
         torch.manual_seed(opts.seed)
-        metrics, ppl = _evaluate(model, tokenizer, opts, timings)
+        dense_samples = {}
+        metrics, ppl = _evaluate(model, tokenizer, opts, timings, samples_out=dense_samples)
+        save_samples(dense_path, dense_samples)
         rec = {
             "schema": SCHEMA_VERSION, "method": "dense", "label": "Dense", "method_config": {},
             "model": dense_record, "eval": eval_dict, "target": None, "calibration": None, "seed": opts.seed,
@@ -182,7 +193,8 @@ def run_benchmark(opts: RunOptions, echo=print) -> list[dict]:
         added = (result.replacement or {}).get("params", 0) if result.replacement else 0
         removed = dense_params - pruned_params + added
         torch.manual_seed(opts.seed)
-        metrics, ppl = _evaluate(pruned, tokenizer, opts, timings)
+        samples = {}
+        metrics, ppl = _evaluate(pruned, tokenizer, opts, timings, samples_out=samples)
         manifest = result.manifest()
         rec = {
             "schema": SCHEMA_VERSION, "method": name, "label": method_label(name, cfg), "method_config": cfg_dict,
@@ -193,6 +205,8 @@ def run_benchmark(opts: RunOptions, echo=print) -> list[dict]:
                        "pruned_layers": get_adapter(pruned).num_layers},
             "metrics": metrics, "perplexity": ppl, "timings": timings, "environment": environment(),
         }
+        rec["stability"] = stability_vs_dense(dense_samples, samples)  # vs the dense run; None if no overlap
+        save_samples(path, samples)
         if opts.save_models:
             save_dir = path.parent / "models" / path.stem
             t = time.perf_counter()

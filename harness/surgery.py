@@ -39,6 +39,25 @@ def remove_layers(adapter: ModelAdapter, indices) -> list[int]:
     return kept
 
 
+def snapshot_layers(adapter: ModelAdapter) -> dict:
+    """What ``remove_layers`` changes (layer list, per-layer config lists), for ``restore_layers``.
+
+    Holds references to the layer modules, not copies: trying a removal and rolling it back
+    costs no memory for the layers themselves.
+    """
+    n = adapter.num_layers
+    per_layer = {k: v for k, v in vars(adapter.config).items()
+                 if isinstance(v, (list, tuple)) and len(v) == n and k.startswith("layer_")}
+    return {"layers": list(adapter.layers), "config": per_layer}
+
+
+def restore_layers(adapter: ModelAdapter, snapshot: dict) -> None:
+    """Undo layer removals made since ``snapshot_layers`` (weights are not touched)."""
+    for key, value in snapshot["config"].items():
+        setattr(adapter.config, key, value)
+    adapter.set_layers(snapshot["layers"])
+
+
 def insert_replacement(adapter: ModelAdapter, position: int, replacement: nn.Module) -> str:
     """Attach ``replacement`` so it runs where the removed window was.
 

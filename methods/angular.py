@@ -1,0 +1,38 @@
+"""Angular distance (Gromov et al., 2024, "The Unreasonable Ineffectiveness of the Deeper Layers").
+
+d(i) = mean over calibration sequences of arccos(cos(X_i[last], X_{i+n}[last])) / pi, where
+X_i is the hidden state entering layer i (captured with hooks, before the final norm) and
+``last`` is each sequence's last real token (the attention mask decides; pads never count).
+The window i* = argmin_i d(i) (first minimum on ties) is removed: layers i*..i*+n-1, in one
+shot. The statistics come from the harness's shared scoring pass (``ctx.layer_stats``, lags
+{1, n}), so running angular next to streamline/shortgpt costs no extra forward pass.
+Healing with (Q)LoRA is the generic ``+lora`` post-step, not part of this method.
+"""
+from dataclasses import dataclass
+
+from harness import MethodConfig, MethodContext, PruneResult, UsageError, register_method, remove_layers
+
+
+@dataclass
+class AngularConfig(MethodConfig):
+    start: int | None = None  # force the window's first layer (default: argmin of d)
+
+
+@register_method("angular", AngularConfig,
+                 "Gromov et al.: remove the n-layer window with the smallest last-token angular distance")
+def angular(ctx: MethodContext, cfg: AngularConfig) -> PruneResult:
+    n = ctx.num_remove
+    ctx.check_window(n)
+    stats = ctx.layer_stats(lags=(1, n))
+    dist = stats.angular[n]  # dist[i] for i = 0..L-n
+    if cfg.start is not None:
+        if not 0 <= cfg.start <= ctx.num_layers - n:
+            raise UsageError(f"angular.start={cfg.start}: a window of {n} layers does not fit there "
+                             f"(use 0..{ctx.num_layers - n})")
+        start = cfg.start
+    else:
+        start = min(range(len(dist)), key=lambda i: (dist[i], i))
+    drop = list(range(start, start + n))
+    remove_layers(ctx.adapter, drop)
+    return PruneResult(model=ctx.model, removed_layers=drop,
+                       scores={"angular_distance": dist, "start": start, "calibration_sequences": stats.sequences})

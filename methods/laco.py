@@ -1,0 +1,317 @@
+"""LaCo (Yang et al., 2024, "Layer Collapse"): collapse rear layers into a prior layer.
+
+RDSC merge ("Reserving Differences while Seeking Common"). To collapse layers l+1..l+m into
+layer l, every attention and MLP parameter of layer l becomes
+
+    theta_l + sum_{k=1..m} (theta_{l+k} - theta_l)
+
+(every parameter of the decoder layer that does not sit in a normalisation module, biases
+included; norms keep layer l's values), and layers l+1..l+m are removed. The sum is
+accumulated in float32 (float64 for float64 weights) and cast back to the weights' dtype.
+
+Search (paper Algorithm 1 / released notebook), steered to the harness's target n:
+  l starts at H - C. At each step m = min(C - 1, layers still to remove) following layers
+  are merged into l *tentatively*; the similarity s = mean over the few-shot sentences of
+  cos(flattened final hidden states of the merged model, of the reference model) is computed
+  (each sentence's real tokens' X_L, the output of the last decoder layer *before* the final
+  norm, flattened into one vector; ``final_norm=true`` applies the final norm first, as the
+  released code's ``hidden_states[-1]`` does for Llama). If s > T the merge is kept and
+  l -= I, else it is rolled back and l -= 1. A pass stops when l < L or when n layers are gone.
+  The reference is the dense model: ALGORITHMS.md says "the current model", and the released
+  notebook compares every candidate with the original, unmerged model, so that is the default;
+  ``reference=current`` compares with the model as merged so far instead.
+  Because m never exceeds the layers still to remove, the search cannot overshoot n.
+  If a pass ends with fewer than n layers removed:
+    - ``fallback=relax`` (default): another pass runs from the top on the partly merged model
+      with T lowered by ``relax_step``; this repeats until n is reached. Each pass's threshold,
+      candidates and acceptances are in the manifest (``scores.passes``, ``scores.candidates``,
+      ``threshold_final``) and a warning is logged, so a relaxed threshold is never silent.
+      Once T < -1 every candidate is accepted, so n is always reached unless a similarity is
+      NaN (then a UsageError is raised).
+    - ``fallback=error``: raise a UsageError naming the shortfall (nothing is half-applied
+      silently; the method fails).
+  Window positions are positions in the current (partly merged) layer list; the manifest
+  records original layer indices (``removed_layers``, ``laco.merges``).
+
+Cost of one search step (no copy of the model is ever made):
+  memory - one layer's attention/MLP weights (the backup of theta_l taken before merging in
+  place) plus one float32 tensor at a time while merging; the m merged-away layers are only
+  unlinked from the layer list (references kept), not copied. Roll-back restores theta_l's
+  tensors from the backup and relinks the layers. The m + 1 affected layers are all that is
+  touched.
+  compute - the merge arithmetic over m + 1 layers' weights and one forward pass of the
+  few-shot sentences, stopped right after the last decoder layer (no LM head).
+  With ``reference=current`` an accepted step costs one more forward pass (new reference).
+
+Defaults (the paper's/code's values, for Llama2-13B with 40 layers: C=7, H=39, L=0, I=1,
+T=0.45, five short Wikipedia sentences), scaled to depth:
+  merge_layers C  = max(3, round(7 * num_layers / 40)), at most H - L: 7/40 of the depth
+                    (40 layers -> 7, 32 -> 6, 24 -> 4, 12 -> 3). At least 3 because with
+                    C = 2 a step merges a single layer and RDSC reduces to theta_{l+1} - a
+                    plain copy, identical to ``laco-code`` (a final step that needs just one
+                    more layer is such a copy too, by construction).
+  highest_layer H = num_layers - 1 (39 of 40: the last layer is never merged; windows end
+                    at H - 1).
+  lowest_layer L = 0, interval I = 1, threshold T = 0.45  (unchanged: not depth-dependent)
+  sentences: the first ``num_sentences`` (5) calibration blocks, cut to their first
+  ``sentence_tokens`` (32) tokens - deterministic given the calibration seed. Explicit
+  sentences: ``sentences=First./Second.`` (slash-separated) or ``sentences_file`` (one per
+  line), tokenised with the model's tokenizer and right-padded (pads never enter a score).
+
+Variant ``laco-code`` reproduces the released notebook's update: it adds
+``theta_{l+k} - theta_l`` to the *already updated* base in place, so the sum telescopes and
+the merged layer ends up holding layer l+m's attention/MLP weights (with layer l's norms) -
+in effect dropping layers l..l+m-1 and keeping a copy of l+m. Everything else is identical.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from harness import (CalibrationData, MethodConfig, MethodContext, PruneResult, UsageError, register_method,
+                     remove_layers, restore_layers, snapshot_layers)
+
+log = logging.getLogger("streamline_bench")
+
+PAPER_DEPTH, PAPER_C = 40, 7
+
+
+@dataclass
+class LaCoConfig(MethodConfig):
+    merge_layers: int | None = None  # C (a step merges C-1 layers into one); None = max(3, round(7L/40))
+    highest_layer: int | None = None  # H (original index; layers >= H are never merged); None = L-1
+    lowest_layer: int = 0  # L: lowest merge base
+    interval: int = 1  # I: step down after an accepted merge
+    threshold: float = 0.45  # T: accept when similarity > T
+    sentences: list[str] = field(default_factory=list)  # few-shot sentences (default: calibration blocks)
+    sentences_file: str | None = None  # one sentence per line
+    num_sentences: int = 5  # calibration blocks used when no sentences are given
+    sentence_tokens: int = 32  # tokens kept from each calibration block
+    reference: str = "dense"  # dense | current: the model the merged model is compared with
+    final_norm: bool = False  # apply the final norm to X_L before comparing
+    fallback: str = "relax"  # relax | error: what happens when a pass ends short of n
+    relax_step: float = 0.05  # threshold decrease per extra pass (fallback=relax)
+
+
+# --- the merge ---------------------------------------------------------------------------
+
+def merge_params(layer: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """A decoder layer's attention and MLP parameters: all of them except those of norms."""
+    norms = [name for name, mod in layer.named_modules() if name and "norm" in type(mod).__name__.lower()]
+    return {name: p for name, p in layer.named_parameters()
+            if not any(name == pre or name.startswith(pre + ".") for pre in norms)}
+
+
+def rdsc_merge(base: torch.Tensor, following: list[torch.Tensor]) -> torch.Tensor:
+    """RDSC: ``base + sum_k (following[k] - base)``, accumulated in float32 (or float64)."""
+    work = torch.float64 if base.dtype == torch.float64 else torch.float32
+    b = base.to(work)
+    out = b.clone()
+    for t in following:
+        out += t.to(work) - b
+    return out.to(base.dtype)
+
+
+def released_code_merge(base: torch.Tensor, following: list[torch.Tensor]) -> torch.Tensor:
+    """The released notebook's in-place loop: ``out += following[k] - out`` (telescopes to the last)."""
+    out = base.clone()
+    for t in following:
+        out.add_(t - out)
+    return out
+
+
+def merge_into(layers, l: int, m: int, merge_fn) -> None:
+    """Write the merge of layers l+1..l+m into layer l's attention/MLP tensors (in place)."""
+    base = merge_params(layers[l])
+    others = [merge_params(layers[l + k]) for k in range(1, m + 1)]
+    with torch.no_grad():
+        for name, p in base.items():
+            p.copy_(merge_fn(p.detach(), [o[name].detach() for o in others]))
+
+
+# --- few-shot sentences and similarity -----------------------------------------------------
+
+def _sentences(ctx: MethodContext, cfg: LaCoConfig) -> tuple[CalibrationData, dict]:
+    texts = list(cfg.sentences)
+    if cfg.sentences_file:
+        path = Path(cfg.sentences_file).expanduser()
+        if not path.is_file():
+            raise UsageError(f"laco.sentences_file '{cfg.sentences_file}' does not exist; pass a text file "
+                             "with one sentence per line")
+        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not texts:
+            raise UsageError(f"laco.sentences_file '{cfg.sentences_file}' has no sentences; put one per line")
+    if texts:
+        ids = [list(ctx.tokenizer(t)["input_ids"]) for t in texts]
+        if any(len(x) == 0 for x in ids):
+            raise UsageError("laco.sentences contains an empty sentence; remove it")
+        width = max(len(x) for x in ids)
+        pad = getattr(ctx.tokenizer, "pad_token_id", None) or 0
+        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, x in enumerate(ids):
+            input_ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+            mask[i, : len(x)] = 1
+        desc = {"source": "sentences_file" if cfg.sentences_file else "sentences", "count": len(ids),
+                "tokens": int(mask.sum())}
+    else:
+        k = min(cfg.num_sentences, len(ctx.calibration))
+        input_ids = ctx.calibration.input_ids[:k, : cfg.sentence_tokens].clone()
+        mask = ctx.calibration.attention_mask[:k, : cfg.sentence_tokens].clone()
+        desc = {"source": "calibration", "count": k, "tokens_each": int(input_ids.shape[1]),
+                "calibration_seed": ctx.calibration.description.get("seed")}
+    return CalibrationData(input_ids, mask, ctx.calibration.config, desc), desc
+
+
+def _final_states(ctx: MethodContext, data: CalibrationData, final_norm: bool) -> list[torch.Tensor]:
+    """Per sentence: X_L on its real tokens, flattened (float64)."""
+    last = ctx.adapter.num_layers
+    norm = ctx.adapter.final_norm if final_norm else None
+    out = []
+    with torch.no_grad():
+        for states, mask in ctx.boundary_pairs(data, last, last, batch_size=len(data), boundaries=(last,)):
+            x = states[last]
+            if norm is not None:
+                x = norm(x)
+            mask = mask.to(x.device)
+            for b in range(x.shape[0]):
+                out.append(x[b][mask[b]].double().flatten())
+    return out
+
+
+def _similarity(ref: list[torch.Tensor], cur: list[torch.Tensor]) -> float:
+    sims = []
+    for a, b in zip(ref, cur):
+        b = b.to(a.device)
+        denom = a.norm() * b.norm()
+        sims.append(float((a @ b) / denom) if denom > 0 else float("nan"))
+    s = sum(sims) / len(sims)
+    return s if math.isnan(s) else max(-1.0, min(1.0, s))
+
+
+# --- the search -----------------------------------------------------------------------------
+
+def _resolve(ctx: MethodContext, cfg: LaCoConfig, name: str) -> tuple[int, int, int]:
+    L0, n = ctx.num_layers, ctx.num_remove
+    H = cfg.highest_layer if cfg.highest_layer is not None else L0 - 1
+    lo = cfg.lowest_layer
+    if cfg.merge_layers is not None:
+        C = cfg.merge_layers
+    else:  # scaled default, shrunk (never below 2) when the merge range is shorter than that
+        C = max(2, min(max(3, round(PAPER_C * L0 / PAPER_DEPTH)), H - lo))
+    if C < 2:
+        raise UsageError(f"{name}.merge_layers={C} is too small; use >= 2 (a step merges C-1 layers into one)")
+    if cfg.interval < 1:
+        raise UsageError(f"{name}.interval={cfg.interval} must be >= 1")
+    if not -1.0 <= cfg.threshold <= 1.0:
+        raise UsageError(f"{name}.threshold={cfg.threshold} is not a cosine; use a value in [-1, 1]")
+    if cfg.reference not in ("dense", "current"):
+        raise UsageError(f"{name}.reference='{cfg.reference}' is unknown; use dense or current")
+    if cfg.fallback not in ("relax", "error"):
+        raise UsageError(f"{name}.fallback='{cfg.fallback}' is unknown; use relax or error")
+    if cfg.fallback == "relax" and not cfg.relax_step > 0:
+        raise UsageError(f"{name}.relax_step={cfg.relax_step} must be > 0")
+    if cfg.num_sentences < 1 or cfg.sentence_tokens < 1:
+        raise UsageError(f"{name} needs num_sentences >= 1 and sentence_tokens >= 1")
+    if cfg.sentences and cfg.sentences_file:
+        raise UsageError(f"give {name}.sentences or {name}.sentences_file, not both")
+    if not 0 <= lo < L0 or not lo + 2 <= H <= L0:
+        raise UsageError(f"{name}: merge range lowest_layer={lo}, highest_layer={H} does not fit {L0} layers; "
+                         f"need 0 <= lowest_layer and lowest_layer + 2 <= highest_layer <= {L0}")
+    if H - C < lo:
+        raise UsageError(f"{name}.merge_layers={C} does not fit the merge range [{lo}, {H}); "
+                         f"use merge_layers <= {H - lo}")
+    if n > H - 1 - lo:
+        raise UsageError(f"{name} cannot remove {n} layers within the merge range [{lo}, {H}) "
+                         f"(at most {H - 1 - lo}); lower {name}.lowest_layer or raise {name}.highest_layer")
+    return C, H, lo
+
+
+def laco_search(ctx: MethodContext, cfg: LaCoConfig, merge_fn, name: str) -> PruneResult:
+    n = ctx.num_remove
+    ctx.check_window(n)
+    C, H, lo = _resolve(ctx, cfg, name)
+    t0 = time.perf_counter()
+    data, sent_desc = _sentences(ctx, cfg)
+    adapter = ctx.adapter
+    orig = list(range(ctx.num_layers))  # original index of each current position
+    ref = _final_states(ctx, data, cfg.final_norm)
+    removed: list[int] = []
+    merges, candidates, passes = [], [], []
+    threshold = cfg.threshold
+    max_passes = 1 if cfg.fallback == "error" else int(math.ceil((cfg.threshold + 1.0) / cfg.relax_step)) + 2
+    for p in range(max_passes):
+        if p:
+            threshold = cfg.threshold - p * cfg.relax_step
+            log.warning("%s: threshold %.3f removed %d of %d layers; relaxing to %.3f (recorded in the manifest)",
+                        name, passes[-1]["threshold"], len(removed), n, threshold)
+        evaluated = accepted = 0
+        hi = sum(1 for o in orig if o < H)  # positions 0..hi-1 may be merged
+        l = max(lo, hi - C)
+        while l >= lo and len(removed) < n:
+            hi = sum(1 for o in orig if o < H)
+            m = min(C - 1, n - len(removed))
+            l = min(l, hi - 1 - m)
+            if l < lo:
+                break
+            snap = snapshot_layers(adapter)
+            layers = snap["layers"]
+            backup = {k: v.detach().clone() for k, v in merge_params(layers[l]).items()}
+            merge_into(layers, l, m, merge_fn)
+            remove_layers(adapter, range(l + 1, l + 1 + m))
+            sim = _similarity(ref, _final_states(ctx, data, cfg.final_norm))
+            evaluated += 1
+            ok = sim > threshold
+            entry = {"pass": p, "layer": orig[l], "merged": orig[l + 1: l + 1 + m], "similarity": sim,
+                     "threshold": threshold, "accepted": ok}
+            candidates.append(entry)
+            if ok:
+                accepted += 1
+                removed.extend(orig[l + 1: l + 1 + m])
+                merges.append({k: entry[k] for k in ("layer", "merged", "similarity", "threshold", "pass")})
+                del orig[l + 1: l + 1 + m]
+                if cfg.reference == "current":
+                    ref = _final_states(ctx, data, cfg.final_norm)
+                l -= cfg.interval
+            else:
+                with torch.no_grad():
+                    for k, v in merge_params(layers[l]).items():
+                        v.copy_(backup[k])
+                restore_layers(adapter, snap)
+                l -= 1
+            del backup
+        passes.append({"threshold": threshold, "evaluated": evaluated, "accepted": accepted})
+        if len(removed) >= n:
+            break
+        if cfg.fallback == "error":
+            raise UsageError(f"{name}: threshold {cfg.threshold} removed only {len(removed)} of {n} layers; "
+                             f"lower {name}.threshold or use {name}.fallback=relax")
+    if len(removed) < n:
+        raise UsageError(f"{name}: removed only {len(removed)} of {n} layers even at threshold {threshold:.3f} "
+                         "(similarities were NaN?); check the model's outputs or the merge range")
+    ctx.timings["search"] = time.perf_counter() - t0
+    return PruneResult(
+        model=ctx.model, removed_layers=sorted(removed),
+        scores={"candidates": candidates, "passes": passes, "threshold": cfg.threshold,
+                "threshold_final": threshold},
+        extra={"laco": {"merges": merges, "merge_rule": "rdsc" if merge_fn is rdsc_merge else "released-code",
+                        "merge_layers": C, "highest_layer": H, "lowest_layer": lo, "interval": cfg.interval,
+                        "reference": cfg.reference, "final_norm": cfg.final_norm, "sentences": sent_desc,
+                        "requested": n, "removed": len(removed)}},
+    )
+
+
+@register_method("laco", LaCoConfig, "LaCo: collapse rear layers into a prior one (RDSC merge, threshold search)")
+def laco(ctx: MethodContext, cfg: LaCoConfig) -> PruneResult:
+    return laco_search(ctx, cfg, rdsc_merge, "laco")
+
+
+@register_method("laco-code", LaCoConfig,
+                 "LaCo as released: in-place merge that telescopes to a copy of the last merged layer")
+def laco_code(ctx: MethodContext, cfg: LaCoConfig) -> PruneResult:
+    return laco_search(ctx, cfg, released_code_merge, "laco-code")

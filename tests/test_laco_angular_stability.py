@@ -1,0 +1,314 @@
+"""LaCo (RDSC merge, threshold search), angular distance, and stability (per-item, vs dense)."""
+import copy
+import gzip
+import json
+import math
+import re
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import SHARED_DATA, shared_data_or_skip, tiny_model
+from harness import get_adapter
+from harness.activations import StatsAccumulator
+from harness.calibration import CalibrationConfig, CalibrationData
+from harness.context import MethodContext
+from harness.errors import UsageError
+from harness.registry import build_config, get_method
+from harness.report import build_tables
+from harness.stability import compact_samples, compare, stability
+from methods.laco import merge_params, rdsc_merge, released_code_merge
+
+
+class _Tok:
+    bos_token_id = None
+    pad_token_id = 1
+
+    def __call__(self, text, **kw):
+        return {"input_ids": [3 + (ord(c) % 100) for c in text]}
+
+
+def _ctx(model, n, samples=6, seq=12):
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 128, (samples, seq), generator=gen)
+    cal = CalibrationData(ids, torch.ones_like(ids), CalibrationConfig(source="x.txt", seq_len=seq, batch_size=3),
+                          {"seed": 0})
+    return MethodContext(model=model, adapter=get_adapter(model), tokenizer=_Tok(), calibration=cal, num_remove=n,
+                         progress=False)
+
+
+def _run(name, ctx, **opts):
+    spec = get_method(name)
+    return spec.fn(ctx, build_config(spec, {k: str(v) for k, v in opts.items()}))
+
+
+# --- LaCo --------------------------------------------------------------------------------------
+
+def test_rdsc_merge_and_released_code_merge_on_hand_made_tensors():
+    base = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    f1 = torch.tensor([[2.0, 2.0], [2.0, 2.0]])
+    f2 = torch.tensor([[0.0, 1.0], [5.0, -1.0]])
+    # theta_l + (f1 - theta_l) + (f2 - theta_l) = f1 + f2 - theta_l, by hand:
+    assert torch.equal(rdsc_merge(base, [f1, f2]), torch.tensor([[1.0, 1.0], [4.0, -3.0]]))
+    assert torch.equal(rdsc_merge(base, []), base)
+    # the released notebook's in-place loop telescopes to the last merged tensor
+    assert torch.equal(released_code_merge(base, [f1, f2]), f2)
+    # low-precision weights: accumulated in float32, returned in the weights' dtype
+    out = rdsc_merge(base.bfloat16(), [f1.bfloat16(), f2.bfloat16()])
+    assert out.dtype == torch.bfloat16 and torch.equal(out.float(), torch.tensor([[1.0, 1.0], [4.0, -3.0]]))
+    assert torch.equal(base, torch.tensor([[1.0, 2.0], [3.0, 4.0]]))  # inputs untouched
+
+
+def test_merge_params_are_attention_and_mlp_without_norms():
+    names = set(merge_params(get_adapter(tiny_model("opt", layers=2)).layers[0]))
+    assert {"self_attn.q_proj.weight", "self_attn.q_proj.bias", "fc1.weight", "fc2.bias"} <= names
+    assert not any("norm" in n for n in names)
+    names = set(merge_params(get_adapter(tiny_model("llama", layers=2)).layers[0]))
+    assert names == {f"self_attn.{p}_proj.weight" for p in "qkvo"} | {f"mlp.{p}_proj.weight" for p in
+                                                                       ("gate", "up", "down")}
+
+
+@pytest.mark.parametrize("name", ["laco", "laco-code"])
+def test_laco_merge_lands_in_the_base_layer(name):
+    model = tiny_model("opt", layers=6)
+    dense = [{k: v.clone() for k, v in layer.state_dict().items()} for layer in get_adapter(model).layers]
+    # defaults on 6 layers: H = 5, C = 3 -> first candidate merges layers 3, 4 into 2; T = -1 accepts it
+    res = _run(name, _ctx(model, 2), threshold=-1.0)
+    assert res.removed_layers == [3, 4]
+    assert res.extra["laco"]["merges"][0]["layer"] == 2 and res.extra["laco"]["merges"][0]["merged"] == [3, 4]
+    a = get_adapter(res.model)
+    assert a.num_layers == 4 and res.model.config.num_hidden_layers == 4
+    merged = a.layers[2].state_dict()
+    for key, value in merged.items():
+        if "layer_norm" in key:
+            assert torch.equal(value, dense[2][key]), key  # norms untouched
+        elif name == "laco":
+            expect = dense[2][key] + (dense[3][key] - dense[2][key]) + (dense[4][key] - dense[2][key])
+            assert torch.allclose(value, expect, atol=1e-6), key
+        else:
+            assert torch.allclose(value, dense[4][key], atol=1e-6), key  # a copy of the last merged layer
+    assert torch.equal(a.layers[3].state_dict()["fc1.weight"], dense[5]["fc1.weight"])  # layer 5 shifted down
+    with torch.no_grad():
+        res.model(torch.randint(3, 128, (1, 8)))  # still runs
+
+
+def test_laco_reaches_the_target_in_place_without_copying_the_model(monkeypatch):
+    model = tiny_model("opt", layers=8)
+    layers_before = list(get_adapter(model).layers)
+    ptrs = {id(l): l.fc1.weight.data_ptr() for l in layers_before}
+    calls = []
+    real_deepcopy = copy.deepcopy
+    monkeypatch.setattr(copy, "deepcopy", lambda *a, **k: calls.append(type(a[0]).__name__) or real_deepcopy(*a, **k))
+    # T = 0.99 rejects candidates (exercising roll-back) and forces relaxed passes
+    res = _run("laco", _ctx(model, 3), threshold=0.99, merge_layers=3, relax_step=0.1)
+    assert calls == []
+    a = get_adapter(res.model)
+    assert res.model is model and a.num_layers == 5 and len(res.removed_layers) == 3
+    assert all(any(l is b for b in layers_before) for l in a.layers)  # the same modules, same storage
+    assert all(ptrs[id(l)] == l.fc1.weight.data_ptr() for l in a.layers)
+    scores = res.scores
+    assert scores["passes"][0]["threshold"] == 0.99
+    assert any(not c["accepted"] for c in scores["candidates"])
+    assert scores["threshold_final"] < 0.99 and len(scores["passes"]) > 1  # relaxation is recorded
+    accepted = [c for c in scores["candidates"] if c["accepted"]]
+    assert all(c["similarity"] > c["threshold"] for c in accepted)
+    assert sorted(x for c in accepted for x in c["merged"]) == res.removed_layers
+    assert res.extra["laco"]["requested"] == res.extra["laco"]["removed"] == 3
+
+
+def test_laco_rejected_candidates_roll_back_exactly():
+    model = tiny_model("llama", layers=6)
+    dense = copy.deepcopy(model.state_dict())
+    ctx = _ctx(model, 2)
+    # nothing exceeds T = 1, and fallback=error refuses to relax: every candidate is rolled back
+    with pytest.raises(UsageError, match=r"removed only 0 of 2 layers.*laco.threshold"):
+        _run("laco", ctx, threshold=1.0, fallback="error")
+    assert ctx.adapter.num_layers == 6 and model.config.num_hidden_layers == 6
+    assert [l.self_attn.layer_idx for l in ctx.adapter.layers] == list(range(6))
+    state = model.state_dict()
+    assert state.keys() == dense.keys() and all(torch.equal(state[k], dense[k]) for k in dense)
+
+
+def test_laco_explicit_sentences_and_current_reference():
+    model = tiny_model("llama", layers=6)
+    res = _run("laco", _ctx(model, 2), sentences="A short sentence./Another, a bit longer sentence.",
+               reference="current", threshold=-1.0)
+    assert res.extra["laco"]["sentences"] == {"source": "sentences", "count": 2,
+                                              "tokens": len("A short sentence.") + len("Another, a bit longer sentence.")}
+    assert len(res.removed_layers) == 2 and get_adapter(res.model).num_layers == 4
+
+
+@pytest.mark.parametrize("opts, message", [
+    ({"merge_layers": 1}, r"laco.merge_layers=1 is too small"),
+    ({"threshold": 1.5}, r"laco.threshold=1.5 is not a cosine"),
+    ({"reference": "original"}, r"laco.reference='original' is unknown"),
+    ({"fallback": "skip"}, r"laco.fallback='skip' is unknown"),
+    ({"interval": 0}, r"laco.interval=0 must be >= 1"),
+    ({"lowest_layer": 3}, r"cannot remove 2 layers within the merge range \[3, 5\)"),
+    ({"sentences_file": "/nonexistent/s.txt"}, r"laco.sentences_file '/nonexistent/s.txt' does not exist"),
+])
+def test_laco_bad_options_are_usage_errors(opts, message):
+    model = tiny_model("opt", layers=6)
+    with pytest.raises(UsageError, match=message):
+        _run("laco", _ctx(model, 2), **opts)
+
+
+# --- angular vs Block Influence ------------------------------------------------------------------
+
+def _rotate(v, plane, angle):
+    i, j = plane
+    out = v.clone()
+    out[i] = math.cos(angle) * v[i] - math.sin(angle) * v[j]
+    out[j] = math.sin(angle) * v[i] + math.cos(angle) * v[j]
+    return out
+
+
+def test_block_influence_and_angular_pick_different_layers_on_hand_made_states():
+    # 6 layers, one sequence of 9 tokens. Layer i turns the 8 leading tokens by a[i] (in the e2-e3
+    # plane) and the last token by b[i] (in the e0-e1 plane).
+    a = [0.5, 0.05, 0.6, 0.6, 0.05, 0.5]
+    b = [0.3, 0.9, 0.05, 0.05, 0.9, 0.3]
+    lead, last = torch.tensor([0.0, 0.0, 1.0, 0.0]), torch.tensor([1.0, 0.0, 0.0, 0.0])
+    states = []
+    for j in range(7):
+        states.append(torch.stack([lead] * 8 + [last])[None])
+        if j < 6:
+            lead, last = _rotate(lead, (2, 3), a[j]), _rotate(last, (0, 1), b[j])
+    acc = StatsAccumulator(6, [1, 2])
+    acc.begin_batch(torch.ones(1, 9, dtype=torch.long))
+    for j, x in enumerate(states):
+        acc(j, x)
+    stats = acc.result()
+    # BI_i = 1 - (8 cos a_i + cos b_i) / 9: lowest at layers 1 and 4 (the leading tokens barely move)
+    # angular lag 2 on the last token: (b_i + b_{i+1}) / pi, lowest for the window starting at 2
+    for i in range(5):
+        assert stats.angular[2][i] == pytest.approx((b[i] + b[i + 1]) / math.pi, abs=1e-6)
+
+    def ctx():
+        model = tiny_model("opt", layers=6, vocab_size=16)
+        c = _ctx(model, 2)
+        c.stats_cache[(c.dense_stats_key, (1, 2))] = stats  # the shared scoring pass, precomputed
+        return c
+
+    assert _run("shortgpt", ctx()).removed_layers == [1, 4]
+    res = _run("angular", ctx())
+    assert res.removed_layers == [2, 3]
+    assert res.scores["start"] == 2 and get_adapter(res.model).num_layers == 4
+
+
+def test_angular_forced_start_out_of_range_is_a_usage_error():
+    with pytest.raises(UsageError, match=r"angular.start=5: a window of 2 layers does not fit"):
+        _run("angular", _ctx(tiny_model("opt", layers=6), 2), start=5)
+
+
+# --- stability -----------------------------------------------------------------------------------
+
+def test_stability_on_a_hand_made_example():
+    # population std of two choices = |x - y| / 2 -> spreads 0, ln 2, ln 3 -> weights 1/6, 2/6, 3/6
+    scores = [[-1.0, -1.0], [-1.0, -1.0 - 2 * math.log(2)], [-1.0, -1.0 - 2 * math.log(3)]]
+    dense_right = [True, False, True]
+    pruned_right = [True, True, True]  # agrees on items 0 and 2
+    assert stability(scores, dense_right, pruned_right) == pytest.approx(1 / 6 + 3 / 6)
+    # the released script's bug: the first #agreements (2) weights, whichever items agreed
+    assert stability(scores, dense_right, pruned_right, variant="released_prefix_sum") == pytest.approx(1 / 6 + 2 / 6)
+    assert stability(scores, dense_right, dense_right) == pytest.approx(1.0)
+    assert stability(scores, dense_right, [not r for r in dense_right]) == 0.0
+    # huge spreads do not overflow
+    assert stability([[0.0, 2000.0], [0.0, 0.0]], [True, True], [True, False]) == pytest.approx(1.0)
+
+
+def _lm_eval_rows(lls, accs, doc_ids):
+    return [{"doc_id": d, "filtered_resps": [(v, False) for v in ll], "acc": a, "acc_norm": a, "target": 0}
+            for ll, a, d in zip(lls, accs, doc_ids)]
+
+
+def test_stability_from_lm_eval_samples_matches_items_by_doc_id():
+    scores = [[-1.0, -1.0], [-1.0, -1.0 - 2 * math.log(2)], [-1.0, -1.0 - 2 * math.log(3)]]
+    dense = compact_samples({"piqa": _lm_eval_rows(scores, [1.0, 0.0, 1.0], [0, 1, 2])})
+    # the pruned run lists items in another order (its scores do not matter: weights are the dense model's)
+    pruned = compact_samples({"piqa": _lm_eval_rows([[0.0, 5.0]] * 3, [1.0, 1.0, 1.0], [2, 0, 1])})
+    assert dense["tasks"]["piqa"]["ll"][1] == scores[1]
+    block = compare(dense, pruned)
+    assert block["tasks"]["piqa"]["n"] == 3
+    assert block["tasks"]["piqa"]["acc"] == pytest.approx(4 / 6)
+    assert block["mean"]["acc"] == pytest.approx(4 / 6)
+    assert compare(dense, compact_samples({"arc_easy": _lm_eval_rows(scores, [1.0] * 3, [0, 1, 2])})) is None
+
+
+def _run_record(method, metrics, stability_tasks=None):
+    return {"method": method, "label": method, "model": {"name": "m", "dtype": "float32"}, "eval": {"limit": None},
+            "environment": {"created": "2025"}, "params": {"ratio": 0.0}, "metrics": metrics,
+            "stability": {"tasks": stability_tasks} if stability_tasks else None}
+
+
+def test_report_shows_stability_on_each_tasks_table_metric():
+    metrics = {"piqa": {"acc": 0.6, "acc_norm": 0.7}, "winogrande": {"acc": 0.5}}
+    runs = [_run_record("dense", metrics),
+            _run_record("laco", metrics, {"piqa": {"acc": 0.5, "acc_norm": 0.9, "n": 4},
+                                          "winogrande": {"acc": 0.75, "acc_norm": None, "n": 4}})]
+    (_title, df, notes), = build_tables(runs, "acc_norm")
+    # piqa on acc_norm (0.9), winogrande has no acc_norm -> acc (0.75), as the score columns do
+    assert df["Stab."].tolist()[1] == pytest.approx(100 * (0.9 + 0.75) / 2)
+    assert pd.isna(df["Stab."].tolist()[0])  # the dense row: "-"
+    assert any(n.startswith("Stab. = stability") for n in notes)
+    (_title, df, _notes), = build_tables([_run_record("dense", metrics), _run_record("x", metrics)], "acc")
+    assert "Stab." not in df.columns  # only when present
+
+
+# --- end to end ----------------------------------------------------------------------------------
+
+def _independent_stability(dense, pruned):
+    """Recompute stability from two side files, straight from the definition."""
+    idx = {d: i for i, d in enumerate(pruned["doc_id"])}
+    spreads, agree = [], []
+    for i, d in enumerate(dense["doc_id"]):
+        t = torch.tensor(dense["ll"][i], dtype=torch.float64)
+        spreads.append(float(t.std(unbiased=False)))
+        agree.append((dense["acc"][i] > 0.5) == (pruned["acc"][idx[d]] > 0.5))
+    w = torch.softmax(torch.tensor(spreads, dtype=torch.float64), 0)
+    return float(sum(wi for wi, a in zip(w, agree) if a))
+
+
+def test_cli_laco_and_angular_report_stability(tiny_opt_dir, tmp_path, capsys):
+    shared_data_or_skip()
+    from harness.cli import main
+
+    out = tmp_path / "runs"
+    argv = ["--model", str(tiny_opt_dir), "--methods", "laco,angular", "--layers", "2", "--data-dir", str(SHARED_DATA),
+            "--tasks", "piqa,arc_easy", "--limit", "4", "--calib-samples", "4", "--calib-seq-len", "32",
+            "--output-dir", str(out), "--no-progress"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    header = next(line for line in text.splitlines() if line.startswith("Method"))
+    assert header.split()[-1] == "Stab."
+    rows = {line.split()[0]: line.split() for line in text.splitlines() if line.split()[:1] in (["laco"], ["angular"])}
+    assert set(rows) == {"laco", "angular"}
+    runs = {}
+    for path in (out / tiny_opt_dir.name).glob("*.json"):
+        rec = json.loads(path.read_text())
+        side = path.with_name(path.stem + ".samples.json.gz")
+        with gzip.open(side, "rt") as fh:
+            runs[rec["method"]] = (rec, json.load(fh))
+    assert set(runs) == {"dense", "laco", "angular"}
+    dense_rec, dense_side = runs["dense"]
+    assert dense_rec.get("stability") is None
+    for task in ("piqa", "arc_easy"):  # the side file is the evaluation, item by item
+        acc = dense_side["tasks"][task]["acc"]
+        assert len(acc) == 4 and sum(acc) / 4 == pytest.approx(dense_rec["metrics"][task]["acc"])
+    for method in ("laco", "angular"):
+        rec, side = runs[method]
+        assert rec["params"]["pruned_layers"] == 4 and len(rec["manifest"]["removed_layers"]) == 2
+        per_task = []
+        for task in ("piqa", "arc_easy"):
+            expect = _independent_stability(dense_side["tasks"][task], side["tasks"][task])
+            assert rec["stability"]["tasks"][task]["acc"] == pytest.approx(expect)
+            assert rec["stability"]["tasks"][task]["n"] == 4
+            per_task.append(100 * expect)
+        assert float(rows[method][-1]) == pytest.approx(sum(per_task) / 2, abs=0.051)
+    assert runs["laco"][0]["manifest"]["laco"]["removed"] == 2
+    # a second run finds every result (and the dense side file) and re-renders the same column
+    assert main(argv) == 0
+    again = capsys.readouterr().out
+    assert len(re.findall(r"result exists, skipping", again)) == 3
+    assert next(line for line in again.splitlines() if line.startswith("Method")).split()[-1] == "Stab."
