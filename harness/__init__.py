@@ -19,6 +19,11 @@ __all__ = [
     "supported_model_types",
 ]
 
+# post-steps run after any method: ``--methods shortgpt+lora`` (see registry.resolve_method)
+from .registry import available_post_steps, register_post_step  # noqa: E402
+
+__all__ += ["available_post_steps", "register_post_step"]
+
 # LaCo-style tentative merges (try a removal, roll back) and hand-built token batches
 from .calibration import CalibrationData  # noqa: E402
 from .surgery import restore_layers, snapshot_layers  # noqa: E402

@@ -168,7 +168,8 @@ def collect_layer_stats(model, adapter: ModelAdapter, calibration, lags=(1,), pr
     """One forward pass over the calibration set; returns cosine/angular stats for ``lags``."""
     acc = StatsAccumulator(adapter.num_layers, lags)
     batches = list(calibration.batches())
-    with boundary_hooks(adapter, acc):
+    # the pass stops right after X_L: the final norm and LM head are not needed (nor their logits' memory)
+    with boundary_hooks(adapter, acc, stop_after=adapter.num_layers):
         for input_ids, attention_mask in tqdm(batches, desc="scoring layers", disable=not progress):
             acc.begin_batch(attention_mask)
             run_forward(model, input_ids, attention_mask)

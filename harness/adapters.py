@@ -25,6 +25,8 @@ class ModelAdapter:
     model_types: tuple[str, ...] = ()
     layers_attr = "layers"
     attention_attr = "self_attn"
+    # leaf names of a decoder layer's attention and MLP projections (LoRA's default targets)
+    projections: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -80,6 +82,8 @@ class ModelAdapter:
     def renumber(self) -> None:
         """Give attention modules consecutive ``layer_idx`` values (KV-cache slots)."""
         for i, layer in enumerate(self.layers):
+            if isinstance(layer, ReplacementLayer):  # a shared layer takes its slot at call time
+                layer.slot = i
             inner = unwrap_layer(layer)
             if hasattr(inner, "layer_idx"):
                 inner.layer_idx = i
@@ -96,6 +100,7 @@ class ModelAdapter:
 
 class OPTAdapter(ModelAdapter):
     model_types = ("opt",)
+    projections = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
     @property
     def backbone(self):
@@ -118,6 +123,7 @@ class LlamaAdapter(ModelAdapter):
     """Llama, Mistral, Qwen2: ``model.model.layers``, ``model.model.norm``."""
 
     model_types = ("llama", "mistral", "qwen2")
+    projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
     @property
     def backbone(self):
@@ -135,6 +141,7 @@ class LlamaAdapter(ModelAdapter):
 class GPTNeoXAdapter(ModelAdapter):
     model_types = ("gpt_neox",)
     attention_attr = "attention"
+    projections = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 
     @property
     def backbone(self):
@@ -205,9 +212,50 @@ class ReplacedBlock(nn.Module):
         return getattr(self.layer, "attention_type", None)
 
 
+class ReplacementLayer(nn.Module):
+    """A decoder layer trained to stand in for a pruned window (LLM-Streamline's layer variants).
+
+    Unlike an MLP it needs the attention mask, position embeddings and a KV-cache slot, so it
+    sits in the layer list like any decoder layer and receives the model's own arguments. The
+    wrapper only marks it as a replacement (LoRA leaves it alone; saving records where it is).
+    Parameter sharing (one layer applied n times) uses n consecutive entries: the first owns the
+    layer, the others (``shared=True``) hold a reference that is *not* a registered submodule,
+    so the parameters exist (and are counted, saved, trained) once, while each application
+    gets its own ``layer_idx`` (cache slot), set right before the call.
+    """
+
+    def __init__(self, layer: nn.Module, shared: bool = False):
+        super().__init__()
+        self.shared = bool(shared)
+        if self.shared:
+            self.__dict__["_shared_layer"] = layer  # a reference, not a submodule
+        else:
+            self.layer = layer
+        self.slot: int | None = None
+
+    @property
+    def inner(self) -> nn.Module:
+        return self.__dict__["_shared_layer"] if self.shared else self.layer
+
+    def forward(self, hidden_states, *args, **kwargs):
+        inner = self.inner
+        if self.slot is not None:
+            for module in inner.modules():
+                if hasattr(module, "layer_idx"):
+                    module.layer_idx = self.slot
+        return inner(hidden_states, *args, **kwargs)
+
+    @property
+    def attention_type(self):
+        return getattr(self.inner, "attention_type", None)
+
+    def extra_repr(self) -> str:
+        return f"shared={self.shared}, slot={self.slot}" + (f", layer={type(self.inner).__name__}" if self.shared else "")
+
+
 def unwrap_layer(layer: nn.Module) -> nn.Module:
-    while isinstance(layer, ReplacedBlock):
-        layer = layer.layer
+    while isinstance(layer, (ReplacedBlock, ReplacementLayer)):
+        layer = layer.layer if isinstance(layer, ReplacedBlock) else layer.inner
     return layer
 
 

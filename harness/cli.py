@@ -40,7 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
         "Prune a causal LM with registered layer-pruning methods, evaluate each pruned model and the "
         "dense one with lm-eval (and wikitext-2 perplexity), and print one comparison table."))
     p.add_argument("--methods", default=None, help="comma-separated method names (see --list-methods)")
-    p.add_argument("--list-methods", action="store_true", help="list registered methods, one line each")
+    p.add_argument("--list-methods", action="store_true",
+                   help="list registered methods and post-steps (METHOD+STEP, e.g. shortgpt+lora), one line each")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="YAML file whose keys mirror these flags (e.g. configs/table5_6.yaml); flags given here win")
     p.add_argument("--model", default=None, help="Hub id, local model folder, or a reference model name "
                    "(ref-opt-12l, ref-opt-16l, ref-opt-24l; default: ref-opt-16l on the reference suite)")
     p.add_argument("--suite", default=None, help="a generated task-suite folder (suite.json) instead of --tasks "
@@ -52,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fraction of the dense model's parameters to remove (default 0.25)")
     tgt.add_argument("--layers", type=_int("--layers"), default=None, help="number of decoder layers to remove")
     p.add_argument("-o", "--method-opt", action="append", default=[], metavar="METHOD.KEY=VALUE",
-                   help="a method option, e.g. -o streamline.epochs=3 (repeatable; lists use a/b/c)")
+                   help="a method option, e.g. -o streamline.epochs=3 (repeatable; lists use a/b/c); a post-step's "
+                   "options: -o lora.r=8 (every +lora run) or -o remove+lora.lora.r=8 (that run only)")
     p.add_argument("--plugins", default=None, help="comma-separated .py files that register extra methods")
     p.add_argument("--data-dir", default=None,
                    help="local benchmark files laid out like shared/data (tasks, wikitext-2, calibration)")
@@ -122,14 +126,19 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> int:
-    args = build_parser().parse_args(argv)
-    from .registry import available_methods, load_plugin_file
+    from .config_file import parse_args_with_config
+
+    args = parse_args_with_config(build_parser(), argv)
+    from .registry import available_methods, available_post_steps, load_plugin_file
 
     for plugin in _split(args.plugins):
         load_plugin_file(plugin)
     if args.list_methods:
         for name, spec in available_methods().items():
-            print(f"{name:<14} {spec.help}")
+            print(f"{name:<24} {spec.help}")
+        print("\npost-steps (append to any method: METHOD+STEP, e.g. remove+lora; options -o STEP.KEY=VALUE):")
+        for name, spec in available_post_steps().items():
+            print(f"+{name:<23} {spec.help}")
         return 0
 
     from . import report
@@ -189,8 +198,10 @@ def _check(args, argv) -> int:
         raise UsageError(f"--tolerance {tol} is out of range; give a fraction of accuracy, e.g. 0.02")
     print(f"regression check against {args.check}: re-running `{golden['command']}` (tolerance {tol})")
     with tempfile.TemporaryDirectory(prefix="sb_check_") as tmp:
-        run_args = build_parser().parse_args(golden["argv"] + ["--output-dir", tmp, "--force"]
-                                             + (["--no-progress"] if args.no_progress else []))
+        from .config_file import parse_args_with_config
+
+        run_args = parse_args_with_config(build_parser(), golden["argv"] + ["--output-dir", tmp, "--force"]
+                                          + (["--no-progress"] if args.no_progress else []))
         records, _ = _run(run_args)
     print()
     check(golden, records, tol)

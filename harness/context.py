@@ -46,13 +46,23 @@ class MethodContext:
         self.stats_cache[key] = stats
         return stats
 
-    def training_data(self, num_samples: int, seq_len: int | None = None, seed_offset: int = 1) -> CalibrationData:
-        """More blocks from the calibration source (a different draw, for training)."""
+    def training_data(self, num_samples: int, seq_len: int | None = None, seed_offset: int = 1,
+                      source: str | None = None, split: str | None = None, field: str | None = None
+                      ) -> CalibrationData:
+        """More blocks from the calibration source (a different draw, for training).
+
+        ``source`` (a .txt/.jsonl file or Hub dataset id[:config]) with ``split``/``field`` reads
+        another text instead; ``None`` keeps the calibration's. Users of the calibration text
+        pick distinct ``seed_offset`` values so their draws differ (streamline fit 1,
+        streamline post-training 2, LoRA 3).
+        """
         cfg = self.calibration.config
-        if seq_len is not None and seq_len != cfg.seq_len:
+        changes = {k: v for k, v in (("seq_len", seq_len), ("source", source), ("split", split), ("field", field))
+                   if v is not None and v != getattr(cfg, k)}
+        if changes:
             from dataclasses import replace
 
-            cfg = replace(cfg, seq_len=seq_len)
+            cfg = replace(cfg, **changes)
         return load_calibration(cfg, self.tokenizer, seed_offset=seed_offset, num_samples=num_samples)
 
     def boundary_pairs(self, data: CalibrationData, start: int, end: int, batch_size: int | None = None,

@@ -99,3 +99,91 @@ def fit_to_boundaries(ctx, module: nn.Module, data, start: int, end: int, *, epo
     module.eval()
     log["seconds"] = time.perf_counter() - t0
     return log
+
+
+class MultiMLPReplacement(nn.Module):
+    """One ``MLPReplacement`` per removed layer, applied in order (LLM-Streamline Table 6,
+    "Multiple MLP"); MLP k stands in for the k-th layer of the window."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, count: int, activation: str = "relu",
+                 residual: bool = False):
+        super().__init__()
+        self.init_kwargs = dict(hidden_size=hidden_size, intermediate_size=intermediate_size, count=count,
+                                activation=activation, residual=residual)
+        self.mlps = nn.ModuleList(MLPReplacement(hidden_size, intermediate_size, activation, 1, residual)
+                                  for _ in range(count))
+
+    def forward(self, x):
+        for mlp in self.mlps:
+            x = mlp(x)
+        return x
+
+
+def fit_layer_to_boundaries(ctx, layer: nn.Module, data, start: int, end: int, *, repeat: int = 1, epochs: int,
+                            lr: float, batch_size: int, weight_decay: float = 0.0, seed: int = 0,
+                            progress: bool = True) -> dict:
+    """Train a decoder layer (not part of the model) with MSE so that ``layer`` applied
+    ``repeat`` times to X_start ~ X_end over real tokens.
+
+    The layer is called with the very arguments the model passes to its layer ``start`` in the
+    same forward pass (captured by a pre-hook): the causal attention mask, position ids and
+    embeddings, with the cache left out. It trains in eval mode (no dropout), like the MLP fit.
+    """
+    from .adapters import first_tensor
+
+    torch.manual_seed(seed)
+    params = [p for p in layer.parameters()]
+    flags = [(p, p.requires_grad) for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    layer.eval()
+    captured: dict = {}
+
+    def grab(_module, args, kwargs):
+        captured["args"] = tuple(args[1:])
+        captured["kwargs"] = {k: v for k, v in kwargs.items()
+                              if k not in ("hidden_states", "past_key_values", "past_key_value", "use_cache")}
+
+    log = {"epoch_loss": [], "steps": 0, "tokens_per_epoch": 0, "optimizer": "AdamW", "lr": lr,
+           "weight_decay": weight_decay, "epochs": epochs, "batch_size": batch_size, "loss": "mse",
+           "repeat": repeat, "layer_inputs": "the model's own arguments to layer start (causal mask)"}
+    t0 = time.perf_counter()
+    n_batches = math.ceil(len(data) / batch_size)
+    handle = ctx.adapter.layers[start].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for epoch in range(epochs):
+            total, tokens = 0.0, 0
+            pairs = ctx.boundary_pairs(data, start, end, batch_size=batch_size)
+            for states, mask in tqdm(pairs, total=n_batches, desc=f"fit layer (epoch {epoch + 1}/{epochs})",
+                                     disable=not progress):
+                x, y = states[start], states[end]
+                mask = mask.to(x.device)
+                with torch.enable_grad():
+                    h = x
+                    for _ in range(repeat):
+                        h = first_tensor(layer(h, *captured["args"], use_cache=False, **captured["kwargs"]))
+                    loss = nn.functional.mse_loss(h[mask].float(), y[mask].float())
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                count = int(mask.sum())
+                total += loss.detach().item() * count
+                tokens += count
+                log["steps"] += 1
+            log["epoch_loss"].append(total / max(tokens, 1))
+            log["tokens_per_epoch"] = tokens
+    finally:
+        handle.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        opt.zero_grad(set_to_none=True)
+    log["seconds"] = time.perf_counter() - t0
+    return log
+
+
+def describe_layer(layer: nn.Module, repeat: int, init: str) -> dict:
+    """The manifest entry of a decoder-layer replacement (it is saved inside the checkpoint)."""
+    cls = type(layer)
+    return {"class": f"{cls.__module__}.{cls.__qualname__}", "kind": "decoder_layer", "repeat": repeat,
+            "init": init, "params": sum(p.numel() for p in layer.parameters())}

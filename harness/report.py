@@ -143,24 +143,29 @@ def _fmt(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def render_markdown(tables) -> str:
+def _tabulate(df: pd.DataFrame, tablefmt: str) -> str:
+    """Cells are formatted strings already: tabulate must not re-parse them (it printed 25.0 as 25)."""
     from tabulate import tabulate
 
+    align = ["left" if col == "Method" else "right" for col in df.columns]
+    return tabulate(_fmt(df), headers="keys", tablefmt=tablefmt, showindex=False, disable_numparse=True,
+                    colalign=align)
+
+
+def render_markdown(tables) -> str:
     parts = []
     for title, df, notes in tables:
         parts.append(f"### {title}\n")
-        parts.append(tabulate(_fmt(df), headers="keys", tablefmt="github", showindex=False))
+        parts.append(_tabulate(df, "github"))
         parts.append("\n" + "\n".join(f"- {n}" for n in notes) + "\n")
     return "\n".join(parts)
 
 
 def render_text(tables) -> str:
-    from tabulate import tabulate
-
     parts = []
     for title, df, notes in tables:
         parts.append(f"Model: {title}")
-        parts.append(tabulate(_fmt(df), headers="keys", tablefmt="simple", showindex=False))
+        parts.append(_tabulate(df, "simple"))
         parts.extend(notes)
         parts.append("")
     return "\n".join(parts)
@@ -178,12 +183,10 @@ def render_csv(tables) -> str:
 
 
 def render_latex(tables) -> str:
-    from tabulate import tabulate
-
     parts = []
     for title, df, notes in tables:
         parts.append(f"% {title}\n% " + "\n% ".join(notes))
-        parts.append(tabulate(_fmt(df), headers="keys", tablefmt="latex_booktabs", showindex=False))
+        parts.append(_tabulate(df, "latex_booktabs"))
     return "\n".join(parts) + "\n"
 
 

@@ -21,8 +21,8 @@ from .calibration import CalibrationConfig, load_calibration
 from .context import MethodContext
 from .errors import UsageError
 from .evaluation import EvalConfig, perplexity, run_lm_eval, validate_tasks
-from .loading import check_model_source, load_model, resolve_device, resolve_dtype
-from .registry import build_config, get_method
+from .loading import check_model_source, load_config, load_model, resolve_device, resolve_dtype
+from .registry import PipelineConfig, check_option_targets, config_dict, resolve_method
 from .results import SCHEMA_VERSION, environment, run_path, write_json_atomic
 from .saving import save_pruned
 from .stability import compact_samples, load_samples, samples_path, save_samples
@@ -52,7 +52,10 @@ class RunOptions:
 
 
 def method_label(name: str, cfg) -> str:
-    """Method name plus the options that differ from the method's defaults."""
+    """Method name plus the options that differ from the method's defaults
+    (a pipeline: each component's label joined by '+', e.g. ``remove+lora(r=4)``)."""
+    if isinstance(cfg, PipelineConfig):
+        return "+".join(method_label(part, part_cfg) for part, part_cfg in cfg.items())
     diffs = []
     defaults = type(cfg)()
     for f in dataclasses.fields(cfg):
@@ -70,15 +73,17 @@ def prepare(opts: RunOptions):
     if not opts.methods:
         raise UsageError("no methods given; pass --methods streamline,shortgpt (see --list-methods)")
     plan = []
-    for name in opts.methods:
-        spec = get_method(name)
-        cfg = build_config(spec, opts.method_options.get(name, {}))
+    for name in opts.methods:  # METHOD or METHOD+POSTSTEP (e.g. shortgpt+lora); see registry.resolve_method
+        spec, cfg = resolve_method(name, opts.method_options)
         plan.append((name, spec, cfg))
-    unknown_opt_methods = set(opts.method_options) - set(opts.methods)
-    if unknown_opt_methods:
-        raise UsageError(f"options given for methods not being run: {', '.join(sorted(unknown_opt_methods))}")
+    check_option_targets(opts.method_options, opts.methods)
     validate_tasks(opts.eval)
     check_model_source(opts.model)
+    if opts.target.layers is not None:  # from the config alone: no weights are loaded for a bad --layers
+        total = getattr(load_config(opts.model), "num_hidden_layers", None)
+        if isinstance(total, int) and opts.target.layers >= total:
+            raise UsageError(f"removing {opts.target.layers} layers does not fit a model with {total} decoder "
+                             f"layers; ask for fewer (--layers < {total})")
     cal = opts.calibration
     if cal.num_samples < 1 or cal.seq_len < 2 or cal.batch_size < 1:
         raise UsageError("calibration needs --calib-samples >= 1, --calib-seq-len >= 2, --calib-batch-size >= 1")
@@ -122,6 +127,13 @@ def run_benchmark(opts: RunOptions, echo=print) -> list[dict]:
     load_seconds = time.perf_counter() - t_load
     adapter = get_adapter(model)
     n = resolve_num_remove(opts.target, model, adapter)
+    for _name, _spec, cfg in plan:  # model-dependent options (a window start) fail before any run
+        if callable(getattr(cfg, "validate", None)):
+            cfg.validate(adapter.num_layers, n)
+    # bad calibration input (missing, empty, shorter than one block) fails before any result is written
+    t_cal = time.perf_counter()
+    calibration = load_calibration(opts.calibration, tokenizer)
+    calibration_seconds = time.perf_counter() - t_cal
     dense_record = _model_record(opts, model, adapter)
     dense_params = dense_record["params"]
     eval_dict = opts.eval.to_dict()
@@ -156,11 +168,10 @@ def run_benchmark(opts: RunOptions, echo=print) -> list[dict]:
         records.append(rec)
 
     # --- methods ----------------------------------------------------------------------
-    calibration = None
     stats_cache: dict = {}
     cal_dict = dataclasses.asdict(opts.calibration)
     for name, spec, cfg in plan:
-        cfg_dict = dataclasses.asdict(cfg)
+        cfg_dict = config_dict(cfg)
         key = {"model": opts.model, "dtype": opts.dtype, "method": name, "method_config": cfg_dict,
                "target": opts.target.to_dict(), "calibration": cal_dict, "eval": eval_dict, "seed": opts.seed}
         path = run_path(opts.output_dir, opts.model, name, key)
@@ -170,10 +181,8 @@ def run_benchmark(opts: RunOptions, echo=print) -> list[dict]:
             continue
         echo(f"{name}: pruning")
         timings = {}
-        if calibration is None:
-            t = time.perf_counter()
-            calibration = load_calibration(opts.calibration, tokenizer)
-            timings["calibration_load"] = time.perf_counter() - t
+        if calibration_seconds is not None:  # recorded with the first method that runs
+            timings["calibration_load"], calibration_seconds = calibration_seconds, None
         t = time.perf_counter()
         if opts.device == "auto":
             work_model, _ = load_model(opts.model, opts.dtype, opts.device)

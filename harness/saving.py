@@ -3,7 +3,10 @@
 Removal-type results are ordinary checkpoints: ``AutoModelForCausalLM.from_pretrained(dir)``.
 A model with a replacement network is saved as the plain pruned checkpoint (real layers only)
 plus ``replacements.safetensors`` and their description in ``pruning_manifest.json``; load it
-with ``harness.load_pruned(dir)``, which re-inserts the networks where they were.
+with ``harness.load_pruned(dir)``, which re-inserts the networks where they were. A decoder-layer
+replacement (``ReplacementLayer``) is an ordinary layer of the checkpoint; the manifest's
+``replacement_layers`` says where it sits and, with parameter sharing, where it is applied
+again (shared applications are not stored twice).
 """
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ from .adapters import get_adapter
 from .errors import UsageError
 from .replacement import build_from_description, describe
 from .results import write_json_atomic
-from .surgery import restore_replacements, strip_replacements
+from .surgery import (restore_layer_replacements, restore_replacements, strip_layer_replacements,
+                      strip_replacements)
 
 MANIFEST = "pruning_manifest.json"
 REPLACEMENTS = "replacements.safetensors"
@@ -27,6 +31,7 @@ def save_pruned(model, tokenizer, out_dir, manifest: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     adapter = get_adapter(model)
     found = strip_replacements(adapter)
+    layer_plan = strip_layer_replacements(adapter)
     try:
         model.save_pretrained(out)
         if tokenizer is not None:
@@ -38,9 +43,13 @@ def save_pruned(model, tokenizer, out_dir, manifest: dict) -> Path:
                 tensors[f"{k}.{name}"] = t.detach().cpu().contiguous()
         if entries:
             save_file(tensors, str(out / REPLACEMENTS))
+        shared = any(e["shared_from"] is not None for e in layer_plan)
         write_json_atomic(out / MANIFEST, {**manifest, "saved_replacements": entries,
-                                           "load_with": "harness.load_pruned" if entries else "AutoModelForCausalLM"})
+                                           "replacement_layers": layer_plan,
+                                           "load_with": "harness.load_pruned" if entries or shared
+                                           else "AutoModelForCausalLM"})
     finally:
+        restore_layer_replacements(adapter, layer_plan)
         restore_replacements(adapter, found)
     return out
 
@@ -57,6 +66,7 @@ def load_pruned(path, dtype: str = "float32", device: str = "cpu"):
         raise UsageError(f"'{path}' has no {MANIFEST}; it was not written by --save-models")
     manifest = json.loads((p / MANIFEST).read_text())
     model, tok = load_model(str(p), dtype=dtype, device=device)
+    restore_layer_replacements(get_adapter(model), manifest.get("replacement_layers"))
     entries = manifest.get("saved_replacements", [])
     if entries:
         tensors = load_file(str(p / REPLACEMENTS))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .adapters import ModelAdapter, ReplacedBlock, unwrap_layer
+from .adapters import ModelAdapter, ReplacedBlock, ReplacementLayer
 from .errors import UsageError
 
 
@@ -85,7 +85,9 @@ def strip_replacements(adapter: ModelAdapter) -> list[dict]:
     for i, layer in enumerate(adapter.layers):
         if isinstance(layer, ReplacedBlock):
             found.append({"index": i, "where": layer.where, "module": layer.replacement})
-        layers.append(unwrap_layer(layer))
+        while isinstance(layer, ReplacedBlock):  # only these: a ReplacementLayer is a layer of its own
+            layer = layer.layer
+        layers.append(layer)
     adapter.set_layers(layers)
     return found
 
@@ -94,4 +96,84 @@ def restore_replacements(adapter: ModelAdapter, found: list[dict]) -> None:
     layers = list(adapter.layers)
     for item in found:
         layers[item["index"]] = ReplacedBlock(layers[item["index"]], item["module"], item["where"])
+    adapter.set_layers(layers)
+
+
+# --- decoder-layer replacements (a trained layer in the window's place, optionally shared) ---
+
+def _per_layer_lists(adapter: ModelAdapter, count: int) -> dict:
+    return {k: v for k, v in vars(adapter.config).items()
+            if isinstance(v, (list, tuple)) and len(v) == count and k.startswith("layer_")}
+
+
+def insert_layer_replacement(adapter: ModelAdapter, start: int, n: int, layer: nn.Module, repeat: int = 1) -> list[int]:
+    """Put ``layer`` where the window ``start..start+n-1`` (current positions) was.
+
+    ``repeat`` = 1: one entry; > 1: the same layer applied ``repeat`` times (parameter sharing),
+    as one owning ``ReplacementLayer`` and ``repeat - 1`` shared ones, each with its own
+    KV-cache slot. Per-layer config lists give the new entries the window's first value.
+    Returns the new entries' positions.
+    """
+    count = adapter.num_layers
+    if n < 1 or repeat < 1 or not 0 <= start <= count - n:
+        raise UsageError(f"a replacement for layers {start}..{start + n - 1} (x{repeat}) does not fit {count} layers")
+    ref = next(adapter.layers[0].parameters())
+    layer.to(device=ref.device, dtype=ref.dtype)
+    old = list(adapter.layers)
+    for key, value in _per_layer_lists(adapter, count).items():
+        setattr(adapter.config, key, type(value)(list(value[:start]) + [value[start]] * repeat + list(value[start + n:])))
+    entries = [ReplacementLayer(layer)] + [ReplacementLayer(layer, shared=True) for _ in range(repeat - 1)]
+    adapter.set_layers(old[:start] + entries + old[start + n:])
+    return list(range(start, start + repeat))
+
+
+def strip_layer_replacements(adapter: ModelAdapter) -> list[dict]:
+    """Turn every ``ReplacementLayer`` back into a plain decoder layer and drop the shared
+    entries (their layer is stored once, in its owner). Returns where each entry sat
+    (``{"index", "shared_from"}``, indices in the full list) for ``restore_layer_replacements``."""
+    layers = list(adapter.layers)
+    count = len(layers)
+    plan, kept, plain = [], [], []
+    owner_of: dict[int, int] = {}
+    for i, layer in enumerate(layers):
+        if isinstance(layer, ReplacementLayer):
+            if layer.shared:
+                if id(layer.inner) not in owner_of:
+                    raise ValueError(f"shared replacement layer at {i} has no owning entry before it")
+                plan.append({"index": i, "shared_from": owner_of[id(layer.inner)]})
+                continue
+            owner_of[id(layer.inner)] = i
+            plan.append({"index": i, "shared_from": None})
+            layer = layer.inner
+        kept.append(i)
+        plain.append(layer)
+    if plan:
+        adapter.keep_layer_config(kept, count)
+        adapter.set_layers(plain)
+    return plan
+
+
+def restore_layer_replacements(adapter: ModelAdapter, plan: list[dict] | None) -> None:
+    """Re-create the ``ReplacementLayer`` entries described by ``strip_layer_replacements``."""
+    if not plan:
+        return
+    plain = list(adapter.layers)
+    by_index = {e["index"]: e for e in plan}
+    count = len(plain) + sum(1 for e in plan if e["shared_from"] is not None)
+    layers, pos, source = [], 0, []  # source[i]: position in ``plain`` that entry i takes config values from
+    for i in range(count):
+        e = by_index.get(i)
+        if e is not None and e["shared_from"] is not None:
+            owner = layers[e["shared_from"]]
+            layers.append(ReplacementLayer(owner.inner, shared=True))
+            source.append(source[e["shared_from"]])
+            continue
+        layer = plain[pos]
+        layers.append(ReplacementLayer(layer) if e is not None else layer)
+        source.append(pos)
+        pos += 1
+    if pos != len(plain):
+        raise ValueError(f"replacement layer plan does not match a model with {len(plain)} layers")
+    for key, value in _per_layer_lists(adapter, len(plain)).items():
+        setattr(adapter.config, key, type(value)(value[j] for j in source))
     adapter.set_layers(layers)

@@ -13,6 +13,15 @@ class RemoveConfig(MethodConfig):
     start: int | None = None
     layers: list[int] = field(default_factory=list)
 
+    def validate(self, num_layers: int, num_remove: int) -> None:
+        if self.layers:
+            drop = sorted(set(self.layers))
+            if drop[0] < 0 or drop[-1] >= num_layers or len(drop) >= num_layers:
+                raise UsageError(f"remove.layers={self.layers} does not fit a model with {num_layers} layers")
+        elif self.start is not None and not 0 <= self.start <= num_layers - num_remove:
+            raise UsageError(f"remove.start={self.start}: a window of {num_remove} layers starting there does not "
+                             f"fit {num_layers} layers (use 0..{num_layers - num_remove})")
+
 
 @register_method("remove", RemoveConfig, "Remove Streamline's most redundant contiguous window, no replacement")
 def remove(ctx: MethodContext, cfg: RemoveConfig) -> PruneResult:

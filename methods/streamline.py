@@ -1,66 +1,260 @@
 """LLM-Streamline (paper v1, Chen et al. 2024): prune the most redundant contiguous window and
-train a lightweight MLP to stand in for it.
+train a lightweight network to stand in for it.
 
 1. S(i) = mean over real tokens of cos(X_i, X_{i+n}); i* = argmax S(i) (one forward pass).
-2. f = Linear(d, h) -> act -> Linear(h, d) is trained with MSE so that f(X_{i*}) ~ X_{i*+n}
-   on activations of the dense model, streamed batch by batch (never all held at once).
+2. A replacement f is trained with MSE so that f(X_{i*}) ~ X_{i*+n} on activations of the
+   dense model, streamed batch by batch (never all held at once), or with the LM loss
+   (``loss=lm``: f inserted, everything else frozen).
 3. Layers i*..i*+n-1 are removed and f runs in their place.
+4. Optional post-training (paper Table 3 protocol, OPT-1.3B/2.7B): ``post_train_steps=N``
+   trains only f with the LM loss on a training text (default: the calibration source).
+
+Replacement variants, one method name each (paper Tables 5 and 6, "Lightweight Model" column):
+
+  streamline               MLP w/o params sharing (Table 5) = MLP (Table 6): Linear(d,h)-act-Linear(h,d)
+  streamline-mlp-shared    MLP w/ params sharing: one MLP applied n times
+  streamline-layer         Transformer Layer w/o params sharing: one decoder layer, initialised
+                           from the first pruned layer (the ICLR 2025 version; ``init=random``
+                           for a fresh one), trained with the causal mask
+  streamline-layer-shared  Transformer Layer w/ params sharing: one decoder layer applied n times
+  streamline-multi-mlp     Multiple MLP (Table 6): one MLP per removed layer, MLP k fit to layer
+                           i*+k's own input -> output
+  streamline-none          None (Table 5): the window removed, nothing inserted; the paper heals
+                           it with LoRA of the MLP's trainable size: ``streamline-none+lora`` with
+                           ``-o lora.match_params=mlp``
+
 Defaults: h = 2d (the paper's Table 5 puts the MLP at ~1.3% of OPT-1.3B, i.e. 2*d*h ~ 4d^2),
-ReLU, AdamW lr 4e-4 (the paper's OPT-1.3B/2.7B recipe), 5 epochs.
+ReLU, AdamW lr 4e-4 (the paper's OPT-1.3B/2.7B recipe), 5 epochs. The paper gives no
+post-training learning rate or length; the defaults here (lr 1e-4, 8 blocks a step) are ours.
 """
+from __future__ import annotations
+
+import copy
 from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
 
 from harness import (MethodConfig, MethodContext, MLPReplacement, PruneResult, UsageError, describe,
                      fit_to_boundaries, insert_replacement, register_method, remove_layers)
+from harness.adapters import unwrap_layer
+from harness.replacement import ACTIVATIONS, MultiMLPReplacement, describe_layer, fit_layer_to_boundaries
+from harness.surgery import insert_layer_replacement
+from harness.training import steps_for, train_lm
+
+LOSSES = ("mse", "lm")
+LAYER_INITS = ("first", "random")
 
 
 @dataclass
-class StreamlineConfig(MethodConfig):
-    hidden_size: int | None = None  # MLP width h; None = hidden_mult * d
-    hidden_mult: float = 2.0
-    activation: str = "relu"
-    residual: bool = False  # the paper's MLP has none; True fits x + MLP(x)
+class StreamlineNoneConfig(MethodConfig):
+    start: int | None = None  # force the window start (default: argmax S(i))
+
+    method_name: ClassVar[str] = "streamline-none"
+
+    def validate(self, num_layers: int, num_remove: int) -> None:
+        if self.start is not None and not 0 <= self.start <= num_layers - num_remove:
+            raise UsageError(f"{self.method_name}.start={self.start}: a window of {num_remove} layers does not fit "
+                             f"there (use 0..{num_layers - num_remove})")
+
+
+@dataclass
+class _TrainedConfig(StreamlineNoneConfig):
     epochs: int = 5
     lr: float = 4e-4
     weight_decay: float = 0.0
     batch_size: int = 8  # sequences per forward pass and optimiser step
     train_samples: int | None = None  # None = as many as the calibration set (a separate draw)
     train_seq_len: int | None = None  # None = calibration sequence length
-    start: int | None = None  # force the window start (default: argmax S(i))
+    loss: str = "mse"  # mse: fit X_{i*} -> X_{i*+n}; lm: the model's LM loss, all else frozen
+    post_train_steps: int = 0  # > 0: then train only the replacement with the LM loss (Table 3 protocol)
+    post_train_lr: float = 1e-4
+    post_train_batch_size: int = 8
+    post_train_samples: int | None = None  # None = post_train_steps * post_train_batch_size blocks
+    post_train_text: str | None = None  # .txt/.jsonl file or Hub dataset id[:config]; None = calibration source
+    post_train_split: str = "train"  # with post_train_text
+    post_train_field: str = "text"  # with post_train_text
+
+    def validate(self, num_layers: int, num_remove: int) -> None:
+        name = self.method_name
+        if self.epochs < 0 or self.lr <= 0 or self.batch_size < 1:
+            raise UsageError(f"{name} needs epochs >= 0, lr > 0 and batch_size >= 1")
+        if (self.train_samples is not None and self.train_samples < 1) or \
+                (self.train_seq_len is not None and self.train_seq_len < 2):
+            raise UsageError(f"{name} needs train_samples >= 1 and train_seq_len >= 2")
+        if self.loss not in LOSSES:
+            raise UsageError(f"{name}.loss={self.loss} is unknown; use mse or lm")
+        if self.post_train_steps < 0 or self.post_train_lr <= 0 or self.post_train_batch_size < 1 or \
+                (self.post_train_samples is not None and self.post_train_samples < 1):
+            raise UsageError(f"{name} needs post_train_steps >= 0, post_train_lr > 0, post_train_batch_size >= 1 "
+                             "and post_train_samples >= 1")
+        super().validate(num_layers, num_remove)
 
 
-@register_method("streamline", StreamlineConfig,
-                 "LLM-Streamline: remove the most redundant contiguous window, train an MLP in its place")
-def streamline(ctx: MethodContext, cfg: StreamlineConfig) -> PruneResult:
+@dataclass
+class StreamlineConfig(_TrainedConfig):
+    hidden_size: int | None = None  # MLP width h; None = hidden_mult * d
+    hidden_mult: float = 2.0
+    activation: str = "relu"
+    residual: bool = False  # the paper's MLP has none; True fits x + MLP(x)
+
+    method_name: ClassVar[str] = "streamline"
+
+    def validate(self, num_layers: int, num_remove: int) -> None:
+        name = self.method_name
+        if self.activation not in ACTIVATIONS:
+            raise UsageError(f"{name}.activation={self.activation} is unknown; use one of {', '.join(ACTIVATIONS)}")
+        if (self.hidden_size is not None and self.hidden_size < 1) or self.hidden_mult <= 0:
+            raise UsageError(f"{name} needs hidden_size >= 1 and hidden_mult > 0")
+        super().validate(num_layers, num_remove)
+
+
+@dataclass
+class StreamlineSharedMLPConfig(StreamlineConfig):
+    method_name: ClassVar[str] = "streamline-mlp-shared"
+
+
+@dataclass
+class StreamlineMultiMLPConfig(StreamlineConfig):
+    method_name: ClassVar[str] = "streamline-multi-mlp"
+
+
+@dataclass
+class StreamlineLayerConfig(_TrainedConfig):
+    init: str = "first"  # first: a copy of the first pruned layer (ICLR 2025); random: a fresh layer
+
+    method_name: ClassVar[str] = "streamline-layer"
+
+    def validate(self, num_layers: int, num_remove: int) -> None:
+        if self.init not in LAYER_INITS:
+            raise UsageError(f"{self.method_name}.init={self.init} is unknown; use first or random")
+        super().validate(num_layers, num_remove)
+
+
+@dataclass
+class StreamlineSharedLayerConfig(StreamlineLayerConfig):
+    method_name: ClassVar[str] = "streamline-layer-shared"
+
+
+def mlp_width(d: int, cfg: StreamlineConfig) -> int:
+    return cfg.hidden_size or max(1, int(round(cfg.hidden_mult * d)))
+
+
+def default_mlp_params(d: int) -> int:
+    """Parameters of the default replacement MLP (h = 2d, biases): the LoRA ``match_params=mlp`` target."""
+    h = mlp_width(d, StreamlineConfig())
+    return 2 * d * h + h + d
+
+
+def _window(ctx: MethodContext, cfg) -> tuple[int, dict]:
     n = ctx.num_remove
     ctx.check_window(n)
-    if cfg.epochs < 0 or cfg.lr <= 0 or cfg.batch_size < 1:
-        raise UsageError("streamline needs epochs >= 0, lr > 0 and batch_size >= 1")
+    cfg.validate(ctx.num_layers, n)
     stats = ctx.layer_stats()
-    scores = stats.window_cos[n]
-    if cfg.start is not None:
-        if not 0 <= cfg.start <= ctx.num_layers - n:
-            raise UsageError(f"streamline.start={cfg.start}: a window of {n} layers does not fit there "
-                             f"(use 0..{ctx.num_layers - n})")
-        start = cfg.start
-    else:
-        start = stats.best_window(n)
-    d = ctx.adapter.hidden_size
-    h = cfg.hidden_size or max(1, int(round(cfg.hidden_mult * d)))
-    mlp = MLPReplacement(d, h, activation=cfg.activation, residual=cfg.residual)
-    ref = next(ctx.model.parameters())
-    mlp.to(device=ref.device)  # trained in float32; cast to the model dtype on insertion
+    start = cfg.start if cfg.start is not None else stats.best_window(n)
+    return start, {"window_cos": stats.window_cos[n], "start": start, "calibration_tokens": stats.tokens}
+
+
+def _fresh_layer(ctx: MethodContext, index: int) -> torch.nn.Module:
+    layer = ctx.adapter.new_layer(index)
+    init = getattr(ctx.model, "_init_weights", None)
+    if callable(init):  # the model's own initialisation (e.g. normal(0, 0.02)), not torch's defaults
+        with torch.no_grad():
+            for module in layer.modules():
+                init(module)
+    return layer
+
+
+def run_streamline(ctx: MethodContext, cfg, kind: str) -> PruneResult:
+    n = ctx.num_remove
+    start, scores = _window(ctx, cfg)
+    drop = list(range(start, start + n))
+    info = {"variant": kind, "method": cfg.method_name}
+    if kind == "none":
+        remove_layers(ctx.adapter, drop)
+        return PruneResult(model=ctx.model, removed_layers=drop, scores=scores, extra={"streamline": info})
+
     train_n = cfg.train_samples or len(ctx.calibration)
     data = ctx.training_data(train_n, cfg.train_seq_len)
-    train_log = fit_to_boundaries(ctx, mlp, data, start, start + n, epochs=cfg.epochs, lr=cfg.lr,
-                                  batch_size=cfg.batch_size, weight_decay=cfg.weight_decay, seed=ctx.seed,
-                                  progress=ctx.progress)
-    drop = list(range(start, start + n))
-    remove_layers(ctx.adapter, drop)
-    where = insert_replacement(ctx.adapter, start, mlp)
-    return PruneResult(
-        model=ctx.model, removed_layers=drop,
-        scores={"window_cos": scores, "start": start, "calibration_tokens": stats.tokens},
-        replacement={**describe(mlp), "position": start, "where": where},
-        extra={"training": {**train_log, "data": data.description}},
-    )
+    fit = dict(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
+               seed=ctx.seed, progress=ctx.progress)
+    training: dict = {}
+    if kind in ("mlp", "mlp-shared", "multi-mlp"):
+        d = ctx.adapter.hidden_size
+        h = mlp_width(d, cfg)
+        if kind == "multi-mlp":
+            module = MultiMLPReplacement(d, h, n, activation=cfg.activation, residual=cfg.residual)
+        else:
+            module = MLPReplacement(d, h, activation=cfg.activation, residual=cfg.residual,
+                                    repeat=n if kind == "mlp-shared" else 1)
+        ref = next(ctx.model.parameters())
+        module.to(device=ref.device)  # fit in float32; cast to the model dtype on insertion
+        if cfg.loss == "mse" and kind == "multi-mlp":  # MLP k: X_{i*+k} -> X_{i*+k+1}, its own layer
+            logs = [fit_to_boundaries(ctx, mlp, data, start + k, start + k + 1, **fit)
+                    for k, mlp in enumerate(module.mlps)]
+            training = {"per_mlp": logs, "epoch_loss": [sum(v) / len(v) for v in zip(*(g["epoch_loss"] for g in logs))],
+                        "loss": "mse"}
+        elif cfg.loss == "mse":
+            training = fit_to_boundaries(ctx, module, data, start, start + n, **fit)
+        remove_layers(ctx.adapter, drop)
+        where = insert_replacement(ctx.adapter, start, module)
+        replacement = {**describe(module), "position": start, "where": where}
+    else:
+        repeat = n if kind == "layer-shared" else 1
+        if cfg.init == "first":  # a copy: the dense layer stays in place while the targets are computed
+            module = copy.deepcopy(unwrap_layer(ctx.adapter.layers[start]))
+        else:
+            module = _fresh_layer(ctx, start)
+        if cfg.loss == "mse":
+            training = fit_layer_to_boundaries(ctx, module, data, start, start + n, repeat=repeat, **fit)
+        positions = insert_layer_replacement(ctx.adapter, start, n, module, repeat=repeat)
+        replacement = {**describe_layer(module, repeat, cfg.init), "position": start, "positions": positions,
+                       "init_from_layer": start if cfg.init == "first" else None}
+    trainable = list(module.parameters())
+    if cfg.loss == "lm":
+        steps = steps_for(len(data), cfg.batch_size, cfg.epochs)
+        training = train_lm(ctx.model, trainable, data, steps=steps, lr=cfg.lr, batch_size=cfg.batch_size,
+                            weight_decay=cfg.weight_decay, seed=ctx.seed, progress=ctx.progress, train_mode=False,
+                            desc="fit replacement (LM loss)")
+        training["epochs"] = cfg.epochs
+    extra = {"streamline": info, "training": {**training, "data": data.description}}
+    if cfg.post_train_steps > 0:
+        pdata = ctx.training_data(cfg.post_train_samples or cfg.post_train_steps * cfg.post_train_batch_size,
+                                  cfg.train_seq_len, seed_offset=2, source=cfg.post_train_text,
+                                  split=cfg.post_train_split if cfg.post_train_text else None,
+                                  field=cfg.post_train_field if cfg.post_train_text else None)
+        post = train_lm(ctx.model, trainable, pdata, steps=cfg.post_train_steps, lr=cfg.post_train_lr,
+                        batch_size=cfg.post_train_batch_size, seed=ctx.seed + 1, progress=ctx.progress,
+                        train_mode=False, desc="post-train replacement")
+        extra["post_training"] = {**post, "trained": "replacement only", "data": pdata.description}
+    return PruneResult(model=ctx.model, removed_layers=drop, scores=scores, replacement=replacement, extra=extra)
+
+
+VARIANTS = [
+    ("streamline", "mlp", StreamlineConfig,
+     "LLM-Streamline: remove the most redundant contiguous window, train an MLP in its place "
+     "(Table 5 'MLP w/o params sharing', Table 6 'MLP')"),
+    ("streamline-mlp-shared", "mlp-shared", StreamlineSharedMLPConfig,
+     "LLM-Streamline with one MLP applied n times (Table 5 'MLP w/ params sharing')"),
+    ("streamline-multi-mlp", "multi-mlp", StreamlineMultiMLPConfig,
+     "LLM-Streamline with one MLP per removed layer, each fit to its own layer (Table 6 'Multiple MLP')"),
+    ("streamline-layer", "layer", StreamlineLayerConfig,
+     "LLM-Streamline with one decoder layer, init from the first pruned layer "
+     "(Table 5 'Transformer Layer w/o params sharing'; ICLR 2025 version)"),
+    ("streamline-layer-shared", "layer-shared", StreamlineSharedLayerConfig,
+     "LLM-Streamline with one decoder layer applied n times (Table 5 'Transformer Layer w/ params sharing')"),
+    ("streamline-none", "none", StreamlineNoneConfig,
+     "LLM-Streamline's window removed, nothing inserted (Table 5 'None'; heal with streamline-none+lora)"),
+]
+
+
+def _register(name: str, kind: str, config: type, help: str) -> None:
+    def prune(ctx: MethodContext, cfg) -> PruneResult:
+        return run_streamline(ctx, cfg, kind)
+
+    prune.__name__ = prune.__qualname__ = name.replace("-", "_")
+    register_method(name, config, help)(prune)
+
+
+for _name, _kind, _config, _help in VARIANTS:
+    _register(_name, _kind, _config, _help)

@@ -1,0 +1,118 @@
+"""``--config FILE``: a YAML file whose keys mirror the command-line flags.
+
+Keys are flag names without the dashes (``model``, ``methods``, ``layers``, ``calib-samples`` or
+``calib_samples``, ...). Comma-list flags (``methods``, ``tasks``, ``plugins``) also take YAML
+lists. Method options go under ``method_opt`` (or ``options``), either as a list of
+``TARGET.KEY=VALUE`` strings or as a mapping ``{TARGET: {KEY: VALUE}}``; a list value becomes
+``a/b/c``. The file's values are defaults: flags given on the command line win (``--ratio`` on
+the command line replaces the file's ``layers`` and vice versa), and command-line ``-o`` options
+are added after the file's, so they override them. Relative paths are taken from the current
+directory, as on the command line.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .errors import UsageError
+
+LIST_FLAGS = ("methods", "tasks", "plugins")
+OPTION_KEYS = ("method_opt", "options")
+EXCLUSIVE = (("ratio", "layers"),)
+
+
+def _actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+
+
+def _scalar(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "/".join(_scalar(v) for v in value)
+    return "none" if value is None else str(value)
+
+
+def _options(value, path: str) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list):
+        if not all(isinstance(v, str) for v in value):
+            raise UsageError(f"config file {path}: method_opt items must be 'METHOD.KEY=VALUE' strings")
+        return list(value)
+    if isinstance(value, dict):
+        out = []
+        for target, opts in value.items():
+            if not isinstance(opts, dict):
+                raise UsageError(f"config file {path}: method_opt.{target} must map option names to values, "
+                                 f"e.g. {target}: {{epochs: 3}}")
+            out.extend(f"{target}.{key}={_scalar(v)}" for key, v in opts.items())
+        return out
+    raise UsageError(f"config file {path}: method_opt must be a list of 'METHOD.KEY=VALUE' or a mapping")
+
+
+def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
+    """The file's values as parser defaults (``{dest: value}``)."""
+    import yaml
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UsageError(f"config file '{path}' does not exist; pass a YAML file with keys like model, methods")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise UsageError(f"config file {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {path} must be a mapping of flag names to values")
+    actions = _actions(parser)
+    out: dict = {}
+    for raw_key, value in data.items():
+        key = str(raw_key).lstrip("-").replace("-", "_")
+        if key in OPTION_KEYS:
+            out.setdefault("method_opt", []).extend(_options(value, path))
+            continue
+        action = actions.get(key)
+        if action is None:
+            raise UsageError(f"config file {path}: unknown key '{raw_key}'; keys are the command-line flags "
+                             f"without dashes (e.g. model, methods, layers, calib_samples, method_opt)")
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            if not isinstance(value, bool):
+                raise UsageError(f"config file {path}: '{raw_key}' is a switch; give true or false")
+            out[key] = value
+        elif key in LIST_FLAGS and isinstance(value, (list, tuple)):
+            out[key] = ",".join(str(v) for v in value)
+        elif value is None:
+            out[key] = None
+        elif isinstance(value, (dict, list)):
+            raise UsageError(f"config file {path}: '{raw_key}' takes one value, not a {type(value).__name__}")
+        else:
+            text = _scalar(value)
+            if action.type is not None:
+                try:
+                    out[key] = action.type(text)
+                except argparse.ArgumentTypeError as exc:
+                    raise UsageError(f"config file {path}: {exc}") from None
+            else:
+                out[key] = text
+    return out
+
+
+def parse_args_with_config(parser: argparse.ArgumentParser, argv):
+    """Parse ``argv``; with ``--config FILE``, the file's values become defaults first."""
+    args = parser.parse_args(argv)
+    if not getattr(args, "config", None):
+        return args
+    values = load_config_file(args.config, parser)
+    for a, b in EXCLUSIVE:
+        if a in values and b in values and values[a] is not None and values[b] is not None:
+            raise UsageError(f"config file {args.config}: give either {a} or {b}, not both")
+    cli_opts = list(args.method_opt or [])
+    parser.set_defaults(**{k: v for k, v in values.items() if k != "method_opt"})
+    args = parser.parse_args(argv)
+    args.method_opt = values.get("method_opt", []) + cli_opts  # file first: the command line overrides it
+    for a, b in EXCLUSIVE:  # the command line's choice replaces the file's
+        if getattr(args, a) is not None and getattr(args, b) is not None:
+            setattr(args, b if a not in values else a, None)
+    return args

@@ -1,0 +1,87 @@
+"""Training with the language-modelling loss, everything but a given set of parameters frozen.
+
+Used by the LoRA post-step (only the adapters train) and by LLM-Streamline's LM-loss fit and
+post-training (only the replacement trains). The loss is the model's own next-token
+cross-entropy over real tokens (pads are labelled -100).
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from .loading import model_device
+
+
+def lm_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    device = model_device(model)
+    input_ids = input_ids.to(device)
+    attention_mask = attention_mask.to(device)
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False)
+    return out.loss
+
+
+def steps_for(num_samples: int, batch_size: int, epochs: int) -> int:
+    return epochs * math.ceil(num_samples / batch_size)
+
+
+def train_lm(model, params, data, *, steps: int, lr: float, batch_size: int, weight_decay: float = 0.0,
+             max_grad_norm: float | None = 1.0, seed: int = 0, progress: bool = True, train_mode: bool = True,
+             desc: str = "LM training") -> dict:
+    """AdamW on the LM loss for ``steps`` steps; only ``params`` change.
+
+    Each step takes the next ``batch_size`` blocks of ``data`` in a seeded random order,
+    reshuffled after every pass. ``train_mode`` puts the model in train mode (dropout on, e.g.
+    LoRA's); otherwise it stays in eval mode. Every parameter's ``requires_grad`` and the
+    model's mode are restored afterwards. Returns a log (loss curve, tokens, wall time).
+    """
+    params = list(params)
+    ids = {id(p) for p in params}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    for p in model.parameters():
+        p.requires_grad_(id(p) in ids)
+    for p in params:  # may include parameters not registered in ``model`` (they still need grads)
+        p.requires_grad_(True)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    n = len(data)
+    order: list[int] = []
+    losses: list[float] = []
+    tokens = 0
+    t0 = time.perf_counter()
+    model.train(train_mode)
+    try:
+        with torch.enable_grad():
+            for _ in tqdm(range(steps), desc=desc, disable=not progress):
+                if len(order) < min(batch_size, n):
+                    order += torch.randperm(n, generator=gen).tolist()
+                pick, order = order[:batch_size], order[batch_size:]
+                input_ids, mask = data.input_ids[pick], data.attention_mask[pick]
+                loss = lm_loss(model, input_ids, mask)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                opt.step()
+                losses.append(float(loss.detach()))
+                tokens += int(mask.sum())
+    finally:
+        opt.zero_grad(set_to_none=True)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+    every = max(1, len(losses) // 50)
+    curve = [sum(losses[i:i + every]) / len(losses[i:i + every]) for i in range(0, len(losses), every)]
+    k = max(1, len(losses) // 10)
+    return {
+        "loss": "lm", "optimizer": "AdamW", "lr": lr, "weight_decay": weight_decay, "schedule": "constant",
+        "max_grad_norm": max_grad_norm, "steps": steps, "batch_size": batch_size, "samples": n,
+        "tokens": tokens, "train_mode": train_mode, "trainable_params": sum(p.numel() for p in params),
+        "loss_first": sum(losses[:k]) / k if losses else None,
+        "loss_last": sum(losses[-k:]) / k if losses else None,
+        "loss_curve": curve, "loss_curve_every": every, "seconds": time.perf_counter() - t0,
+    }
