@@ -1,0 +1,447 @@
+"""The command line end to end on a tiny OPT and the real task files, every bad input, plugins,
+the report table and calibration sampling.
+
+``harness.cli.main`` runs in-process; runs use ``--limit`` and a 4 x 32-token calibration set so
+the whole file stays around a minute on one thread.
+"""
+import csv
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import shared_data_or_skip
+from harness.calibration import CalibrationConfig, load_calibration
+from harness.cli import main
+from harness.errors import UsageError
+
+TASKS = ["piqa", "arc_easy", "boolq"]
+LIMIT = 4
+
+
+def _small(model_dir, data_dir, out_dir, *, tasks=TASKS, limit=LIMIT, layers="1"):
+    """Arguments shared by every run here (tiny model, small limits)."""
+    return ["--model", str(model_dir), "--data-dir", str(data_dir), "--tasks", ",".join(tasks),
+            "--limit", str(limit), "--layers", layers, "--calib-samples", "4", "--calib-seq-len", "32",
+            "--output-dir", str(out_dir), "--no-progress"]
+
+
+def _jsons(directory) -> list[Path]:
+    return sorted(Path(directory).rglob("*.json")) if Path(directory).exists() else []
+
+
+def _layer_params(model_dir) -> tuple[int, int]:
+    """(dense parameter count, parameters of one decoder layer) of the saved tiny model."""
+    from transformers import AutoModelForCausalLM
+
+    from harness import count_params, get_adapter
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    return count_params(model), count_params(get_adapter(model).layers[0])
+
+
+# --- end to end ----------------------------------------------------------------------------
+
+def test_end_to_end_results_tables_resume_and_report(tiny_opt_dir, tmp_path, capsys, monkeypatch):
+    data = shared_data_or_skip()
+    out = tmp_path / "runs"
+    argv = ["--methods", "streamline,shortgpt,remove", "-o", "streamline.epochs=1",
+            *_small(tiny_opt_dir, data, out)]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    text = captured.out
+    assert "Traceback" not in captured.err
+
+    # one result JSON per method plus the dense run
+    files = _jsons(out)
+    by_method = {}
+    for f in files:
+        rec = json.loads(f.read_text())
+        if rec.get("schema") is not None:
+            by_method.setdefault(rec["method"], []).append(rec)
+    assert sorted(by_method) == ["dense", "remove", "shortgpt", "streamline"]
+    assert all(len(v) == 1 for v in by_method.values()), {k: len(v) for k, v in by_method.items()}
+
+    dense_params, layer_params = _layer_params(tiny_opt_dir)
+    for method, (rec,) in by_method.items():
+        for key in ("method_config", "model", "eval", "seed", "metrics", "timings", "params", "environment",
+                    "manifest"):
+            assert key in rec, (method, key)
+        assert rec["seed"] == 0
+        versions = rec["environment"]["versions"]
+        assert versions["torch"] == torch.__version__ and versions["lm_eval"] and versions["transformers"]
+        assert sorted(rec["metrics"]) == sorted(TASKS)
+        for task, row in rec["metrics"].items():
+            assert 0.0 <= row["acc"] <= 1.0, (method, task)
+            assert "acc_stderr" in row and row["acc_stderr"] is not None and row["acc_stderr"] >= 0
+            assert row["n"] == LIMIT
+        assert rec["eval"]["limit"] == LIMIT and rec["eval"]["tasks"] == TASKS
+        assert rec["timings"]["eval"] > 0
+        p = rec["params"]
+        assert p["dense"] == dense_params
+        assert p["ratio"] == pytest.approx((p["dense"] - p["pruned"]) / p["dense"])
+    assert by_method["dense"][0]["params"]["ratio"] == 0.0
+    for method in ("shortgpt", "remove"):
+        rec = by_method[method][0]
+        assert len(rec["manifest"]["removed_layers"]) == 1
+        assert rec["params"]["dense"] - rec["params"]["pruned"] == layer_params
+        assert rec["params"]["pruned_layers"] == 5
+        assert rec["timings"]["prune"] > 0
+    sl = by_method["streamline"][0]
+    assert sl["method_config"]["epochs"] == 1 and sl["label"] == "streamline(epochs=1)"
+    added = sl["manifest"]["replacement"]["params"]
+    assert added > 0 and sl["params"]["added"] == added
+    assert sl["params"]["dense"] - sl["params"]["pruned"] == layer_params - added
+    assert len(sl["manifest"]["training"]["epoch_loss"]) == 1
+
+    # the printed table and the written ones
+    lines = text.splitlines()
+    header = next(line for line in lines if line.startswith("Method"))
+    for col in ("Ratio", "PIQA", "ARC-e", "BoolQ", "Ave.", "Per."):
+        assert col in header
+    for label in ("Dense", "streamline(epochs=1)", "shortgpt", "remove"):
+        assert any(line.startswith(label + " ") for line in lines), label
+    model_out = out / tiny_opt_dir.name
+    for ext in ("md", "csv", "tex"):
+        assert (model_out / f"table.{ext}").is_file(), ext
+        assert f"table.{ext}" in text
+    rows = list(csv.DictReader((model_out / "table.csv").open()))
+    assert [r["Method"] for r in rows] == ["Dense", "streamline(epochs=1)", "shortgpt", "remove"]
+    dense_ave = float(rows[0]["Ave."])
+    assert dense_ave == pytest.approx(100 * sum(by_method["dense"][0]["metrics"][t]["acc"] for t in TASKS) / 3,
+                                      abs=1e-3)
+    assert float(rows[0]["Per."]) == pytest.approx(100.0)
+    for r in rows[1:]:
+        rec = by_method[r["Method"].split("(")[0]][0]
+        assert float(r["Ratio"]) == pytest.approx(100 * rec["params"]["ratio"], abs=1e-3)
+        if dense_ave:
+            assert float(r["Per."]) == pytest.approx(100 * float(r["Ave."]) / dense_ave, abs=1e-2)
+    assert "| Dense" in (model_out / "table.md").read_text()
+    assert "\\toprule" in (model_out / "table.tex").read_text()
+
+    # an identical second invocation re-runs nothing
+    before = {f: f.read_text() for f in files}
+    assert main(argv) == 0
+    again = capsys.readouterr().out
+    skipped = [line for line in again.splitlines() if "skipping" in line]
+    assert sorted(line.split(":")[0] for line in skipped) == ["dense", "remove", "shortgpt", "streamline"]
+    assert "pruning" not in again and "evaluating" not in again
+    assert {f: f.read_text() for f in _jsons(out) if f in before} == before
+
+    # --report re-renders from the JSON files without running anything
+    import harness.runner
+
+    def _no_runs(*_a, **_k):
+        raise AssertionError("--report must not run the benchmark")
+
+    monkeypatch.setattr(harness.runner, "run_benchmark", _no_runs)
+    for ext in ("md", "csv", "tex"):
+        (model_out / f"table.{ext}").unlink()
+    assert main(["--report", str(model_out)]) == 0
+    report_out = capsys.readouterr().out
+    for label in ("Dense", "streamline(epochs=1)", "shortgpt", "remove", "Ave.", "Per."):
+        assert label in report_out
+    rerendered = list(csv.DictReader((model_out / "table.csv").open()))
+    assert rerendered[0]["Method"] == "Dense"  # then the methods (alphabetical: the run's order is not stored)
+    assert sorted(map(tuple, (r.items() for r in rerendered))) == sorted(map(tuple, (r.items() for r in rows)))
+
+
+# --- bad input: one "error:" line, exit code 2, nothing written ----------------------------------
+
+def _expect_usage_error(argv, out_dir, capsys, *needles):
+    rc = main(argv)
+    captured = capsys.readouterr()
+    err_lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert rc == 2, (rc, captured.err[-2000:])
+    assert "Traceback" not in captured.err and "Traceback" not in captured.out
+    assert len(err_lines) == 1 and err_lines[0].startswith("error: "), captured.err
+    for needle in needles:
+        assert needle in err_lines[0], (needle, err_lines[0])
+    assert _jsons(out_dir) == [], "no result may be written for bad input"
+    return err_lines[0]
+
+
+BAD_INPUTS = {
+    # name: (extra / replaced arguments, words the error line must contain)
+    "unknown method": (["--methods", "nosuchmethod"], ["unknown method 'nosuchmethod'"]),
+    "unknown task (local files)": (["--tasks", "piqa,nosuchtask"], ["nosuchtask"]),
+    "ratio 0": (["--ratio", "0"], ["--ratio 0"]),
+    "ratio 1": (["--ratio", "1"], ["--ratio 1"]),
+    "ratio 1.5": (["--ratio", "1.5"], ["--ratio 1.5"]),
+    "ratio -0.1": (["--ratio", "-0.1"], ["--ratio -0.1"]),
+    "ratio not a number": (["--ratio", "a"], ["--ratio"]),
+    "layers = model layers": (["--layers", "6"], ["6 layers", "6 decoder layers"]),
+    "layers > model layers": (["--layers", "7"], ["7 layers"]),
+    "layers 0": (["--layers", "0"], ["--layers 0"]),
+    "window start does not fit": (["-o", "remove.start=6"], ["remove.start=6"]),
+    "streamline start does not fit": (["--methods", "streamline", "-o", "streamline.start=9"],
+                                      ["streamline.start=9"]),
+    "missing model path": (["--model", "/nonexistent/model/dir"], ["/nonexistent/model/dir"]),
+    "non-integer limit": (["--limit", "four"], ["--limit", "four"]),
+    "limit 0": (["--limit", "0"], ["--limit 0"]),
+    "unknown device": (["--device", "tpu"], ["--device", "tpu"]),
+    "unknown dtype": (["--dtype", "float8"], ["--dtype", "float8"]),
+    "bad -o syntax": (["-o", "remove-start-3"], ["remove-start-3"]),
+    "-o without method": (["-o", ".start=3"], [".start=3"]),
+    "unknown option key": (["-o", "remove.nosuchkey=1"], ["nosuchkey"]),
+    "option value of the wrong type": (["-o", "remove.start=abc"], ["remove.start", "abc"]),
+    "options for a method not run": (["-o", "streamline.epochs=1"], ["streamline"]),
+    "missing calibration file": (["--calib-data", "/nonexistent/calib.txt"], ["/nonexistent/calib.txt"]),
+    "no methods": (["--methods", ""], ["no methods"]),
+    "unknown flag": (["--nosuchflag"], ["--nosuchflag"]),
+    "missing plugin file": (["--plugins", "/nonexistent/plugin.py"], ["/nonexistent/plugin.py"]),
+    "bad table metric": (["--table-metric", "f1"], ["f1"]),
+}
+
+
+def _with(argv, extra):
+    """``argv`` with each ``--flag value`` in ``extra`` replacing the same flag (or added)."""
+    argv = list(argv)
+    i = 0
+    while i < len(extra):
+        flag = extra[i]
+        has_value = i + 1 < len(extra) and not (extra[i + 1].startswith("--"))
+        value = extra[i + 1] if has_value else None
+        if flag in argv and flag != "-o":
+            j = argv.index(flag)
+            if has_value:
+                argv[j + 1] = value
+        else:
+            argv += [flag] + ([value] if has_value else [])
+        if flag == "--ratio" and "--layers" in argv:  # the two are mutually exclusive
+            j = argv.index("--layers")
+            del argv[j:j + 2]
+        i += 2 if has_value else 1
+    return argv
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_error_line_and_exit_2(case, tiny_opt_dir, tmp_path, capsys):
+    data = shared_data_or_skip()
+    out = tmp_path / "runs"
+    extra, needles = BAD_INPUTS[case]
+    argv = _with(["--methods", "remove", *_small(tiny_opt_dir, data, out, tasks=["piqa"], limit=2)], extra)
+    _expect_usage_error(argv, out, capsys, *needles)
+
+
+def test_unknown_task_without_data_dir(tiny_opt_dir, tmp_path, capsys):
+    out = tmp_path / "runs"
+    argv = ["--methods", "remove", "--model", str(tiny_opt_dir), "--tasks", "piqa,nosuchtask", "--layers", "1",
+            "--calib-data", str(tmp_path / "c.txt"), "--output-dir", str(out), "--no-progress"]
+    (tmp_path / "c.txt").write_text("some calibration text " * 50)
+    _expect_usage_error(argv, out, capsys, "unknown task 'nosuchtask'")
+
+
+def test_missing_task_file_in_data_dir(tiny_opt_dir, tmp_path, capsys):
+    shared = shared_data_or_skip()
+    data = tmp_path / "data"  # links to the real files, except arc_easy's
+    for rel in ("piqa/validation.jsonl", "wikitext2/wikitext-2-v1-tokens/valid.txt"):
+        (data / rel).parent.mkdir(parents=True, exist_ok=True)
+        (data / rel).symlink_to(shared / rel)
+    out = tmp_path / "runs"
+    argv = ["--methods", "remove", *_small(tiny_opt_dir, data, out, tasks=["piqa", "arc_easy"], limit=2)]
+    _expect_usage_error(argv, out, capsys, "arc_easy", "arc_easy/test.jsonl")
+    # --ppl needs the wikitext-2 test file, which this data dir lacks too
+    argv = ["--methods", "remove", "--ppl", *_small(tiny_opt_dir, data, out, tasks=["piqa"], limit=2)]
+    _expect_usage_error(argv, out, capsys, "--ppl")
+
+
+@pytest.mark.parametrize("content", ["", "   \n\n  \n"])
+def test_empty_calibration_file(content, tiny_opt_dir, tmp_path, capsys):
+    data = shared_data_or_skip()
+    empty = tmp_path / "empty.txt"
+    empty.write_text(content)
+    out = tmp_path / "runs"
+    argv = ["--methods", "remove", "--calib-data", str(empty),
+            *_small(tiny_opt_dir, data, out, tasks=["piqa"], limit=2)]
+    _expect_usage_error(argv, out, capsys, "empty")
+
+
+def test_calibration_shorter_than_one_block(tiny_opt_dir, tmp_path, capsys):
+    data = shared_data_or_skip()
+    short = tmp_path / "short.txt"
+    short.write_text("only a few words")
+    out = tmp_path / "runs"
+    argv = ["--methods", "remove", "--calib-data", str(short),
+            *_small(tiny_opt_dir, data, out, tasks=["piqa"], limit=2)]
+    _expect_usage_error(argv, out, capsys, "fewer than one block")
+
+
+def test_report_of_a_missing_or_empty_directory(tmp_path, capsys):
+    _expect_usage_error(["--report", str(tmp_path / "nope")], tmp_path, capsys, "does not exist")
+    (tmp_path / "empty").mkdir()
+    _expect_usage_error(["--report", str(tmp_path / "empty")], tmp_path, capsys, "no complete result set")
+
+
+# --- plugins ---------------------------------------------------------------------------------
+
+PLUGIN = '''
+"""A method defined outside methods/: drops the last n layers (minus an offset)."""
+from dataclasses import dataclass
+
+from harness import MethodConfig, MethodContext, PruneResult, UsageError, register_method, remove_layers
+
+
+@dataclass
+class DropLastConfig(MethodConfig):
+    offset: int = 0
+
+
+@register_method("{name}", DropLastConfig, "test plugin: drop the last n layers")
+def drop_last(ctx: MethodContext, cfg: DropLastConfig) -> PruneResult:
+    n = ctx.num_remove
+    end = ctx.num_layers - cfg.offset
+    if not n <= end <= ctx.num_layers:
+        raise UsageError(f"{name}.offset={{cfg.offset}} does not fit")
+    drop = list(range(end - n, end))
+    remove_layers(ctx.adapter, drop)
+    return PruneResult(model=ctx.model, removed_layers=drop, scores={{"rule": "last", "offset": cfg.offset}})
+'''
+
+
+def _plugin(tmp_path) -> tuple[str, Path]:
+    name = f"droplast_{uuid.uuid4().hex[:8]}"  # unique: the registry lives as long as the process
+    path = tmp_path / "plugins" / "drop_last.py"
+    path.parent.mkdir()
+    path.write_text(PLUGIN.format(name=name))
+    return name, path
+
+
+def test_plugin_method_from_a_file_outside_methods(tiny_opt_dir, tmp_path, capsys):
+    data = shared_data_or_skip()
+    name, path = _plugin(tmp_path)
+    assert main(["--list-methods"]) == 0
+    assert name not in capsys.readouterr().out
+    assert main(["--plugins", str(path), "--list-methods"]) == 0
+    listed = capsys.readouterr().out
+    assert any(line.split()[0] == name and "test plugin: drop the last n layers" in line
+               for line in listed.splitlines() if line.strip())
+    assert any(line.split()[0] == "streamline" for line in listed.splitlines() if line.strip())
+
+    out = tmp_path / "runs"
+    argv = ["--plugins", str(path), "--methods", name, "-o", f"{name}.offset=1",
+            *_small(tiny_opt_dir, data, out, tasks=["piqa"], limit=2, layers="2")]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert any(line.startswith(f"{name}(offset=1) ") for line in text.splitlines())
+    recs = [json.loads(f.read_text()) for f in _jsons(out) if f.name.startswith(name)]
+    assert len(recs) == 1
+    rec = recs[0]
+    assert rec["method"] == name and rec["method_config"] == {"offset": 1}
+    assert rec["manifest"]["removed_layers"] == [3, 4]
+    assert rec["manifest"]["scores"] == {"rule": "last", "offset": 1}
+    dense_params, layer_params = _layer_params(tiny_opt_dir)
+    assert rec["params"]["pruned"] == dense_params - 2 * layer_params
+    assert rec["params"]["pruned_layers"] == 4
+    assert rec["metrics"]["piqa"]["n"] == 2
+
+    # its options are validated like a built-in method's
+    _expect_usage_error(["--plugins", str(path), "--methods", name, "-o", f"{name}.bogus=1",
+                         *_small(tiny_opt_dir, data, tmp_path / "bad", tasks=["piqa"], limit=2)],
+                        tmp_path / "bad", capsys, "bogus")
+
+
+# --- the report table ------------------------------------------------------------------------
+
+def _record(method, label, ratio, accs, created="2026-01-01T00:00:00"):
+    return {"schema": 1, "method": method, "label": label,
+            "model": {"name": "m", "dtype": "float32"}, "eval": {"tasks": list(accs), "limit": None},
+            "environment": {"created": created}, "params": {"ratio": ratio},
+            "metrics": {t: {"acc": a, "acc_norm": None if a is None else a + 0.1} for t, a in accs.items()}}
+
+
+def test_report_per_is_ratio_of_averages_and_ratio_column():
+    from harness import report
+
+    runs = [
+        _record("shortgpt", "shortgpt", 0.25, {"piqa": 0.60, "boolq": 0.50}),
+        _record("dense", "Dense", 0.0, {"piqa": 0.80, "boolq": 0.60}),
+        _record("remove", "remove", 0.125, {"piqa": 0.70, "boolq": None}),
+    ]
+    ((title, df, notes),) = report.build_tables(runs, "acc", method_order=["shortgpt", "remove"])
+    assert title == "m"
+    assert list(df["Method"]) == ["Dense", "shortgpt", "remove"]
+    rows = {r["Method"]: r for r in df.to_dict("records")}
+    assert rows["Dense"]["Ave."] == pytest.approx(70.0)
+    assert rows["Dense"]["Per."] == pytest.approx(100.0)
+    assert rows["shortgpt"]["Ave."] == pytest.approx(55.0)
+    assert rows["shortgpt"]["Per."] == pytest.approx(55.0 / 70.0 * 100)
+    assert rows["shortgpt"]["Ratio"] == pytest.approx(25.0)
+    assert rows["remove"]["Ratio"] == pytest.approx(12.5)
+    assert rows["shortgpt"]["PIQA"] == pytest.approx(60.0) and rows["shortgpt"]["BoolQ"] == pytest.approx(50.0)
+    assert rows["remove"]["Ave."] is None or rows["remove"]["Ave."] != rows["remove"]["Ave."]  # missing -> no Ave.
+    assert any("Per. = Ave. / dense Ave." in n for n in notes)
+
+    # acc_norm where asked, per task
+    ((_t, df2, notes2),) = report.build_tables(runs, "acc,piqa=acc_norm")
+    rows2 = {r["Method"]: r for r in df2.to_dict("records")}
+    assert rows2["Dense"]["PIQA"] == pytest.approx(90.0) and rows2["Dense"]["BoolQ"] == pytest.approx(60.0)
+    assert rows2["shortgpt"]["Per."] == pytest.approx((70.0 + 50.0) / (90.0 + 60.0) * 100)
+    assert "PIQA=acc_norm" in notes2[0]
+
+    text = report.render_text(report.build_tables(runs, "acc", method_order=["shortgpt", "remove"]))
+    assert "78.6" in text and "25.0" in text and "100.0" in text  # one decimal everywhere, 25.0 not 25
+
+    # runs evaluated differently (another limit) are not compared in one table
+    other = _record("dense", "Dense", 0.0, {"piqa": 0.5, "boolq": 0.5})
+    other["eval"]["limit"] = 10
+    assert len(report.build_tables(runs + [other], "acc")) == 2
+    with pytest.raises(UsageError):
+        report.build_tables(runs, "f1")
+
+
+# --- calibration -----------------------------------------------------------------------------
+
+class _CharTok:
+    """Stand-in tokenizer: one id per character."""
+
+    bos_token_id = 2
+
+    def __call__(self, text, **_kw):
+        return {"input_ids": [4 + (ord(c) % 200) for c in text]}
+
+
+def _calib_file(tmp_path) -> Path:
+    g = torch.Generator().manual_seed(123)
+    words = ["".join(chr(97 + int(i)) for i in torch.randint(0, 26, (int(k),), generator=g))
+             for k in torch.randint(2, 9, (800,), generator=g)]
+    path = tmp_path / "calib.txt"
+    path.write_text(" ".join(words))
+    return path
+
+
+def test_calibration_seed_decides_the_blocks(tmp_path):
+    src = str(_calib_file(tmp_path))
+    tok = _CharTok()
+    cfg = CalibrationConfig(source=src, num_samples=6, seq_len=17, seed=0)
+    a = load_calibration(cfg, tok)
+    b = load_calibration(CalibrationConfig(source=src, num_samples=6, seq_len=17, seed=0), tok)
+    c = load_calibration(CalibrationConfig(source=src, num_samples=6, seq_len=17, seed=1), tok)
+    assert a.input_ids.shape == (6, 17) and a.attention_mask.shape == (6, 17)
+    assert bool((a.input_ids[:, 0] == tok.bos_token_id).all())
+    assert torch.equal(a.input_ids, b.input_ids)
+    assert not torch.equal(a.input_ids, c.input_ids)
+    assert a.description["text_sha256"] == c.description["text_sha256"]
+    assert a.description["seed"] == 0 and c.description["seed"] == 1
+    # a training draw (seed offset) differs from the scoring draw
+    t = load_calibration(cfg, tok, seed_offset=1)
+    assert not torch.equal(a.input_ids, t.input_ids)
+    # every block is a contiguous slice of the tokenised text
+    ids = tok(Path(src).read_text())["input_ids"]
+    stream = ",".join(map(str, ids))
+    for row in a.input_ids[:, 1:].tolist():
+        assert ",".join(map(str, row)) in stream
+
+
+@pytest.mark.parametrize("content", ["", "\n \n\t\n"])
+def test_empty_calibration_source_is_a_usage_error(tmp_path, content):
+    empty = tmp_path / "empty.txt"
+    empty.write_text(content)
+    with pytest.raises(UsageError, match="empty"):
+        load_calibration(CalibrationConfig(source=str(empty), num_samples=2, seq_len=8), _CharTok())
+    jsonl = tmp_path / "empty.jsonl"
+    jsonl.write_text("")
+    with pytest.raises(UsageError, match="empty"):
+        load_calibration(CalibrationConfig(source=str(jsonl), num_samples=2, seq_len=8), _CharTok())
