@@ -225,7 +225,7 @@ def _reference_defaults(args) -> None:
     args.model = str(ref_dir)
     if not args.tasks and not args.suite:
         args.suite = str(reference.SUITE_DIR)
-    if not args.calib_data and not args.data_dir:
+    if not args.calib_data:  # its world's text (wikitext would be almost all <unk> for its vocabulary)
         args.calib_data = str(reference.CALIBRATION_PATH)
     if args.calib_seq_len is None:
         args.calib_seq_len = reference.CALIB_SEQ_LEN

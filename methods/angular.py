@@ -17,6 +17,11 @@ from harness import MethodConfig, MethodContext, PruneResult, UsageError, regist
 class AngularConfig(MethodConfig):
     start: int | None = None  # force the window's first layer (default: argmin of d)
 
+    def validate(self, num_layers: int, num_remove: int) -> None:
+        if self.start is not None and not 0 <= self.start <= num_layers - num_remove:
+            raise UsageError(f"angular.start={self.start}: a window of {num_remove} layers does not fit there "
+                             f"(use 0..{num_layers - num_remove})")
+
 
 @register_method("angular", AngularConfig,
                  "Gromov et al.: remove the n-layer window with the smallest last-token angular distance")

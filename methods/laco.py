@@ -97,6 +97,15 @@ class LaCoConfig(MethodConfig):
     fallback: str = "relax"  # relax | error: what happens when a pass ends short of n
     relax_step: float = 0.05  # threshold decrease per extra pass (fallback=relax)
 
+    def validate(self, num_layers: int, num_remove: int) -> None:
+        """Option checks that need only the layer count (run before any evaluation)."""
+        from types import SimpleNamespace
+
+        _resolve(SimpleNamespace(num_layers=num_layers, num_remove=num_remove), self, "laco")
+        if self.sentences_file and not Path(self.sentences_file).is_file():
+            raise UsageError(f"laco.sentences_file '{self.sentences_file}' does not exist; pass a text file "
+                             "with one sentence per line")
+
 
 # --- the merge ---------------------------------------------------------------------------
 

@@ -11,21 +11,21 @@ from harness.reference.tokenizer import build_tokenizer
 
 def test_world_is_deterministic_and_seeded():
     a, b, c = W.World(), W.World(), W.World(seed=W.DEFAULT_SEED + 1)
-    assert [i.as_json() for i in a.items()["var_chain"]] == [i.as_json() for i in b.items()["var_chain"]]
+    assert [i.as_json() for i in a.items()["sum"]] == [i.as_json() for i in b.items()["sum"]]
     assert a.corpus_text(50_000) == b.corpus_text(50_000)
     assert a.corpus_text(50_000) != c.corpus_text(50_000)
-    assert a.facts != c.facts
+    assert a.people != c.people
 
 
 def test_heldout_items_never_in_training_text():
     world = W.World()
     corpus = world.corpus_text(300_000)
     W.check_no_leak(world.items(), corpus)
-    # the held-out fact phrasing really is absent, while the fact itself is taught
-    p, a = world.heldout_pairs[0]
-    assert f"the {a} of {p} is {world.facts[p][a]} ." not in corpus
+    # a held-out pattern unit never appears, in any phrase length
+    unit = world.items()["pattern"][0].key.split(":")[1]
+    assert f"repeat : {unit} " not in corpus
     # a planted leak is caught
-    item = world.items()["arith"][0]
+    item = world.items()["sum"][0]
     with pytest.raises(AssertionError):
         W.check_no_leak(world.items(), corpus + item.gold_text)
 
@@ -48,6 +48,19 @@ def test_checked_in_suite_matches_generator():
         expected = "".join(json.dumps(it.as_json(), ensure_ascii=True) + "\n" for it in items)
         assert (R.SUITE_DIR / meta["tasks"][task]["file"]).read_text() == expected, task
     assert R.CALIBRATION_PATH.read_text() == world.calibration_text()
+
+
+def test_training_rows_score_only_what_the_context_determines():
+    from harness.reference.tokenizer import word_ids
+    from harness.reference.train import doc_batches
+
+    world = W.World()
+    ids = word_ids(world.vocabulary())
+    x, y = doc_batches(world, steps=2, batch=8, seq_len=24, ids=ids)
+    for row_x, row_y in zip(x.view(-1, 24), y.view(-1, 24)):
+        scored = (row_y != -100).nonzero().flatten()
+        assert len(scored) >= 2 and row_x[scored[-1]] == 2  # answer words + closing </s>
+        assert (row_x[scored] == row_y[scored]).all() and row_x[0] != 1  # starts at position 0
 
 
 def test_world_tokenizer_splits_query_and_choice_cleanly():

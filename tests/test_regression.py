@@ -34,18 +34,18 @@ def test_write_golden_then_check(tiny_opt_dir, tmp_path, capsys):
     g = json.loads(golden.read_text())
     assert "--output-dir" not in g["argv"] and "--write-golden" not in g["argv"]
     assert set(g["metrics"]) == {"dense", "remove", "shortgpt"}
-    assert set(g["metrics"]["remove"]) == {"fact_recall", "fact_compose", "list_next", "var_chain", "arith"}
+    assert set(g["metrics"]["remove"]) == set(json.loads((R.SUITE_DIR / "suite.json").read_text())["tasks"])
     capsys.readouterr()
 
     assert main(["--check", str(golden), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "regression check passed" in out and "Golden" in out
 
-    g["metrics"]["shortgpt"]["arith"]["acc"] += 0.5  # a golden we cannot reach: must fail
+    g["metrics"]["shortgpt"]["sum"]["acc"] += 0.5  # a golden we cannot reach: must fail
     golden.write_text(json.dumps(g))
     assert main(["--check", str(golden), "--tolerance", "0.01", "--no-progress"]) == 1
     err = capsys.readouterr().err
-    assert "shortgpt arith acc" in err and err.strip().splitlines()[-1].startswith("regression:")
+    assert "shortgpt sum acc" in err and err.strip().splitlines()[-1].startswith("regression:")
 
 
 def test_check_bad_inputs_exit_2(tmp_path, capsys):

@@ -18,7 +18,7 @@ SUITE_DIR = REFERENCE_DIR / "suite"
 CALIBRATION_PATH = REFERENCE_DIR / "calibration.txt"
 NAMES = {"small": "ref-opt-12l", "medium": "ref-opt-16l", "large": "ref-opt-24l"}
 DEFAULT_MODEL = NAMES["medium"]  # what run_benchmarks.py uses when no --model is given
-CALIB_SEQ_LEN = 128  # the models' context is 256 positions; documents are ~20-60 words
+CALIB_SEQ_LEN = 24  # the length the models were trained on (one 13-17 word episode + </s> per row)
 
 
 def resolve(name: str | None) -> Path | None:

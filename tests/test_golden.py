@@ -1,0 +1,57 @@
+"""CI regression on the smallest reference model, and the real-task path through lm-eval.
+
+``results/golden/ref-opt-12l.json`` was written by the command stored in it (see README,
+"Reference models and regression"); ``--check`` re-runs that command for every registered
+method and fails when a metric falls below golden - tolerance.
+"""
+import json
+
+import pytest
+
+from harness import reference as R
+from harness.cli import main
+
+from .conftest import REPO, shared_data_or_skip
+
+GOLDEN = REPO / "results" / "golden" / "ref-opt-12l.json"
+REAL_TASKS = "piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa,boolq"
+
+
+def _small_model():
+    d = R.MODELS_DIR / R.NAMES["small"]
+    if not (d / "model.safetensors").is_file():
+        pytest.skip(f"reference model {d.name} not trained; run python -m harness.reference.train")
+    return d
+
+
+def test_golden_covers_every_registered_method():
+    from harness.registry import available_methods
+
+    _small_model()
+    golden = json.loads(GOLDEN.read_text())
+    missing = set(available_methods()) - set(golden["metrics"])
+    assert not missing, f"golden file lacks registered methods {sorted(missing)}; regenerate it (README)"
+    assert any("+lora" in m for m in golden["metrics"]), "the golden run should exercise the +lora post-step"
+
+
+def test_regression_check_on_smallest_reference_model(capsys):
+    _small_model()
+    rc = main(["--check", str(GOLDEN), "--no-progress"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err[-2000:]
+    assert "regression check passed" in out
+
+
+def test_reference_model_through_real_task_files(tmp_path, capsys):
+    data = shared_data_or_skip()
+    _small_model()
+    rc = main(["--model", R.NAMES["small"], "--methods", "remove,shortgpt", "--tasks", REAL_TASKS,
+               "--data-dir", str(data), "--limit", "8", "--output-dir", str(tmp_path), "--no-progress"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err[-2000:]
+    runs = list((tmp_path / R.NAMES["small"]).glob("*.json"))
+    assert len(runs) == 3
+    for path in runs:
+        rec = json.loads(path.read_text())
+        assert set(rec["metrics"]) == set(REAL_TASKS.split(","))
+        assert all(m["n"] == 8 for m in rec["metrics"].values())
