@@ -112,6 +112,8 @@ def _method_options(items: list[str]) -> dict[str, dict[str, str]]:
 
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if "--no-progress" in (sys.argv[1:] if argv is None else argv):
+        os.environ["TQDM_DISABLE"] = "1"  # read when tqdm is imported: lm-eval's and datasets' own bars
     try:
         return _main(argv)
     except UsageError as exc:
@@ -242,10 +244,12 @@ def _run(args):
     report.parse_metric_spec(args.table_metric)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.no_progress:
+    if args.no_progress:  # lm-eval and datasets draw their own tqdm bars
+        import datasets
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
     if not args.verbose:  # lm-eval warns about every task's fewshot default and every in-memory model
         for name in ("lm_eval", "lm-eval", "datasets", "transformers"):
             logging.getLogger(name).setLevel(logging.ERROR)

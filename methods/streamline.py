@@ -64,7 +64,7 @@ class _TrainedConfig(StreamlineNoneConfig):
     lr: float = 4e-4
     weight_decay: float = 0.0
     batch_size: int = 8  # sequences per forward pass and optimiser step
-    train_samples: int | None = None  # None = as many as the calibration set (a separate draw)
+    train_samples: int | None = 3000  # the paper's OPT-1.3B/2.7B recipe; None = as many as the calibration set
     train_seq_len: int | None = None  # None = calibration sequence length
     loss: str = "mse"  # mse: fit X_{i*} -> X_{i*+n}; lm: the model's LM loss, all else frozen
     post_train_steps: int = 0  # > 0: then train only the replacement with the LM loss (Table 3 protocol)

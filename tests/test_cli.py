@@ -47,7 +47,7 @@ def _layer_params(model_dir) -> tuple[int, int]:
 def test_end_to_end_results_tables_resume_and_report(tiny_opt_dir, tmp_path, capsys, monkeypatch):
     data = shared_data_or_skip()
     out = tmp_path / "runs"
-    argv = ["--methods", "streamline,shortgpt,remove", "-o", "streamline.epochs=1",
+    argv = ["--methods", "streamline,shortgpt,remove", "-o", "streamline.epochs=1", "-o", "streamline.train_samples=4",
             *_small(tiny_opt_dir, data, out)]
     assert main(argv) == 0
     captured = capsys.readouterr()

@@ -50,6 +50,9 @@ def _ctx(model, n, samples=8):
 
 def _run(name, model, n, **options):
     """Run METHOD or METHOD+STEP on ``model``; options as {target: {key: value}}."""
+    base = name.split("+")[0]
+    if base.startswith("streamline") and base != "streamline-none":  # tiny models: not the paper's 3000
+        options = {**options, base: {"train_samples": 8, **options.get(base, {})}}
     spec, cfg = resolve_method(name, {t: {k: str(v) for k, v in o.items()} for t, o in options.items()})
     torch.manual_seed(0)
     return spec.fn(_ctx(model, n), cfg), cfg
@@ -394,7 +397,8 @@ def test_cli_runs_lora_pipelines_end_to_end(tiny_opt_dir, tmp_path, capsys):
             "--layers", "2", "--calib-samples", "4", "--calib-seq-len", "32", "--output-dir", str(out),
             "--no-progress", "--methods", "shortgpt+lora,streamline+lora,streamline-layer-shared",
             "-o", "lora.steps=2", "-o", "lora.batch_size=2", "-o", "streamline+lora.lora.match_params=mlp",
-            "-o", "streamline.epochs=1", "-o", "streamline-layer-shared.epochs=1", "--save-models"]
+            "-o", "streamline.epochs=1", "-o", "streamline-layer-shared.epochs=1", "-o", "streamline.train_samples=8",
+            "-o", "streamline-layer-shared.train_samples=8", "--save-models"]
     assert main(argv) == 0
     recs = {r["method"]: r for r in load_runs(str(out))}
     assert set(recs) == {"dense", "shortgpt+lora", "streamline+lora", "streamline-layer-shared"}

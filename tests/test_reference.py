@@ -116,3 +116,24 @@ def test_lm_eval_path_agrees_with_reference_scoring():
     for task in tasks:
         assert got[task]["acc"] == pytest.approx(want[task]["acc"]), task
         assert got[task]["acc_norm"] == pytest.approx(want[task]["acc_norm"]), task
+
+
+def test_training_is_deterministic(tmp_path):
+    """Same command, same machine -> same weights (a 2-layer, 4-step run of the real recipe)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from harness.reference import train as T
+
+    T.SIZES["_test"] = T.Size("_test", layers=2, steps=4, batch=8, warmup=2)
+    try:
+        world = W.World()
+        tasks = {t: items[:5] for t, items in load_suite(R.SUITE_DIR)[1].items()}
+        for run in ("a", "b"):
+            T.train("_test", world, tasks, tmp_path / run, log=lambda m: None, eval_every=0)
+    finally:
+        del T.SIZES["_test"]
+    a, b = (load_file(tmp_path / r / "model.safetensors") for r in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    m = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert m["steps"] == 4 and m["train_data_sha256"] and "dense_suite_accuracy" in m

@@ -74,11 +74,13 @@ def measure(model_dir, tasks=None, calib_samples: int = 64) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Measure the reference models' quality bars.")
-    ap.add_argument("--sizes", default=",".join(NAMES))
+    ap.add_argument("--sizes", default=None, help="comma list of small, medium, large (default: every trained one)")
     ap.add_argument("--no-write", action="store_true", help="do not store the result in manifest.json")
     args = ap.parse_args(argv)
     ok = True
-    for size in [s.strip() for s in args.sizes.split(",") if s.strip()]:
+    sizes = ([s.strip() for s in args.sizes.split(",") if s.strip()] if args.sizes
+             else [k for k, n in NAMES.items() if (MODELS_DIR / n / "manifest.json").is_file()])
+    for size in sizes:
         if size not in NAMES:
             print(f"error: unknown size {size!r}; choose from {', '.join(NAMES)}", file=sys.stderr)
             return 2

@@ -1,6 +1,6 @@
 """Train the reference OPT models on the generated world (CPU, deterministic).
 
-    python -m harness.reference.train                 # all sizes, then the suite/calibration files
+    python -m harness.reference.train                 # the checked-in sizes (small, medium)
     python -m harness.reference.train --sizes small   # one size
 
 Writes ``reference/models/<name>/`` (``config.json``, ``model.safetensors``, the world tokenizer,
@@ -50,7 +50,9 @@ class Size:
 SIZES = {
     "small": Size(NAMES["small"], layers=12),
     "medium": Size(NAMES["medium"], layers=16),
-    "large": Size(NAMES["large"], layers=24),
+    # Optional, not checked in: deeper models leave the initial plateau later (24 layers had not
+    # finished within this project's CPU budget); train it with --sizes large.
+    "large": Size(NAMES["large"], layers=24, steps=4000),
 }
 DEFAULT_MODEL = "medium"  # the no-argument run_benchmarks.py default
 SMALLEST = "small"  # CI's regression model
@@ -197,7 +199,8 @@ def train(size_key: str, world: W.World, tasks: dict, out_dir: Path, *, log=prin
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Train the reference OPT models on the generated world.")
-    ap.add_argument("--sizes", default=",".join(SIZES), help=f"comma list of {', '.join(SIZES)}")
+    ap.add_argument("--sizes", default="small,medium", help=f"comma list of {', '.join(SIZES)} "
+                    "(default: the checked-in ones, small and medium)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the manifest records it)")
     ap.add_argument("--out", type=Path, default=MODELS_DIR)
     args = ap.parse_args(argv)
