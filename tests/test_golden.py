@@ -11,7 +11,7 @@ import pytest
 from harness import reference as R
 from harness.cli import main
 
-from .conftest import REPO, shared_data_or_skip
+from conftest import REPO, shared_data_or_skip
 
 GOLDEN = REPO / "results" / "golden" / "ref-opt-12l.json"
 REAL_TASKS = "piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa,boolq"
