@@ -90,7 +90,7 @@ def test_end_to_end_results_tables_resume_and_report(tiny_opt_dir, tmp_path, cap
         assert rec["params"]["pruned_layers"] == 5
         assert rec["timings"]["prune"] > 0
     sl = by_method["streamline"][0]
-    assert sl["method_config"]["epochs"] == 1 and sl["label"] == "streamline(epochs=1)"
+    assert sl["method_config"]["epochs"] == 1 and sl["label"] == "streamline(epochs=1, train_samples=4)"
     added = sl["manifest"]["replacement"]["params"]
     assert added > 0 and sl["params"]["added"] == added
     assert sl["params"]["dense"] - sl["params"]["pruned"] == layer_params - added
@@ -101,14 +101,14 @@ def test_end_to_end_results_tables_resume_and_report(tiny_opt_dir, tmp_path, cap
     header = next(line for line in lines if line.startswith("Method"))
     for col in ("Ratio", "PIQA", "ARC-e", "BoolQ", "Ave.", "Per."):
         assert col in header
-    for label in ("Dense", "streamline(epochs=1)", "shortgpt", "remove"):
+    for label in ("Dense", "streamline(epochs=1, train_samples=4)", "shortgpt", "remove"):
         assert any(line.startswith(label + " ") for line in lines), label
     model_out = out / tiny_opt_dir.name
     for ext in ("md", "csv", "tex"):
         assert (model_out / f"table.{ext}").is_file(), ext
         assert f"table.{ext}" in text
     rows = list(csv.DictReader((model_out / "table.csv").open()))
-    assert [r["Method"] for r in rows] == ["Dense", "streamline(epochs=1)", "shortgpt", "remove"]
+    assert [r["Method"] for r in rows] == ["Dense", "streamline(epochs=1, train_samples=4)", "shortgpt", "remove"]
     dense_ave = float(rows[0]["Ave."])
     assert dense_ave == pytest.approx(100 * sum(by_method["dense"][0]["metrics"][t]["acc"] for t in TASKS) / 3,
                                       abs=1e-3)
@@ -141,7 +141,7 @@ def test_end_to_end_results_tables_resume_and_report(tiny_opt_dir, tmp_path, cap
         (model_out / f"table.{ext}").unlink()
     assert main(["--report", str(model_out)]) == 0
     report_out = capsys.readouterr().out
-    for label in ("Dense", "streamline(epochs=1)", "shortgpt", "remove", "Ave.", "Per."):
+    for label in ("Dense", "streamline(epochs=1, train_samples=4)", "shortgpt", "remove", "Ave.", "Per."):
         assert label in report_out
     rerendered = list(csv.DictReader((model_out / "table.csv").open()))
     assert rerendered[0]["Method"] == "Dense"  # then the methods (alphabetical: the run's order is not stored)

@@ -115,7 +115,7 @@ def test_lora_skips_replacements_trains_and_merges_into_a_plain_model(tmp_path):
     assert not torch.equal(a.self_attn.q_proj.weight, b.self_attn.q_proj.weight)  # LoRA was merged in
     assert torch.equal(a.self_attn_layer_norm.weight, b.self_attn_layer_norm.weight)  # only projections
     assert count_params(m) == count_params(plain.model)  # merged: no parameters added
-    assert method_label("streamline+lora", cfg) == "streamline(epochs=1)+lora(r=3, dropout=0.0, lr=0.01, steps=12, samples=8)"
+    assert method_label("streamline+lora", cfg) == "streamline(epochs=1, train_samples=8)+lora(r=3, dropout=0.0, lr=0.01, steps=12, samples=8)"
     assert all(p.requires_grad for p in m.parameters())  # training restored the flags
     # a plain HF model again: save_pretrained works; the MLP comes back with load_pruned
     save_pruned(m, None, tmp_path / "sl", res.manifest())
