@@ -35,15 +35,15 @@ def run_path(output_dir: str, model_name: str, method: str, key: dict) -> Path:
     return Path(output_dir) / slug(model_name) / f"{slug(method)}__{config_hash(key)}.json"
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write to a temp file in the same directory, fsync, then rename over ``path``."""
+def _write_atomic(path: Path, payload: bytes) -> None:
+    """Write ``payload`` to a temp file in the same directory, fsync, then rename over ``path``:
+    a reader sees the old file or the whole new one, never half of it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=False, default=str)
-            fh.write("\n")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -53,24 +53,16 @@ def write_json_atomic(path: Path, data: dict) -> None:
         raise
 
 
+def write_json_atomic(path: Path, data: dict) -> None:
+    _write_atomic(path, (json.dumps(data, indent=2, sort_keys=False, default=str) + "\n").encode("utf-8"))
+
+
 def write_json_gz_atomic(path: Path, data) -> None:
-    """Gzipped compact JSON, written like ``write_json_atomic`` (temp file, fsync, rename)."""
+    """Gzipped compact JSON, written atomically (mtime 0: same data, same bytes)."""
     import gzip
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
-                gz.write(json.dumps(data, separators=(",", ":"), default=str).encode("utf-8"))
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    raw = json.dumps(data, separators=(",", ":"), default=str).encode("utf-8")
+    _write_atomic(path, gzip.compress(raw, mtime=0))
 
 
 def read_json_gz(path: Path):
@@ -81,17 +73,7 @@ def read_json_gz(path: Path):
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    _write_atomic(path, text.encode("utf-8"))
 
 
 def package_versions() -> dict:
