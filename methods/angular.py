@@ -28,15 +28,10 @@ class AngularConfig(MethodConfig):
 def angular(ctx: MethodContext, cfg: AngularConfig) -> PruneResult:
     n = ctx.num_remove
     ctx.check_window(n)
+    cfg.validate(ctx.num_layers, n)  # also when called directly, not through the runner
     stats = ctx.layer_stats(lags=(1, n))
     dist = stats.angular[n]  # dist[i] for i = 0..L-n
-    if cfg.start is not None:
-        if not 0 <= cfg.start <= ctx.num_layers - n:
-            raise UsageError(f"angular.start={cfg.start}: a window of {n} layers does not fit there "
-                             f"(use 0..{ctx.num_layers - n})")
-        start = cfg.start
-    else:
-        start = min(range(len(dist)), key=lambda i: (dist[i], i))
+    start = cfg.start if cfg.start is not None else min(range(len(dist)), key=lambda i: (dist[i], i))
     drop = list(range(start, start + n))
     remove_layers(ctx.adapter, drop)
     return PruneResult(model=ctx.model, removed_layers=drop,

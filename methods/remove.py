@@ -26,22 +26,15 @@ class RemoveConfig(MethodConfig):
 @register_method("remove", RemoveConfig, "Remove Streamline's most redundant contiguous window, no replacement")
 def remove(ctx: MethodContext, cfg: RemoveConfig) -> PruneResult:
     n = ctx.num_remove
+    cfg.validate(ctx.num_layers, n)  # also when called directly, not through the runner
     if cfg.layers:
         drop = sorted(set(cfg.layers))
-        if drop[0] < 0 or drop[-1] >= ctx.num_layers or len(drop) >= ctx.num_layers:
-            raise UsageError(f"remove.layers={cfg.layers} does not fit a model with {ctx.num_layers} layers")
         remove_layers(ctx.adapter, drop)
         return PruneResult(model=ctx.model, removed_layers=drop, scores={"selection": "explicit"})
     ctx.check_window(n)
     stats = ctx.layer_stats()
     scores = stats.window_cos[n]
-    if cfg.start is not None:
-        if not 0 <= cfg.start <= ctx.num_layers - n:
-            raise UsageError(f"remove.start={cfg.start}: a window of {n} layers starting there does not fit "
-                             f"{ctx.num_layers} layers (use 0..{ctx.num_layers - n})")
-        start = cfg.start
-    else:
-        start = stats.best_window(n)
+    start = cfg.start if cfg.start is not None else stats.best_window(n)
     drop = list(range(start, start + n))
     remove_layers(ctx.adapter, drop)
     return PruneResult(model=ctx.model, removed_layers=drop,
