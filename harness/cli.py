@@ -192,12 +192,11 @@ def _golden_argv(argv) -> list[str]:
 def _check(args, argv) -> int:
     import tempfile
 
-    from .regression import DEFAULT_TOLERANCE, check, load_golden
+    from .regression import DEFAULT_TOLERANCE, check, check_tolerance, load_golden
 
     golden = load_golden(args.check)
     tol = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
-    if not 0 <= tol < 1:
-        raise UsageError(f"--tolerance {tol} is out of range; give a fraction of accuracy, e.g. 0.02")
+    check_tolerance(tol)  # before the (long) re-run
     print(f"regression check against {args.check}: re-running `{golden['command']}` (tolerance {tol})")
     with tempfile.TemporaryDirectory(prefix="sb_check_") as tmp:
         from .config_file import parse_args_with_config

@@ -89,9 +89,13 @@ def render_diff(rows: list[dict]) -> str:
     return tabulate(table, headers=["Method", "Task", "Metric", "Golden", "Now", "Diff", "Status"])
 
 
-def check(golden: dict, records: list[dict], tolerance: float, echo=print) -> None:
+def check_tolerance(tolerance: float) -> None:
     if not 0 <= tolerance < 1:
         raise UsageError(f"--tolerance {tolerance} is out of range; give a fraction of accuracy, e.g. 0.02")
+
+
+def check(golden: dict, records: list[dict], tolerance: float, echo=print) -> None:
+    """Print the diff table; raise ``RegressionFailure`` naming every metric below golden - tolerance."""
     rows, failures = compare(golden, records, tolerance)
     echo(render_diff(rows))
     if failures:

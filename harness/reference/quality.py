@@ -20,6 +20,7 @@ import sys
 import torch
 
 from . import CALIB_SEQ_LEN, CALIBRATION_PATH, MODELS_DIR, NAMES, SUITE_DIR
+from ..results import write_json_atomic
 from .scoring import evaluate_suite, load_suite
 
 BARS = {"dense_acc_min": 0.85, "remove_drop_min": 0.15, "profile_spread_min": 0.05}
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
         if not args.no_write:
             m = json.loads((d / "manifest.json").read_text())
             m["quality"] = q
-            (d / "manifest.json").write_text(json.dumps(m, indent=2) + "\n")
+            write_json_atomic(d / "manifest.json", m)
     return 0 if ok else 1
 
 

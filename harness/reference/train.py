@@ -11,7 +11,6 @@ accuracy on the suite. Same command + same machine (same thread count) -> same w
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 from . import world as W
+from ..results import write_json_atomic
 from .scoring import evaluate_suite, load_suite
 from .tokenizer import EOS_ID, PAD_ID, build_tokenizer, word_ids
 
@@ -191,7 +191,7 @@ def train(size_key: str, world: W.World, tasks: dict, out_dir: Path, *, log=prin
         "note": "dense_suite_accuracy is measured by harness.reference.scoring (lm-eval's acc/acc_norm "
                 "definitions, no delimiter); run_benchmarks.py reports the same numbers through lm-eval.",
     }
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    write_json_atomic(out_dir / "manifest.json", manifest)
     log(f"[{size.name}] done in {train_s:.0f}s, final loss {manifest['final_loss']}, "
         f"dense acc {dense['average']['acc']:.3f}: " + ", ".join(f"{t} {r['acc']:.3f}" for t, r in dense.items()))
     return manifest
