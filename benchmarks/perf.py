@@ -6,7 +6,7 @@ Three measured ratios, each printed with its target and PASS/FAIL and written to
 (a) scoring: ``harness.activations.collect_layer_stats`` with every lag 1..L (all Streamline
     window cosines, ShortGPT's BI and the angular distances in one pass) / one plain forward
     pass of the model over the same calibration batches.                       target <= 1.2
-(b) memory: peak RSS of Streamline's replacement training (``harness.replacement.fit_to_boundaries``
+(b) memory: peak RSS of Streamline's replacement training (``harness.fitting.fit.fit_to_boundaries``
     as methods/streamline.py calls it) with 4N training samples / with N. Each size runs in a
     fresh subprocess; the peak is the kernel's VmHWM, reset right before training (so model
     construction does not mask it).                                           target <= 1.1
@@ -73,7 +73,11 @@ def build_tokenizer(data_dir: Path):
 
 
 def calibration(data_dir: Path, tok, samples: int, seq_len: int, batch_size: int, seed_offset: int = 0):
-    from harness.calibration import LOCAL_DEFAULT, CalibrationConfig, load_calibration
+    from harness.signals.calibration import (
+        LOCAL_DEFAULT,
+        CalibrationConfig,
+        load_calibration,
+    )
 
     cfg = CalibrationConfig(source=str(data_dir / LOCAL_DEFAULT), num_samples=samples, seq_len=seq_len,
                             batch_size=batch_size, seed=0)
@@ -105,8 +109,8 @@ def compare(times: dict[str, list[tuple[float, float]]], num: str, den: str) -> 
 def bench_scoring(model, cal, repeats: int) -> dict:
     import torch
 
-    from harness.activations import collect_layer_stats
-    from harness.adapters import get_adapter
+    from harness.model.adapters import get_adapter
+    from harness.signals.activations import collect_layer_stats
 
     adapter = get_adapter(model)
     lags = list(range(1, adapter.num_layers + 1))
@@ -145,9 +149,10 @@ def train_child(args) -> None:
     """Runs in a fresh process: build model and data, reset the peak, train, print one JSON line."""
     import torch
 
-    from harness.adapters import get_adapter
-    from harness.context import MethodContext
-    from harness.replacement import MLPReplacement, fit_to_boundaries
+    from harness.fitting.fit import fit_to_boundaries
+    from harness.model.adapters import get_adapter
+    from harness.model.replacement import MLPReplacement
+    from harness.plugins.context import MethodContext
 
     torch.set_num_threads(args.threads)
     data_dir = Path(args.data_dir)
@@ -204,7 +209,7 @@ def bench_evaluation(model, tok, args) -> dict:
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    from harness import evaluation as ev
+    from harness.evaluation import lmeval as ev
 
     cfg = ev.EvalConfig(tasks=[args.eval_task], data_dir=str(args.data_dir), limit=args.eval_limit,
                         batch_size=args.eval_batch_size)

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import RegressionFailure, UsageError
+from harness.errors import RegressionFailure, UsageError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -128,10 +128,14 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> int:
-    from .config_file import parse_args_with_config
+    from harness.config_file import parse_args_with_config
 
     args = parse_args_with_config(build_parser(), argv)
-    from .registry import available_methods, available_post_steps, load_plugin_file
+    from harness.plugins.registry import (
+        available_methods,
+        available_post_steps,
+        load_plugin_file,
+    )
 
     for plugin in _split(args.plugins):
         load_plugin_file(plugin)
@@ -143,10 +147,10 @@ def _main(argv) -> int:
             print(f"+{name:<23} {spec.help}")
         return 0
 
-    from . import report
+    from harness.results import report
 
     if args.report:
-        from .results import load_runs
+        from harness.results.store import load_runs
 
         if not Path(args.report).is_dir():
             raise UsageError(f"--report directory '{args.report}' does not exist")
@@ -165,7 +169,7 @@ def _main(argv) -> int:
         raise UsageError("--tolerance only applies with --check FILE")
     records, _ = _run(args)
     if args.write_golden:
-        from .regression import write_golden
+        from harness.results.regression import write_golden
 
         path = write_golden(args.write_golden, _golden_argv(argv), records)
         print(f"wrote golden results {path}")
@@ -192,14 +196,19 @@ def _golden_argv(argv) -> list[str]:
 def _check(args, argv) -> int:
     import tempfile
 
-    from .regression import DEFAULT_TOLERANCE, check, check_tolerance, load_golden
+    from harness.results.regression import (
+        DEFAULT_TOLERANCE,
+        check,
+        check_tolerance,
+        load_golden,
+    )
 
     golden = load_golden(args.check)
     tol = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
     check_tolerance(tol)  # before the (long) re-run
     print(f"regression check against {args.check}: re-running `{golden['command']}` (tolerance {tol})")
     with tempfile.TemporaryDirectory(prefix="sb_check_") as tmp:
-        from .config_file import parse_args_with_config
+        from harness.config_file import parse_args_with_config
 
         run_args = parse_args_with_config(build_parser(), golden["argv"] + ["--output-dir", tmp, "--force"]
                                           + (["--no-progress"] if args.no_progress else []))
@@ -211,7 +220,7 @@ def _check(args, argv) -> int:
 
 def _reference_defaults(args) -> None:
     """No --model: the built-in reference model and suite. A reference model gets its suite and calibration text."""
-    from . import reference
+    from harness import reference
 
     if not args.model:
         args.model = reference.DEFAULT_MODEL
@@ -233,7 +242,7 @@ def _reference_defaults(args) -> None:
 
 
 def _run(args):
-    from . import report
+    from harness.results import report
 
     _reference_defaults(args)
     if args.calib_seq_len is None:
@@ -252,10 +261,10 @@ def _run(args):
     if not args.verbose:  # lm-eval warns about every task's fewshot default and every in-memory model
         for name in ("lm_eval", "lm-eval", "datasets", "transformers"):
             logging.getLogger(name).setLevel(logging.ERROR)
-    from .calibration import LOCAL_DEFAULT, CalibrationConfig
-    from .evaluation import DEFAULT_TASKS, EvalConfig
-    from .runner import RunOptions, run_benchmark
-    from .target import Target
+    from harness.evaluation.lmeval import DEFAULT_TASKS, EvalConfig
+    from harness.model.target import Target
+    from harness.runner import RunOptions, run_benchmark
+    from harness.signals.calibration import LOCAL_DEFAULT, CalibrationConfig
 
     if args.calib_data:
         calib_source = args.calib_data
@@ -289,7 +298,7 @@ def _run(args):
     tables = report.build_tables(records, args.table_metric, method_order=opts.methods)
     print()
     print(report.render_text(tables))
-    from .results import slug
+    from harness.results.store import slug
 
     out = Path(args.output_dir) / slug(args.model)
     for path in report.write_reports(tables, out):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .errors import UsageError
+from harness.errors import UsageError
 
 LIST_FLAGS = ("methods", "tasks", "plugins")
 OPTION_KEYS = ("method_opt", "options")

@@ -16,19 +16,37 @@ from pathlib import Path
 
 import torch
 
-from .adapters import get_adapter
-from .calibration import CalibrationConfig, load_calibration
-from .context import MethodContext
-from .errors import UsageError
-from .evaluation import EvalConfig, perplexity, run_lm_eval, validate_tasks
-from .loading import check_model_source, load_config, load_model, resolve_device, resolve_dtype
-from .registry import PipelineConfig, check_option_targets, config_dict, resolve_method
-from .results import SCHEMA_VERSION, environment, run_path, write_json_atomic
-from .saving import save_pruned
-from .stability import compact_samples, load_samples, samples_path, save_samples
-from .stability import compare as stability_vs_dense
-from .surgery import count_params
-from .target import Target, resolve_num_remove
+from harness.errors import UsageError
+from harness.evaluation.lmeval import EvalConfig, run_lm_eval, validate_tasks
+from harness.evaluation.perplexity import perplexity
+from harness.evaluation.stability import (
+    compact_samples,
+    load_samples,
+    samples_path,
+    save_samples,
+)
+from harness.evaluation.stability import compare as stability_vs_dense
+from harness.io import write_json_atomic
+from harness.model.adapters import get_adapter
+from harness.model.loading import (
+    check_model_source,
+    load_config,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+)
+from harness.model.saving import save_pruned
+from harness.model.surgery import count_params
+from harness.model.target import Target, resolve_num_remove
+from harness.plugins.context import MethodContext
+from harness.plugins.registry import (
+    PipelineConfig,
+    check_option_targets,
+    config_dict,
+    resolve_method,
+)
+from harness.results.store import SCHEMA_VERSION, environment, run_path
+from harness.signals.calibration import CalibrationConfig, load_calibration
 
 log = logging.getLogger("streamline_bench")
 

@@ -10,7 +10,14 @@ Healing with (Q)LoRA is the generic ``+lora`` post-step, not part of this method
 """
 from dataclasses import dataclass
 
-from harness import MethodConfig, MethodContext, PruneResult, UsageError, register_method, remove_layers
+from harness import (
+    MethodConfig,
+    MethodContext,
+    PruneResult,
+    UsageError,
+    register_method,
+    remove_layers,
+)
 
 
 @dataclass

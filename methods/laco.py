@@ -73,8 +73,17 @@ from pathlib import Path
 
 import torch
 
-from harness import (CalibrationData, MethodConfig, MethodContext, PruneResult, UsageError, register_method,
-                     remove_layers, restore_layers, snapshot_layers)
+from harness import (
+    CalibrationData,
+    MethodConfig,
+    MethodContext,
+    PruneResult,
+    UsageError,
+    register_method,
+    remove_layers,
+    restore_layers,
+    snapshot_layers,
+)
 
 log = logging.getLogger("streamline_bench")
 

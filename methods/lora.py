@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from harness import MethodConfig, MethodContext, PruneResult, ReplacedBlock, UsageError
-from harness.adapters import ReplacementLayer
-from harness.registry import register_post_step
-from harness.training import steps_for, train_lm
+from harness.fitting.training import steps_for, train_lm
+from harness.model.adapters import ReplacementLayer
+from harness.plugins.registry import register_post_step
 
 SEED_OFFSET = 3  # the training draw differs from calibration (0), streamline's fit (1) and post-training (2)
 

@@ -5,7 +5,14 @@ This is the "None" row of LLM-Streamline's Table 5. ``start`` forces the window'
 """
 from dataclasses import dataclass, field
 
-from harness import MethodConfig, MethodContext, PruneResult, UsageError, register_method, remove_layers
+from harness import (
+    MethodConfig,
+    MethodContext,
+    PruneResult,
+    UsageError,
+    register_method,
+    remove_layers,
+)
 
 
 @dataclass

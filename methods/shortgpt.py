@@ -6,7 +6,13 @@ they are removed in one shot.
 """
 from dataclasses import dataclass
 
-from harness import MethodConfig, MethodContext, PruneResult, register_method, remove_layers
+from harness import (
+    MethodConfig,
+    MethodContext,
+    PruneResult,
+    register_method,
+    remove_layers,
+)
 
 
 @dataclass

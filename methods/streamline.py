@@ -35,12 +35,23 @@ from typing import ClassVar
 
 import torch
 
-from harness import (MethodConfig, MethodContext, MLPReplacement, PruneResult, UsageError, describe,
-                     fit_to_boundaries, insert_replacement, register_method, remove_layers)
-from harness.adapters import unwrap_layer
-from harness.replacement import ACTIVATIONS, MultiMLPReplacement, describe_layer, fit_layer_to_boundaries
-from harness.surgery import insert_layer_replacement
-from harness.training import steps_for, train_lm
+from harness import (
+    MethodConfig,
+    MethodContext,
+    MLPReplacement,
+    PruneResult,
+    UsageError,
+    describe,
+    fit_to_boundaries,
+    insert_replacement,
+    register_method,
+    remove_layers,
+)
+from harness.fitting.fit import fit_layer_to_boundaries
+from harness.fitting.training import steps_for, train_lm
+from harness.model.adapters import unwrap_layer
+from harness.model.replacement import ACTIVATIONS, MultiMLPReplacement, describe_layer
+from harness.model.surgery import insert_layer_replacement
 
 LOSSES = ("mse", "lm")
 LAYER_INITS = ("first", "random")

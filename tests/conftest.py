@@ -36,7 +36,13 @@ def opt_tokenizer():
 
 
 def tiny_config(family: str, vocab_size: int = 128, layers: int = 6, hidden: int = 32):
-    from transformers import GPTNeoXConfig, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
+    from transformers import (
+        GPTNeoXConfig,
+        LlamaConfig,
+        MistralConfig,
+        OPTConfig,
+        Qwen2Config,
+    )
 
     common = dict(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
                   max_position_embeddings=256)

@@ -1,12 +1,18 @@
 """Adapters on tiny randomly initialised models of each family, built in the test."""
 import pytest
 import torch
+from conftest import FAMILIES, tiny_config, tiny_model
 from torch import nn
 
-from conftest import FAMILIES, tiny_config, tiny_model
-from harness import MLPReplacement, UsageError, get_adapter, insert_replacement, remove_layers
-from harness.adapters import ReplacedBlock, unwrap_layer
-from harness.surgery import count_params
+from harness import (
+    MLPReplacement,
+    UsageError,
+    get_adapter,
+    insert_replacement,
+    remove_layers,
+)
+from harness.model.adapters import ReplacedBlock, unwrap_layer
+from harness.model.surgery import count_params
 
 
 def _greedy(model, ids, steps, use_cache):

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import shared_data_or_skip
-from harness.calibration import CalibrationConfig, load_calibration
+
 from harness.cli import main
 from harness.errors import UsageError
+from harness.signals.calibration import CalibrationConfig, load_calibration
 
 TASKS = ["piqa", "arc_easy", "boolq"]
 LIMIT = 4
@@ -353,7 +353,7 @@ def _record(method, label, ratio, accs, created="2026-01-01T00:00:00"):
 
 
 def test_report_per_is_ratio_of_averages_and_ratio_column():
-    from harness import report
+    from harness.results import report
 
     runs = [
         _record("shortgpt", "shortgpt", 0.25, {"piqa": 0.60, "boolq": 0.50}),

@@ -7,11 +7,10 @@ method and fails when a metric falls below golden - tolerance.
 import json
 
 import pytest
+from conftest import REPO, shared_data_or_skip
 
 from harness import reference as R
 from harness.cli import main
-
-from conftest import REPO, shared_data_or_skip
 
 GOLDEN = REPO / "results" / "golden" / "ref-opt-12l.json"
 REAL_TASKS = "piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa,boolq"
@@ -25,7 +24,7 @@ def _small_model():
 
 
 def test_golden_covers_every_registered_method():
-    from harness.registry import available_methods
+    from harness.plugins.registry import available_methods
 
     _small_model()
     golden = json.loads(GOLDEN.read_text())

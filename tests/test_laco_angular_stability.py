@@ -8,16 +8,16 @@ import re
 import pandas as pd
 import pytest
 import torch
-
 from conftest import SHARED_DATA, shared_data_or_skip, tiny_model
+
 from harness import get_adapter
-from harness.activations import StatsAccumulator
-from harness.calibration import CalibrationConfig, CalibrationData
-from harness.context import MethodContext
 from harness.errors import UsageError
-from harness.registry import build_config, get_method
-from harness.report import build_tables
-from harness.stability import compact_samples, compare, stability
+from harness.evaluation.stability import compact_samples, compare, stability
+from harness.plugins.context import MethodContext
+from harness.plugins.registry import build_config, get_method
+from harness.results.report import build_tables
+from harness.signals.activations import StatsAccumulator
+from harness.signals.calibration import CalibrationConfig, CalibrationData
 from methods.laco import merge_params, rdsc_merge, released_code_merge
 
 

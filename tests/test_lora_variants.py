@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import shared_data_or_skip, tiny_model
 from transformers import AutoModelForCausalLM
 
-from conftest import shared_data_or_skip, tiny_model
 from harness import ReplacedBlock, count_params, get_adapter, load_pruned, save_pruned
-from harness.adapters import ReplacementLayer
-from harness.calibration import CalibrationConfig, CalibrationData
-from harness.context import MethodContext
 from harness.errors import UsageError
-from harness.registry import check_option_targets, resolve_method
+from harness.model.adapters import ReplacementLayer
+from harness.plugins.context import MethodContext
+from harness.plugins.registry import check_option_targets, resolve_method
 from harness.runner import method_label
+from harness.signals.calibration import CalibrationConfig, CalibrationData
 
 D = 32  # tiny models: hidden 32, OPT ffn 4*32, 6 layers
 MLP_PARAMS = 2 * D * (2 * D) + 2 * D + D  # default replacement MLP, h = 2d: 4192
@@ -161,7 +161,7 @@ def test_pipeline_names_and_option_addressing():
     assert (cfg["lora"].r, cfg["remove"].start) == (6, 1)  # the pipeline's own options win
     _, cfg = resolve_method("shortgpt+lora", opts)
     assert cfg["lora"].r == 4
-    from harness.registry import config_dict
+    from harness.plugins.registry import config_dict
 
     record = config_dict(cfg)
     assert list(record) == ["shortgpt", "lora"] and record["lora"]["r"] == 4
@@ -390,7 +390,7 @@ def test_table5_6_config_names_every_row_and_its_options_are_valid():
 def test_cli_runs_lora_pipelines_end_to_end(tiny_opt_dir, tmp_path, capsys):
     data = shared_data_or_skip()
     from harness.cli import main
-    from harness.results import load_runs
+    from harness.results.store import load_runs
 
     out = tmp_path / "runs"
     argv = ["--model", str(tiny_opt_dir), "--data-dir", str(data), "--tasks", "piqa", "--limit", "4",

@@ -1,20 +1,20 @@
 """Each method end to end on a tiny model; targets; saving and loading pruned models."""
-import dataclasses
 import copy
+import dataclasses
 
 import pytest
 import torch
+from conftest import tiny_model
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_model
 from harness import get_adapter, load_pruned, save_pruned
-from harness.adapters import ReplacedBlock
-from harness.calibration import CalibrationConfig, CalibrationData
-from harness.context import MethodContext
 from harness.errors import UsageError
-from harness.registry import build_config, get_method
-from harness.surgery import count_params
-from harness.target import Target, resolve_num_remove
+from harness.model.adapters import ReplacedBlock
+from harness.model.surgery import count_params
+from harness.model.target import Target, resolve_num_remove
+from harness.plugins.context import MethodContext
+from harness.plugins.registry import build_config, get_method
+from harness.signals.calibration import CalibrationConfig, CalibrationData
 
 
 class _Tok:

@@ -5,7 +5,7 @@ import pytest
 
 from harness import reference as R
 from harness.cli import main
-from harness.regression import compare
+from harness.results.regression import compare
 
 
 def _rec(method, **tasks):

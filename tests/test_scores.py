@@ -3,11 +3,11 @@ import math
 
 import pytest
 import torch
-
 from conftest import tiny_model
-from harness.activations import StatsAccumulator, collect_layer_stats
-from harness.adapters import get_adapter
-from harness.calibration import CalibrationConfig, CalibrationData
+
+from harness.model.adapters import get_adapter
+from harness.signals.activations import StatsAccumulator, collect_layer_stats
+from harness.signals.calibration import CalibrationConfig, CalibrationData
 
 
 def _feed(acc, states, mask):
@@ -72,7 +72,7 @@ def test_captured_last_state_is_before_final_norm(family):
     seen = {}
     norm_in = []
     h = adapter.final_norm.register_forward_pre_hook(lambda m, a: norm_in.append(a[0].detach()))
-    from harness.activations import boundary_hooks, run_forward
+    from harness.signals.activations import boundary_hooks, run_forward
 
     ids = torch.randint(0, 128, (2, 7))
     with boundary_hooks(adapter, lambda j, x: seen.__setitem__(j, x.detach())):

@@ -19,8 +19,9 @@ import sys
 
 import torch
 
+from harness.io import write_json_atomic
+
 from . import CALIB_SEQ_LEN, CALIBRATION_PATH, MODELS_DIR, NAMES, SUITE_DIR
-from ..results import write_json_atomic
 from .scoring import evaluate_suite, load_suite
 
 BARS = {"dense_acc_min": 0.85, "remove_drop_min": 0.15, "profile_spread_min": 0.05}
@@ -29,10 +30,10 @@ BARS = {"dense_acc_min": 0.85, "remove_drop_min": 0.15, "profile_spread_min": 0.
 def measure(model_dir, tasks=None, calib_samples: int = 64) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..activations import collect_layer_stats
-    from ..adapters import get_adapter
-    from ..calibration import CalibrationConfig, load_calibration
-    from ..surgery import remove_layers
+    from harness.model.adapters import get_adapter
+    from harness.model.surgery import remove_layers
+    from harness.signals.activations import collect_layer_stats
+    from harness.signals.calibration import CalibrationConfig, load_calibration
 
     if tasks is None:
         _, tasks = load_suite(SUITE_DIR)

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from . import world as W
-from ..results import write_json_atomic
-from .scoring import evaluate_suite, load_suite
-from .tokenizer import EOS_ID, PAD_ID, build_tokenizer, word_ids
+from harness.io import write_json_atomic
 
 from . import MODELS_DIR, NAMES  # noqa: E402
+from . import world as W
+from .scoring import evaluate_suite, load_suite
+from .tokenizer import EOS_ID, PAD_ID, build_tokenizer, word_ids
 
 
 @dataclass(frozen=True)

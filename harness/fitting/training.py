@@ -12,7 +12,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .loading import model_device
+from harness.model.loading import model_device
 
 
 def lm_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

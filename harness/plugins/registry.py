@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import UsageError
+from harness.errors import UsageError
 
 
 @dataclass
@@ -254,7 +254,7 @@ class PipelineSpec:
     def fn(self, ctx, cfg: PipelineConfig) -> PruneResult:
         import time
 
-        from .adapters import get_adapter
+        from harness.model.adapters import get_adapter
 
         for step in self.steps:  # model-dependent checks of the steps before the method spends its time
             check = getattr(cfg[step.name], "check_model", None)

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import UsageError
+from harness.errors import UsageError
 
 
 class ModelAdapter:

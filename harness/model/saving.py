@@ -13,12 +13,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .adapters import get_adapter
-from .errors import UsageError
-from .replacement import build_from_description, describe
-from .results import write_json_atomic
-from .surgery import (restore_layer_replacements, restore_replacements, strip_layer_replacements,
-                      strip_replacements)
+from harness.errors import UsageError
+from harness.io import write_json_atomic
+from harness.model.adapters import get_adapter
+from harness.model.replacement import build_from_description, describe
+from harness.model.surgery import (
+    restore_layer_replacements,
+    restore_replacements,
+    strip_layer_replacements,
+    strip_replacements,
+)
 
 MANIFEST = "pruning_manifest.json"
 REPLACEMENTS = "replacements.safetensors"
@@ -58,8 +62,8 @@ def load_pruned(path, dtype: str = "float32", device: str = "cpu"):
     """Load a directory written by ``save_pruned``; returns ``(model, tokenizer, manifest)``."""
     from safetensors.torch import load_file
 
-    from .loading import load_model
-    from .surgery import restore_replacements as _restore
+    from harness.model.loading import load_model
+    from harness.model.surgery import restore_replacements as _restore
 
     p = Path(path)
     if not (p / MANIFEST).is_file():

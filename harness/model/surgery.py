@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .adapters import ModelAdapter, ReplacedBlock, ReplacementLayer
-from .errors import UsageError
+from harness.errors import UsageError
+from harness.model.adapters import ModelAdapter, ReplacedBlock, ReplacementLayer
 
 
 def count_params(module: nn.Module) -> int:

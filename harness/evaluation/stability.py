@@ -28,7 +28,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from .results import read_json_gz, write_json_gz_atomic
+from harness.io import read_json_gz, write_json_gz_atomic
 
 SAMPLES_FORMAT = 1
 VARIANTS = ("definition", "released_prefix_sum")

@@ -1,4 +1,4 @@
-"""Lightweight replacement networks and their streaming trainer.
+"""Streaming trainers for replacement networks.
 
 ``fit_to_boundaries`` trains a module f so that f(X_start) ~ X_end, with activations streamed
 batch by batch from forward passes of the (partially pruned or dense) model: nothing is kept
@@ -12,53 +12,6 @@ import time
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-
-ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
-
-
-class MLPReplacement(nn.Module):
-    """Linear(d, h) -> activation -> Linear(h, d), optionally applied ``repeat`` times
-    (parameter sharing) and optionally with a residual connection (x + MLP(x))."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int, activation: str = "relu",
-                 repeat: int = 1, residual: bool = False):
-        super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation '{activation}'; choose from {', '.join(ACTIVATIONS)}")
-        self.init_kwargs = dict(hidden_size=hidden_size, intermediate_size=intermediate_size,
-                                activation=activation, repeat=repeat, residual=residual)
-        self.up = nn.Linear(hidden_size, intermediate_size)
-        self.act = ACTIVATIONS[activation]()
-        self.down = nn.Linear(intermediate_size, hidden_size)
-        self.repeat = repeat
-        self.residual = residual
-        if residual:  # start exactly at the identity (= plain removal) and improve from there
-            nn.init.zeros_(self.down.weight)
-            nn.init.zeros_(self.down.bias)
-
-    def forward(self, x):
-        for _ in range(self.repeat):
-            y = self.down(self.act(self.up(x)))
-            x = x + y if self.residual else y
-        return x
-
-    def extra_repr(self) -> str:
-        return f"repeat={self.repeat}, residual={self.residual}"
-
-
-def describe(module: nn.Module) -> dict:
-    """Enough to rebuild ``module``: dotted class path and constructor kwargs."""
-    cls = type(module)
-    return {"class": f"{cls.__module__}.{cls.__qualname__}", "kwargs": getattr(module, "init_kwargs", {}),
-            "params": sum(p.numel() for p in module.parameters())}
-
-
-def build_from_description(desc: dict) -> nn.Module:
-    import importlib
-
-    module_name, _, qual = desc["class"].rpartition(".")
-    cls = getattr(importlib.import_module(module_name), qual)
-    return cls(**desc.get("kwargs", {}))
 
 
 def fit_to_boundaries(ctx, module: nn.Module, data, start: int, end: int, *, epochs: int, lr: float,
@@ -101,24 +54,6 @@ def fit_to_boundaries(ctx, module: nn.Module, data, start: int, end: int, *, epo
     return log
 
 
-class MultiMLPReplacement(nn.Module):
-    """One ``MLPReplacement`` per removed layer, applied in order (LLM-Streamline Table 6,
-    "Multiple MLP"); MLP k stands in for the k-th layer of the window."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int, count: int, activation: str = "relu",
-                 residual: bool = False):
-        super().__init__()
-        self.init_kwargs = dict(hidden_size=hidden_size, intermediate_size=intermediate_size, count=count,
-                                activation=activation, residual=residual)
-        self.mlps = nn.ModuleList(MLPReplacement(hidden_size, intermediate_size, activation, 1, residual)
-                                  for _ in range(count))
-
-    def forward(self, x):
-        for mlp in self.mlps:
-            x = mlp(x)
-        return x
-
-
 def fit_layer_to_boundaries(ctx, layer: nn.Module, data, start: int, end: int, *, repeat: int = 1, epochs: int,
                             lr: float, batch_size: int, weight_decay: float = 0.0, seed: int = 0,
                             progress: bool = True) -> dict:
@@ -129,7 +64,7 @@ def fit_layer_to_boundaries(ctx, layer: nn.Module, data, start: int, end: int, *
     same forward pass (captured by a pre-hook): the causal attention mask, position ids and
     embeddings, with the cache left out. It trains in eval mode (no dropout), like the MLP fit.
     """
-    from .adapters import first_tensor
+    from harness.model.adapters import first_tensor
 
     torch.manual_seed(seed)
     params = [p for p in layer.parameters()]
@@ -180,10 +115,3 @@ def fit_layer_to_boundaries(ctx, layer: nn.Module, data, start: int, end: int, *
         opt.zero_grad(set_to_none=True)
     log["seconds"] = time.perf_counter() - t0
     return log
-
-
-def describe_layer(layer: nn.Module, repeat: int, init: str) -> dict:
-    """The manifest entry of a decoder-layer replacement (it is saved inside the checkpoint)."""
-    cls = type(layer)
-    return {"class": f"{cls.__module__}.{cls.__qualname__}", "kind": "decoder_layer", "repeat": repeat,
-            "init": init, "params": sum(p.numel() for p in layer.parameters())}

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import UsageError
-from .results import canonical, write_text_atomic
+from harness.errors import UsageError
+from harness.io import canonical, write_text_atomic
 
 TASK_LABELS = {
     "piqa": "PIQA", "hellaswag": "HellaSwag", "winogrande": "WinoGrande", "arc_easy": "ARC-e",

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .adapters import ModelAdapter
-from .errors import UsageError
-from .surgery import count_params
+from harness.errors import UsageError
+from harness.model.adapters import ModelAdapter
+from harness.model.surgery import count_params
 
 
 @dataclass

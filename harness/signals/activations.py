@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .adapters import ModelAdapter, first_tensor
-from .loading import model_device
+from harness.model.adapters import ModelAdapter, first_tensor
+from harness.model.loading import model_device
 
 
 @contextmanager

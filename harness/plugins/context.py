@@ -5,10 +5,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .activations import LayerStats, collect_layer_stats, iter_boundary_pairs
-from .adapters import ModelAdapter
-from .calibration import CalibrationData, load_calibration
-from .errors import UsageError
+from harness.errors import UsageError
+from harness.model.adapters import ModelAdapter
+from harness.signals.activations import (
+    LayerStats,
+    collect_layer_stats,
+    iter_boundary_pairs,
+)
+from harness.signals.calibration import CalibrationData, load_calibration
 
 
 @dataclass

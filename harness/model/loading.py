@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UsageError
+from harness.errors import UsageError
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -62,7 +62,7 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
     """
     from transformers import AutoModelForCausalLM
 
-    from .adapters import check_supported_config
+    from harness.model.adapters import check_supported_config
 
     torch_dtype = resolve_dtype(dtype)
     device = resolve_device(device)

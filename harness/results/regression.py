@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import RegressionFailure, UsageError
-from .results import environment, write_json_atomic
+from harness.errors import RegressionFailure, UsageError
+from harness.io import write_json_atomic
+from harness.results.store import environment
 
 GOLDEN_SCHEMA = 1
 CHECKED_METRICS = ("acc", "acc_norm")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UsageError
+from harness.errors import UsageError
 
 HUB_DEFAULT = "wikitext:wikitext-2-raw-v1"
 LOCAL_DEFAULT = "wikitext2/wikitext-2-v1-tokens/valid.txt"  # relative to --data-dir

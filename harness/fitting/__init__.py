@@ -1,0 +1,1 @@
+"""Stage 3, fitting: training replacement networks (streamed MSE) and LM-loss training."""

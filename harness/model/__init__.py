@@ -1,0 +1,1 @@
+"""Stage 1, the model: loading, architecture adapters, replacement modules, surgery, targets, saving."""

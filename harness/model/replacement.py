@@ -1,0 +1,82 @@
+"""Lightweight replacement networks (the modules a method inserts in place of removed layers)
+and their descriptions (enough to rebuild them when a saved model is loaded)."""
+from __future__ import annotations
+
+from torch import nn
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+
+class MLPReplacement(nn.Module):
+    """Linear(d, h) -> activation -> Linear(h, d), optionally applied ``repeat`` times
+    (parameter sharing) and optionally with a residual connection (x + MLP(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str = "relu",
+                 repeat: int = 1, residual: bool = False):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation '{activation}'; choose from {', '.join(ACTIVATIONS)}")
+        self.init_kwargs = dict(hidden_size=hidden_size, intermediate_size=intermediate_size,
+                                activation=activation, repeat=repeat, residual=residual)
+        self.up = nn.Linear(hidden_size, intermediate_size)
+        self.act = ACTIVATIONS[activation]()
+        self.down = nn.Linear(intermediate_size, hidden_size)
+        self.repeat = repeat
+        self.residual = residual
+        if residual:  # start exactly at the identity (= plain removal) and improve from there
+            nn.init.zeros_(self.down.weight)
+            nn.init.zeros_(self.down.bias)
+
+    def forward(self, x):
+        for _ in range(self.repeat):
+            y = self.down(self.act(self.up(x)))
+            x = x + y if self.residual else y
+        return x
+
+    def extra_repr(self) -> str:
+        return f"repeat={self.repeat}, residual={self.residual}"
+
+
+def describe(module: nn.Module) -> dict:
+    """Enough to rebuild ``module``: dotted class path and constructor kwargs."""
+    cls = type(module)
+    return {"class": f"{cls.__module__}.{cls.__qualname__}", "kwargs": getattr(module, "init_kwargs", {}),
+            "params": sum(p.numel() for p in module.parameters())}
+
+
+# manifests written before the package layout (0.1) name the flat module
+_MOVED = {"harness.replacement": "harness.model.replacement"}
+
+
+def build_from_description(desc: dict) -> nn.Module:
+    import importlib
+
+    module_name, _, qual = desc["class"].rpartition(".")
+    module_name = _MOVED.get(module_name, module_name)
+    cls = getattr(importlib.import_module(module_name), qual)
+    return cls(**desc.get("kwargs", {}))
+
+
+class MultiMLPReplacement(nn.Module):
+    """One ``MLPReplacement`` per removed layer, applied in order (LLM-Streamline Table 6,
+    "Multiple MLP"); MLP k stands in for the k-th layer of the window."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, count: int, activation: str = "relu",
+                 residual: bool = False):
+        super().__init__()
+        self.init_kwargs = dict(hidden_size=hidden_size, intermediate_size=intermediate_size, count=count,
+                                activation=activation, residual=residual)
+        self.mlps = nn.ModuleList(MLPReplacement(hidden_size, intermediate_size, activation, 1, residual)
+                                  for _ in range(count))
+
+    def forward(self, x):
+        for mlp in self.mlps:
+            x = mlp(x)
+        return x
+
+
+def describe_layer(layer: nn.Module, repeat: int, init: str) -> dict:
+    """The manifest entry of a decoder-layer replacement (it is saved inside the checkpoint)."""
+    cls = type(layer)
+    return {"class": f"{cls.__module__}.{cls.__qualname__}", "kind": "decoder_layer", "repeat": repeat,
+            "init": init, "params": sum(p.numel() for p in layer.parameters())}
