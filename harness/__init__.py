@@ -1,42 +1,65 @@
-"""streamline-bench harness: the small public interface methods are written against.
+"""streamline-bench harness: the public interface methods are written against.
 
-A method plugin imports only from here::
+A method plugin imports only from here (built-in methods included; a test enforces it)::
 
-    from harness import MethodConfig, MethodContext, PruneResult, register_method
+    from harness import MethodConfig, MethodContext, PruneResult, option, register_method
+
+The stages behind it, in pipeline order: ``model`` (loading, adapters, surgery, saving),
+``signals`` (calibration, activations, scores), ``fitting`` (replacement training),
+``plugins`` (registry, options, pipelines, context), ``evaluation``, ``results``.
 """
 from harness.errors import UsageError
-from harness.fitting.fit import fit_to_boundaries
+from harness.fitting.fit import fit_layer_to_boundaries, fit_to_boundaries
+from harness.fitting.training import steps_for, train_lm
 from harness.model.adapters import (
-    ModelAdapter,
-    ReplacedBlock,
-    get_adapter,
-    supported_model_types,
+                                    ModelAdapter,
+                                    ReplacedBlock,
+                                    ReplacementLayer,
+                                    get_adapter,
+                                    supported_model_types,
+                                    unwrap_layer,
 )
-from harness.model.replacement import MLPReplacement, describe
+from harness.model.replacement import (
+                                    ACTIVATIONS,
+                                    DEFAULT_HIDDEN_MULT,
+                                    MLPReplacement,
+                                    MultiMLPReplacement,
+                                    describe,
+                                    describe_layer,
+                                    mlp_params,
+                                    mlp_width,
+)
 from harness.model.saving import load_pruned, save_pruned
-from harness.model.surgery import count_params, insert_replacement, remove_layers
-from harness.plugins.context import MethodContext
-from harness.plugins.registry import (
-    MethodConfig,
-    PruneResult,
-    available_methods,
-    register_method,
+from harness.model.surgery import (
+                                    count_params,
+                                    insert_layer_replacement,
+                                    insert_replacement,
+                                    remove_layers,
+                                    restore_layers,
+                                    snapshot_layers,
 )
+from harness.plugins.context import MethodContext
+from harness.plugins.options import MethodConfig, option
+from harness.plugins.registry import (
+                                    PruneResult,
+                                    available_methods,
+                                    available_post_steps,
+                                    register_method,
+                                    register_post_step,
+)
+from harness.signals.calibration import CalibrationData
 
 __all__ = [
-    "MLPReplacement", "MethodConfig", "MethodContext", "ModelAdapter", "PruneResult", "ReplacedBlock",
-    "UsageError", "available_methods", "count_params", "describe", "fit_to_boundaries", "get_adapter",
-    "insert_replacement", "load_pruned", "register_method", "remove_layers", "save_pruned",
-    "supported_model_types",
+    # writing a method: its config, what it receives, what it returns, registration
+    "MethodConfig", "option", "MethodContext", "PruneResult", "register_method", "register_post_step",
+    "available_methods", "available_post_steps", "UsageError",
+    # the model: adapters and surgery
+    "ModelAdapter", "get_adapter", "supported_model_types", "unwrap_layer", "count_params", "remove_layers",
+    "insert_replacement", "insert_layer_replacement", "snapshot_layers", "restore_layers",
+    "ReplacedBlock", "ReplacementLayer",
+    # replacement networks and their training
+    "MLPReplacement", "MultiMLPReplacement", "ACTIVATIONS", "DEFAULT_HIDDEN_MULT", "mlp_width", "mlp_params",
+    "describe", "describe_layer", "fit_to_boundaries", "fit_layer_to_boundaries", "train_lm", "steps_for",
+    # data and saved models
+    "CalibrationData", "save_pruned", "load_pruned",
 ]
-
-# post-steps run after any method: ``--methods shortgpt+lora`` (see registry.resolve_method)
-from harness.plugins.registry import available_post_steps, register_post_step  # noqa: E402
-
-__all__ += ["available_post_steps", "register_post_step"]
-
-# LaCo-style tentative merges (try a removal, roll back) and hand-built token batches
-from harness.model.surgery import restore_layers, snapshot_layers  # noqa: E402
-from harness.signals.calibration import CalibrationData  # noqa: E402
-
-__all__ += ["CalibrationData", "restore_layers", "snapshot_layers"]

@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-run the golden file's command and fail (exit 1) if a metric drops below golden - tolerance")
     p.add_argument("--tolerance", type=_float("--tolerance"), default=None,
                    help="allowed drop for --check, as a fraction of accuracy (default 0.02)")
-    p.add_argument("--verbose", action="store_true", help="show lm-eval's and transformers' warnings")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show lm-eval's and transformers' warnings and full error causes; with --list-methods: every option")
     return p
 
 
@@ -140,11 +141,7 @@ def _main(argv) -> int:
     for plugin in _split(args.plugins):
         load_plugin_file(plugin)
     if args.list_methods:
-        for name, spec in available_methods().items():
-            print(f"{name:<24} {spec.help}")
-        print("\npost-steps (append to any method: METHOD+STEP, e.g. remove+lora; options -o STEP.KEY=VALUE):")
-        for name, spec in available_post_steps().items():
-            print(f"+{name:<23} {spec.help}")
+        _list_methods(available_methods(), available_post_steps(), args.verbose)
         return 0
 
     from harness.results import report
@@ -174,6 +171,23 @@ def _main(argv) -> int:
         path = write_golden(args.write_golden, _golden_argv(argv), records)
         print(f"wrote golden results {path}")
     return 0
+
+
+def _list_methods(methods: dict, steps: dict, verbose: bool) -> None:
+    """One line per method and post-step; with -v/--verbose every option, its default and its help."""
+    from harness.plugins.options import describe_options
+
+    def show(prefix: str, name: str, spec) -> None:
+        print(f"{prefix}{name:<{24 - len(prefix)}} {spec.help}")
+        if verbose:
+            for opt, typ, default, text in describe_options(spec.config_cls):
+                print(f"    -o {name}.{opt}={default:<10} ({typ}) {text}")
+
+    for name, spec in methods.items():
+        show("", name, spec)
+    print("\npost-steps (append to any method: METHOD+STEP, e.g. remove+lora; options -o STEP.KEY=VALUE):")
+    for name, spec in steps.items():
+        show("+", name, spec)
 
 
 def _golden_argv(argv) -> list[str]:

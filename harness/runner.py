@@ -13,6 +13,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -39,13 +40,9 @@ from harness.model.saving import save_pruned
 from harness.model.surgery import count_params
 from harness.model.target import Target, resolve_num_remove
 from harness.plugins.context import MethodContext
-from harness.plugins.registry import (
-    PipelineConfig,
-    check_option_targets,
-    config_dict,
-    resolve_method,
-)
-from harness.results.store import SCHEMA_VERSION, environment, run_path
+from harness.plugins.pipeline import check_option_targets, resolve_method
+from harness.results.record import model_info, new_record
+from harness.results.store import environment, run_path
 from harness.signals.calibration import CalibrationConfig, load_calibration
 
 log = logging.getLogger("streamline_bench")
@@ -69,20 +66,6 @@ class RunOptions:
     skip_dense_eval: bool = False
 
 
-def method_label(name: str, cfg) -> str:
-    """Method name plus the options that differ from the method's defaults
-    (a pipeline: each component's label joined by '+', e.g. ``remove+lora(r=4)``)."""
-    if isinstance(cfg, PipelineConfig):
-        return "+".join(method_label(part, part_cfg) for part, part_cfg in cfg.items())
-    diffs = []
-    defaults = type(cfg)()
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if value != getattr(defaults, f.name):
-            diffs.append(f"{f.name}={value}")
-    return f"{name}({', '.join(diffs)})" if diffs else name
-
-
 def prepare(opts: RunOptions):
     """Validate every input before anything runs; returns ``[(name, spec, cfg)]``."""
     resolve_dtype(opts.dtype)
@@ -91,7 +74,7 @@ def prepare(opts: RunOptions):
     if not opts.methods:
         raise UsageError("no methods given; pass --methods streamline,shortgpt (see --list-methods)")
     plan = []
-    for name in opts.methods:  # METHOD or METHOD+POSTSTEP (e.g. shortgpt+lora); see registry.resolve_method
+    for name in opts.methods:  # METHOD or METHOD+POSTSTEP (e.g. shortgpt+lora); see plugins.pipeline
         spec, cfg = resolve_method(name, opts.method_options)
         plan.append((name, spec, cfg))
     check_option_targets(opts.method_options, opts.methods)
@@ -109,16 +92,9 @@ def prepare(opts: RunOptions):
 
 
 def _model_record(opts: RunOptions, model, adapter) -> dict:
-    return {
-        "name": opts.model,
-        "class": type(model).__name__,
-        "model_type": model.config.model_type,
-        "num_layers": adapter.num_layers,
-        "hidden_size": adapter.hidden_size,
-        "params": count_params(model),
-        "dtype": opts.dtype,
-        "device": opts.device,
-    }
+    return model_info(name=opts.model, cls=type(model).__name__, model_type=model.config.model_type,
+                      num_layers=adapter.num_layers, hidden_size=adapter.hidden_size, params=count_params(model),
+                      dtype=opts.dtype, device=opts.device)
 
 
 def _evaluate(model, tokenizer, opts: RunOptions, timings: dict,
@@ -138,116 +114,148 @@ def _evaluate(model, tokenizer, opts: RunOptions, timings: dict,
     return metrics, ppl
 
 
-def run_benchmark(opts: RunOptions, echo=print) -> list[dict]:
-    plan = prepare(opts)
-    t_load = time.perf_counter()
+@dataclass
+class Session:
+    """What every run of one invocation shares: the dense model, its tokenizer and adapter, the
+    calibration blocks, the resolved n, the layer statistics cache and the dense run's samples."""
+    opts: RunOptions
+    model: Any
+    tokenizer: Any
+    adapter: Any
+    calibration: Any
+    num_remove: int
+    dense_info: dict
+    timings: dict = field(default_factory=dict)  # load / calibration_load, reported once
+    stats_cache: dict = field(default_factory=dict)
+    dense_samples: dict | None = None
+
+    @property
+    def dense_params(self) -> int:
+        return self.dense_info["params"]
+
+
+def open_session(opts: RunOptions, plan, echo=print) -> Session:
+    """Load the dense model and calibration data; check model-dependent options first."""
+    t = time.perf_counter()
     model, tokenizer = load_model(opts.model, opts.dtype, opts.device)
-    load_seconds = time.perf_counter() - t_load
+    load_seconds = time.perf_counter() - t
     adapter = get_adapter(model)
     n = resolve_num_remove(opts.target, model, adapter)
     for _name, _spec, cfg in plan:  # model-dependent options (a window start) fail before any run
-        if callable(getattr(cfg, "validate", None)):
-            cfg.validate(adapter.num_layers, n)
+        cfg.validate(adapter.num_layers, n)
     # bad calibration input (missing, empty, shorter than one block) fails before any result is written
-    t_cal = time.perf_counter()
+    t = time.perf_counter()
     calibration = load_calibration(opts.calibration, tokenizer)
-    calibration_seconds = time.perf_counter() - t_cal
-    dense_record = _model_record(opts, model, adapter)
-    dense_params = dense_record["params"]
-    eval_dict = opts.eval.to_dict()
-    echo(f"model {opts.model}: {adapter.num_layers} layers, {dense_params:,} parameters; "
+    session = Session(opts, model, tokenizer, adapter, calibration, n, _model_record(opts, model, adapter),
+                      timings={"load": load_seconds, "calibration_load": time.perf_counter() - t})
+    echo(f"model {opts.model}: {adapter.num_layers} layers, {session.dense_params:,} parameters; "
          f"removing n={n} layers ({opts.target.to_dict()})")
-    records = []
+    return session
 
-    # --- dense ------------------------------------------------------------------------
-    dense_key = {"model": opts.model, "dtype": opts.dtype, "eval": eval_dict}
-    dense_path = run_path(opts.output_dir, opts.model, "dense", dense_key)
-    # the per-item side file is part of the dense run (stability needs it): re-run without it
-    if dense_path.exists() and samples_path(dense_path).exists() and not opts.force:
-        echo(f"dense: result exists, skipping ({dense_path})")
-        records.append(_read(dense_path))
-        dense_samples = load_samples(dense_path)
-    else:
-        echo("dense: evaluating")
-        timings = {"load": load_seconds}
-        torch.manual_seed(opts.seed)
-        dense_samples = {}
-        metrics, ppl = _evaluate(model, tokenizer, opts, timings, samples_out=dense_samples)
-        save_samples(dense_path, dense_samples)
-        rec = {
-            "schema": SCHEMA_VERSION, "method": "dense", "label": "Dense", "method_config": {},
-            "model": dense_record, "eval": eval_dict, "target": None, "calibration": None, "seed": opts.seed,
-            "manifest": {"removed_layers": []},
-            "params": {"dense": dense_params, "pruned": dense_params, "removed": 0, "added": 0, "ratio": 0.0},
-            "metrics": metrics, "perplexity": ppl, "timings": timings, "environment": environment(),
-        }
-        write_json_atomic(dense_path, rec)
-        rec["_path"] = str(dense_path)
-        records.append(rec)
 
-    # --- methods ----------------------------------------------------------------------
-    stats_cache: dict = {}
-    cal_dict = dataclasses.asdict(opts.calibration)
+def run_benchmark(opts: RunOptions, echo=print) -> list[dict]:
+    """The dense run, then one run per method; returns their records (finished ones read back)."""
+    plan = prepare(opts)
+    session = open_session(opts, plan, echo)
+    records = [run_dense(session, echo)]
     for name, spec, cfg in plan:
-        cfg_dict = config_dict(cfg)
-        key = {"model": opts.model, "dtype": opts.dtype, "method": name, "method_config": cfg_dict,
-               "target": opts.target.to_dict(), "calibration": cal_dict, "eval": eval_dict, "seed": opts.seed}
-        path = run_path(opts.output_dir, opts.model, name, key)
-        if path.exists() and not opts.force:
-            echo(f"{name}: result exists, skipping ({path})")
-            records.append(_read(path))
-            continue
-        echo(f"{name}: pruning")
-        timings = {}
-        if calibration_seconds is not None:  # recorded with the first method that runs
-            timings["calibration_load"], calibration_seconds = calibration_seconds, None
-        t = time.perf_counter()
-        if opts.device == "auto":
-            work_model, _ = load_model(opts.model, opts.dtype, opts.device)
-        else:
-            work_model = copy.deepcopy(model)
-        timings["copy_model"] = time.perf_counter() - t
-        ctx = MethodContext(model=work_model, adapter=get_adapter(work_model), tokenizer=tokenizer,
-                            calibration=calibration, num_remove=n, seed=opts.seed, progress=opts.progress,
-                            stats_cache=stats_cache, dense_stats_key=opts.model, timings=timings)
-        torch.manual_seed(opts.seed)
-        t = time.perf_counter()
-        result = spec.fn(ctx, cfg)
-        timings["prune"] = time.perf_counter() - t  # includes "score" and any training
-        pruned = result.model
-        pruned.eval()
-        pruned_params = count_params(pruned)
-        added = (result.replacement or {}).get("params", 0) if result.replacement else 0
-        removed = dense_params - pruned_params + added
-        torch.manual_seed(opts.seed)
-        samples = {}
-        metrics, ppl = _evaluate(pruned, tokenizer, opts, timings, samples_out=samples)
-        manifest = result.manifest()
-        rec = {
-            "schema": SCHEMA_VERSION, "method": name, "label": method_label(name, cfg), "method_config": cfg_dict,
-            "model": dense_record, "eval": eval_dict, "target": opts.target.to_dict() | {"num_remove": n},
-            "calibration": calibration.description, "seed": opts.seed, "manifest": manifest,
-            "params": {"dense": dense_params, "pruned": pruned_params, "removed": removed, "added": added,
-                       "ratio": (dense_params - pruned_params) / dense_params,
-                       "pruned_layers": get_adapter(pruned).num_layers},
-            "metrics": metrics, "perplexity": ppl, "timings": timings, "environment": environment(),
-        }
-        rec["stability"] = stability_vs_dense(dense_samples, samples)  # vs the dense run; None if no overlap
-        save_samples(path, samples)
-        if opts.save_models:
-            save_dir = path.parent / "models" / path.stem
-            t = time.perf_counter()
-            save_pruned(pruned, tokenizer, save_dir, {"method": name, "method_config": cfg_dict, **manifest,
-                                                        "source_model": opts.model})
-            timings["save"] = time.perf_counter() - t
-            rec["saved_model"] = str(save_dir)
-        write_json_atomic(path, rec)
-        rec["_path"] = str(path)
-        records.append(rec)
-        echo(f"{name}: removed layers {manifest['removed_layers']}, measured ratio {100 * rec['params']['ratio']:.1f}%")
-        del work_model, pruned, result, ctx
-        gc.collect()
+        records.append(run_method(session, name, spec, cfg, echo))
     return records
+
+
+def run_dense(s: Session, echo=print) -> dict:
+    opts = s.opts
+    eval_dict = opts.eval.to_dict()
+    path = run_path(opts.output_dir, opts.model, "dense", {"model": opts.model, "dtype": opts.dtype, "eval": eval_dict})
+    # the per-item side file is part of the dense run (stability needs it): re-run without it
+    if path.exists() and samples_path(path).exists() and not opts.force:
+        echo(f"dense: result exists, skipping ({path})")
+        s.dense_samples = load_samples(path)
+        return _read(path)
+    echo("dense: evaluating")
+    timings = {"load": s.timings["load"]}
+    torch.manual_seed(opts.seed)
+    s.dense_samples = {}
+    metrics, ppl = _evaluate(s.model, s.tokenizer, opts, timings, samples_out=s.dense_samples)
+    save_samples(path, s.dense_samples)
+    p = s.dense_params
+    rec = new_record(method="dense", label="Dense", method_config={}, model=s.dense_info, eval=eval_dict,
+                     seed=opts.seed, manifest={"removed_layers": []},
+                     params={"dense": p, "pruned": p, "removed": 0, "added": 0, "ratio": 0.0},
+                     metrics=metrics, perplexity=ppl, timings=timings, environment=environment())
+    return _store(path, rec)
+
+
+def run_method(s: Session, name: str, spec, cfg, echo=print) -> dict:
+    """Prune a copy of the dense model with one method, evaluate it, store its record."""
+    opts = s.opts
+    cfg_dict = cfg.to_dict()
+    key = {"model": opts.model, "dtype": opts.dtype, "method": name, "method_config": cfg_dict,
+           "target": opts.target.to_dict(), "calibration": dataclasses.asdict(opts.calibration),
+           "eval": opts.eval.to_dict(), "seed": opts.seed}
+    path = run_path(opts.output_dir, opts.model, name, key)
+    if path.exists() and not opts.force:
+        echo(f"{name}: result exists, skipping ({path})")
+        return _read(path)
+    echo(f"{name}: pruning")
+    timings = {}
+    if "calibration_load" in s.timings:  # recorded with the first method that runs
+        timings["calibration_load"] = s.timings.pop("calibration_load")
+    t = time.perf_counter()
+    work_model = copy_model(s)
+    timings["copy_model"] = time.perf_counter() - t
+    ctx = MethodContext(model=work_model, adapter=get_adapter(work_model), tokenizer=s.tokenizer,
+                        calibration=s.calibration, num_remove=s.num_remove, seed=opts.seed, progress=opts.progress,
+                        stats_cache=s.stats_cache, dense_stats_key=opts.model, timings=timings)
+    torch.manual_seed(opts.seed)
+    t = time.perf_counter()
+    result = spec.fn(ctx, cfg)
+    timings["prune"] = time.perf_counter() - t  # includes "score" and any training
+    pruned = result.model
+    pruned.eval()
+    torch.manual_seed(opts.seed)
+    samples = {}
+    metrics, ppl = _evaluate(pruned, s.tokenizer, opts, timings, samples_out=samples)
+    manifest = result.manifest()
+    rec = new_record(method=name, label=cfg.label(name), method_config=cfg_dict, model=s.dense_info,
+                     eval=opts.eval.to_dict(), target=opts.target.to_dict() | {"num_remove": s.num_remove},
+                     calibration=s.calibration.description, seed=opts.seed, manifest=manifest,
+                     params=_params(s, pruned, result), metrics=metrics, perplexity=ppl, timings=timings,
+                     environment=environment(), stability=stability_vs_dense(s.dense_samples, samples))
+    save_samples(path, samples)
+    if opts.save_models:
+        save_dir = path.parent / "models" / path.stem
+        t = time.perf_counter()
+        save_pruned(pruned, s.tokenizer, save_dir, {"method": name, "method_config": cfg_dict, **manifest,
+                                                      "source_model": opts.model})
+        timings["save"] = time.perf_counter() - t
+        rec["saved_model"] = str(save_dir)
+    _store(path, rec)
+    echo(f"{name}: removed layers {manifest['removed_layers']}, measured ratio {100 * rec['params']['ratio']:.1f}%")
+    del work_model, pruned, result, ctx
+    gc.collect()
+    return rec
+
+
+def copy_model(s: Session):
+    """The method's own model: a full copy of the dense one (``--device auto``: loaded again)."""
+    if s.opts.device == "auto":
+        return load_model(s.opts.model, s.opts.dtype, s.opts.device)[0]
+    return copy.deepcopy(s.model)
+
+
+def _params(s: Session, pruned, result) -> dict:
+    pruned_params = count_params(pruned)
+    added = (result.replacement or {}).get("params", 0) if result.replacement else 0
+    return {"dense": s.dense_params, "pruned": pruned_params, "removed": s.dense_params - pruned_params + added,
+            "added": added, "ratio": (s.dense_params - pruned_params) / s.dense_params,
+            "pruned_layers": get_adapter(pruned).num_layers}
+
+
+def _store(path: Path, rec: dict) -> dict:
+    write_json_atomic(path, {k: v for k, v in rec.items() if not k.startswith("_")})
+    rec["_path"] = str(path)
+    return rec
 
 
 def _read(path: Path) -> dict:

@@ -22,10 +22,19 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from harness import MethodConfig, MethodContext, PruneResult, ReplacedBlock, UsageError
-from harness.fitting.training import steps_for, train_lm
-from harness.model.adapters import ReplacementLayer
-from harness.plugins.registry import register_post_step
+from harness import (
+    MethodConfig,
+    MethodContext,
+    PruneResult,
+    ReplacedBlock,
+    ReplacementLayer,
+    UsageError,
+    mlp_params,
+    mlp_width,
+    register_post_step,
+    steps_for,
+    train_lm,
+)
 
 SEED_OFFSET = 3  # the training draw differs from calibration (0), streamline's fit (1) and post-training (2)
 
@@ -140,9 +149,8 @@ def lora(ctx: MethodContext, cfg: LoRAConfig, result: PruneResult) -> PruneResul
     r = cfg.r
     if match is not None:
         if match == "mlp":
-            from methods.streamline import default_mlp_params
-
-            match_target = default_mlp_params(adapter.hidden_size)
+            d = adapter.hidden_size  # LLM-Streamline's default MLP (h = 2d): its parameter count
+            match_target = mlp_params(d, mlp_width(d))
         else:
             match_target = match
         r = choose_rank(per_rank, match_target)

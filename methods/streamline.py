@@ -36,22 +36,27 @@ from typing import ClassVar
 import torch
 
 from harness import (
+    ACTIVATIONS,
+    DEFAULT_HIDDEN_MULT,
     MethodConfig,
     MethodContext,
     MLPReplacement,
+    MultiMLPReplacement,
     PruneResult,
     UsageError,
     describe,
+    describe_layer,
+    fit_layer_to_boundaries,
     fit_to_boundaries,
+    insert_layer_replacement,
     insert_replacement,
+    mlp_width,
     register_method,
     remove_layers,
+    steps_for,
+    train_lm,
+    unwrap_layer,
 )
-from harness.fitting.fit import fit_layer_to_boundaries
-from harness.fitting.training import steps_for, train_lm
-from harness.model.adapters import unwrap_layer
-from harness.model.replacement import ACTIVATIONS, MultiMLPReplacement, describe_layer
-from harness.model.surgery import insert_layer_replacement
 
 LOSSES = ("mse", "lm")
 LAYER_INITS = ("first", "random")
@@ -105,7 +110,7 @@ class _TrainedConfig(StreamlineNoneConfig):
 @dataclass
 class StreamlineConfig(_TrainedConfig):
     hidden_size: int | None = None  # MLP width h; None = hidden_mult * d
-    hidden_mult: float = 2.0
+    hidden_mult: float = DEFAULT_HIDDEN_MULT
     activation: str = "relu"
     residual: bool = False  # the paper's MLP has none; True fits x + MLP(x)
 
@@ -147,16 +152,6 @@ class StreamlineSharedLayerConfig(StreamlineLayerConfig):
     method_name: ClassVar[str] = "streamline-layer-shared"
 
 
-def mlp_width(d: int, cfg: StreamlineConfig) -> int:
-    return cfg.hidden_size or max(1, int(round(cfg.hidden_mult * d)))
-
-
-def default_mlp_params(d: int) -> int:
-    """Parameters of the default replacement MLP (h = 2d, biases): the LoRA ``match_params=mlp`` target."""
-    h = mlp_width(d, StreamlineConfig())
-    return 2 * d * h + h + d
-
-
 def _window(ctx: MethodContext, cfg) -> tuple[int, dict]:
     n = ctx.num_remove
     ctx.check_window(n)
@@ -192,7 +187,7 @@ def run_streamline(ctx: MethodContext, cfg, kind: str) -> PruneResult:
     training: dict = {}
     if kind in ("mlp", "mlp-shared", "multi-mlp"):
         d = ctx.adapter.hidden_size
-        h = mlp_width(d, cfg)
+        h = mlp_width(d, cfg.hidden_size, cfg.hidden_mult)
         if kind == "multi-mlp":
             module = MultiMLPReplacement(d, h, n, activation=cfg.activation, residual=cfg.residual)
         else:

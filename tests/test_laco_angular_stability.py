@@ -14,7 +14,8 @@ from harness import get_adapter
 from harness.errors import UsageError
 from harness.evaluation.stability import compact_samples, compare, stability
 from harness.plugins.context import MethodContext
-from harness.plugins.registry import build_config, get_method
+from harness.plugins.options import build_config
+from harness.plugins.registry import get_method
 from harness.results.report import build_tables
 from harness.signals.activations import StatsAccumulator
 from harness.signals.calibration import CalibrationConfig, CalibrationData

@@ -16,8 +16,7 @@ from harness import ReplacedBlock, count_params, get_adapter, load_pruned, save_
 from harness.errors import UsageError
 from harness.model.adapters import ReplacementLayer
 from harness.plugins.context import MethodContext
-from harness.plugins.registry import check_option_targets, resolve_method
-from harness.runner import method_label
+from harness.plugins.pipeline import check_option_targets, resolve_method
 from harness.signals.calibration import CalibrationConfig, CalibrationData
 
 D = 32  # tiny models: hidden 32, OPT ffn 4*32, 6 layers
@@ -115,7 +114,7 @@ def test_lora_skips_replacements_trains_and_merges_into_a_plain_model(tmp_path):
     assert not torch.equal(a.self_attn.q_proj.weight, b.self_attn.q_proj.weight)  # LoRA was merged in
     assert torch.equal(a.self_attn_layer_norm.weight, b.self_attn_layer_norm.weight)  # only projections
     assert count_params(m) == count_params(plain.model)  # merged: no parameters added
-    assert method_label("streamline+lora", cfg) == "streamline(epochs=1, train_samples=8)+lora(r=3, dropout=0.0, lr=0.01, steps=12, samples=8)"
+    assert cfg.label("streamline+lora") == "streamline(epochs=1, train_samples=8)+lora(r=3, dropout=0.0, lr=0.01, steps=12, samples=8)"
     assert all(p.requires_grad for p in m.parameters())  # training restored the flags
     # a plain HF model again: save_pretrained works; the MLP comes back with load_pruned
     save_pruned(m, None, tmp_path / "sl", res.manifest())
@@ -161,12 +160,11 @@ def test_pipeline_names_and_option_addressing():
     assert (cfg["lora"].r, cfg["remove"].start) == (6, 1)  # the pipeline's own options win
     _, cfg = resolve_method("shortgpt+lora", opts)
     assert cfg["lora"].r == 4
-    from harness.plugins.registry import config_dict
 
-    record = config_dict(cfg)
+    record = cfg.to_dict()
     assert list(record) == ["shortgpt", "lora"] and record["lora"]["r"] == 4
     spec, plain = resolve_method("remove", {"remove": {"start": "2"}})  # a plain method is unchanged
-    assert spec.name == "remove" and plain.start == 2 and config_dict(plain) == {"start": 2, "layers": []}
+    assert spec.name == "remove" and plain.start == 2 and plain.to_dict() == {"start": 2, "layers": []}
     check_option_targets({"lora": {}, "shortgpt": {}, "remove+lora": {}}, ["shortgpt+lora", "remove+lora"])
 
     for name, options, message in [

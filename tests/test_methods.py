@@ -13,7 +13,8 @@ from harness.model.adapters import ReplacedBlock
 from harness.model.surgery import count_params
 from harness.model.target import Target, resolve_num_remove
 from harness.plugins.context import MethodContext
-from harness.plugins.registry import build_config, get_method
+from harness.plugins.options import build_config
+from harness.plugins.registry import get_method
 from harness.signals.calibration import CalibrationConfig, CalibrationData
 
 

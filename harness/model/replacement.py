@@ -4,6 +4,19 @@ from __future__ import annotations
 
 from torch import nn
 
+DEFAULT_HIDDEN_MULT = 2.0  # LLM-Streamline's replacement MLP width: h = 2d
+
+
+def mlp_width(d: int, hidden_size: int | None = None, hidden_mult: float = DEFAULT_HIDDEN_MULT) -> int:
+    """The replacement MLP's width h: ``hidden_size`` if given, else ``hidden_mult`` x d."""
+    return hidden_size or max(1, int(round(hidden_mult * d)))
+
+
+def mlp_params(d: int, h: int) -> int:
+    """Parameters of Linear(d, h) -> act -> Linear(h, d) with biases."""
+    return 2 * d * h + h + d
+
+
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
 

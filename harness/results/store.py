@@ -11,8 +11,8 @@ from importlib import metadata
 from pathlib import Path
 
 from harness.io import config_hash
+from harness.results.record import is_record
 
-SCHEMA_VERSION = 1
 PACKAGES = ("torch", "transformers", "lm_eval", "accelerate", "datasets", "peft", "tokenizers", "numpy")
 
 
@@ -71,7 +71,7 @@ def load_runs(directory: str) -> list[dict]:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
             continue
-        if isinstance(data, dict) and data.get("schema") == SCHEMA_VERSION and "method" in data:
+        if is_record(data):
             data["_path"] = str(path)
             runs.append(data)
     return runs
