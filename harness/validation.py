@@ -1,0 +1,358 @@
+"""The validation phase: every user mistake becomes one ``error:`` line before any work starts.
+
+Order (cheapest first; nothing here loads weights):
+1. the command line: lists (no empty or repeated items), numbers in range, batch size;
+2. plugins, imported here so that any error in a plugin file names the file;
+3. files the run will read: the calibration text and the task data files are opened and their
+   records checked (missing, empty, binary, truncated, wrong fields);
+4. the model's config: every length (perplexity window, calibration blocks) against its
+   maximum positions;
+5. the output folder: created and proved writable with a probe file.
+
+After the weights are loaded, ``check_dense_finite`` runs the dense model once on a
+calibration batch and names the first layer whose output is not finite.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import tempfile
+import traceback
+from pathlib import Path
+
+from harness.errors import UsageError
+
+# --- the command line --------------------------------------------------------------------------
+
+
+def split_list(value: str | None, flag: str) -> list[str]:
+    """``a,b,c`` -> ``[a, b, c]``; an empty item (``a,,b``, a trailing comma) or a repeated one
+    is an error naming the flag."""
+    if value is None or not str(value).strip():
+        return []
+    items = [v.strip() for v in str(value).split(",")]
+    if any(not v for v in items):
+        raise UsageError(f"{flag} '{value}' has an empty item; separate names with single commas, e.g. a,b")
+    seen = set()
+    for v in items:
+        if v in seen:
+            raise UsageError(f"{flag} '{value}' names '{v}' twice; give each item once")
+        seen.add(v)
+    return items
+
+
+def check_range(flag: str, value, *, minimum=None, maximum=None, below=None, above=None) -> None:
+    """``value`` (None = not given, fine) within the bounds; else one line naming the flag."""
+    if value is None:
+        return
+    ok = (minimum is None or value >= minimum) and (maximum is None or value <= maximum) \
+        and (below is None or value < below) and (above is None or value > above)
+    if not ok:
+        bounds = []
+        if minimum is not None:
+            bounds.append(f">= {minimum}")
+        if above is not None:
+            bounds.append(f"> {above}")
+        if maximum is not None:
+            bounds.append(f"<= {maximum}")
+        if below is not None:
+            bounds.append(f"< {below}")
+        raise UsageError(f"{flag} {value} is out of range; it must be {' and '.join(bounds)}")
+
+
+def check_batch_size(value, flag: str = "--eval-batch-size"):
+    """A positive integer, or lm-eval's ``auto`` / ``auto:K`` (K >= 1). Returns the value as
+    lm-eval takes it (int or the string)."""
+    text = str(value).strip()
+    if text == "auto":
+        return "auto"
+    if text.startswith("auto:"):
+        k = text[5:]
+        if not k.isdigit() or int(k) < 1:
+            raise UsageError(f"{flag} '{value}' is not valid; auto:K needs a whole number K >= 1 (e.g. auto:4)")
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        raise UsageError(f"{flag} expects a positive integer, auto or auto:K, got '{value}'") from None
+    if n < 1:
+        raise UsageError(f"{flag} {n} is out of range; use a positive integer, auto or auto:K")
+    return n
+
+
+def check_numbers(args) -> None:
+    """Every numeric flag of the run in range (argparse checked the types)."""
+    check_range("--limit", getattr(args, "limit", None), minimum=1)
+    check_range("--calib-samples", getattr(args, "calib_samples", None), minimum=1)
+    check_range("--calib-seq-len", getattr(args, "calib_seq_len", None), minimum=2)
+    check_range("--calib-batch-size", getattr(args, "calib_batch_size", None), minimum=1)
+    check_range("--ppl-seq-len", getattr(args, "ppl_seq_len", None), minimum=2)
+    check_range("--ppl-stride", getattr(args, "ppl_stride", None), minimum=1)
+    check_range("--ppl-max-windows", getattr(args, "ppl_max_windows", None), minimum=1)
+    check_range("--seed", getattr(args, "seed", None), minimum=0, maximum=2 ** 32 - 1)
+    check_range("--max-loss-growth", getattr(args, "max_loss_growth", None), above=1.0)
+    if getattr(args, "ppl_stride", None) and getattr(args, "ppl_seq_len", None) and args.ppl_stride > args.ppl_seq_len:
+        raise UsageError(f"--ppl-stride {args.ppl_stride} must not exceed --ppl-seq-len {args.ppl_seq_len}")
+    if getattr(args, "eval_batch_size", None) is not None:
+        check_batch_size(args.eval_batch_size)
+
+
+# --- plugins -------------------------------------------------------------------------------------
+
+
+def load_plugins(paths: list[str]) -> None:
+    """Import each plugin file; any failure (syntax error, an exception on import, a name that is
+    already registered) is one line naming the file and, where known, the line."""
+    from harness.plugins.registry import load_plugin_file
+
+    for path in paths:
+        try:
+            load_plugin_file(path)
+        except UsageError:
+            raise
+        except SyntaxError as exc:
+            _forget_plugin(path)
+            raise UsageError(f"plugin file '{path}' line {exc.lineno}: syntax error ({exc.msg})") from None
+        except Exception as exc:  # noqa: BLE001 - anything a user's file raises is their input
+            _forget_plugin(path)
+            line = _plugin_line(path, exc)
+            where = f" line {line}" if line else ""
+            msg = str(exc).splitlines()[0][:300] if str(exc) else ""
+            raise UsageError(f"plugin file '{path}'{where} failed to import: {type(exc).__name__}: {msg}") from None
+
+
+def _plugin_line(path: str, exc: BaseException) -> int | None:
+    target = os.path.realpath(os.path.expanduser(path))
+    line = None
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if os.path.realpath(frame.filename) == target:
+            line = frame.lineno
+    return line
+
+
+def _forget_plugin(path: str) -> None:
+    """A plugin that failed half-way must not count as loaded (a re-try would silently pass)."""
+    import sys
+
+    p = Path(path).expanduser()
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("_streamline_plugin_") and getattr(mod, "__file__", None) and \
+                os.path.realpath(mod.__file__) == os.path.realpath(p):
+            del sys.modules[name]
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+_PROBE_BYTES = 1 << 16
+
+
+def _open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+
+
+def _check_not_binary(path: Path, what: str) -> None:
+    with open(path, "rb") as fh:
+        head = fh.read(_PROBE_BYTES)
+    if path.suffix == ".gz":
+        if head[:2] != b"\x1f\x8b":
+            raise UsageError(f"{what} '{path}' is not a gzip file; re-create it (see shared/data/SOURCES.md)")
+        try:
+            with gzip.open(path, "rb") as fh:
+                head = fh.read(_PROBE_BYTES)
+        except (OSError, EOFError) as exc:
+            raise UsageError(f"{what} '{path}' is a damaged gzip file ({exc}); re-create it") from None
+    if b"\x00" in head:
+        raise UsageError(f"{what} '{path}' is a binary file, not text; pass a UTF-8 text or JSON-lines file")
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 4:  # not just a multi-byte character cut by the probe
+            raise UsageError(f"{what} '{path}' is not UTF-8 text (byte {exc.start}); pass a UTF-8 file") from None
+
+
+def check_jsonl_file(path, what: str, fields: tuple[str, ...] = (), head: int = 3) -> int:
+    """A JSON-lines file whose every line is a JSON object (the first ``head`` ones holding
+    ``fields``); missing, empty, binary, truncated or wrong-schema files are errors. Returns
+    the number of records."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{what} '{path}' does not exist")
+    if path.stat().st_size == 0:
+        raise UsageError(f"{what} '{path}' is empty")
+    _check_not_binary(path, what)
+    n = 0
+    try:
+        with _open_text(path) as fh:
+            for line_no, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    last = "the last line" if not line.endswith("\n") else f"line {line_no}"
+                    hint = " (the file looks truncated)" if not line.endswith("\n") else ""
+                    raise UsageError(f"{what} '{path}' {last} is not valid JSON{hint}; "
+                                     "re-create the file (one JSON object per line)") from None
+                if not isinstance(row, dict):
+                    raise UsageError(f"{what} '{path}' line {line_no} is not a JSON object")
+                if n < head:
+                    missing = [f for f in fields if f not in row]
+                    if missing:
+                        raise UsageError(f"{what} '{path}' line {line_no} lacks field(s) {', '.join(missing)} "
+                                         f"(has {', '.join(list(row)[:8])}); is it the right file?")
+                n += 1
+    except (OSError, EOFError) as exc:  # a truncated gzip stream
+        raise UsageError(f"{what} '{path}' cannot be read to the end ({type(exc).__name__}: {exc}); "
+                         "the file looks truncated") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{what} '{path}' is not UTF-8 text ({exc.reason}); pass a UTF-8 file") from None
+    if n == 0:
+        raise UsageError(f"{what} '{path}' holds no records")
+    return n
+
+
+def check_text_file(path, what: str) -> None:
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{what} '{path}' does not exist")
+    _check_not_binary(path, what)
+    try:
+        with _open_text(path) as fh:
+            text = fh.read(_PROBE_BYTES * 16)
+    except (OSError, EOFError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{what} '{path}' cannot be read as text ({type(exc).__name__})") from None
+    if not text.strip():
+        raise UsageError(f"{what} '{path}' is empty; pass a file with text in it")
+
+
+def check_calibration_source(source: str, field: str = "text") -> None:
+    """A local calibration file: exists, text, not empty; JSON lines with ``field``."""
+    from harness.signals.calibration import _is_local
+
+    if not _is_local(source):
+        return  # a Hub dataset id: checked when loaded (offline it fails with its own clear line)
+    p = Path(source).expanduser()
+    if not p.is_file():
+        raise UsageError(f"calibration file '{source}' does not exist; pass an existing .txt or .jsonl file")
+    if p.suffix == ".txt":
+        check_text_file(p, "calibration file")
+    else:
+        check_jsonl_file(p, "calibration file", (field,))
+
+
+# task -> fields of its rows (the schema lm-eval's task YAML reads)
+TASK_FIELDS = {
+    "piqa": ("goal", "sol1", "sol2", "label"),
+    "hellaswag": ("ctx", "endings", "label", "activity_label"),
+    "winogrande": ("sentence", "option1", "option2", "answer"),
+    "boolq": ("question", "passage", "label"),
+    "arc_easy": ("question", "choices", "answerKey"),
+    "arc_challenge": ("question", "choices", "answerKey"),
+    "openbookqa": ("question_stem", "choices", "answerKey"),
+}
+SUITE_FIELDS = ("query", "choices", "label")
+
+
+def check_task_data(cfg) -> list[Path]:
+    """Open every task data file the evaluation reads and check its records; returns the files.
+
+    Uses ``harness.evaluation.lmeval.check_task_files`` where it exists (it knows every task's
+    layout); otherwise checks the built-in local layouts and suite files here."""
+    from harness.evaluation import lmeval
+
+    checker = getattr(lmeval, "check_task_files", None)
+    if checker is not None:
+        files = checker(cfg)
+        if isinstance(files, (list, tuple)):
+            return [Path(f) for f in files]
+    files: list[Path] = []
+    if getattr(cfg, "suite", None):
+        suite = lmeval.suite_tasks(cfg.suite)
+        files.append(Path(cfg.suite) / "suite.json")
+        for name, info in suite["tasks"].items():
+            f = Path(cfg.suite) / info["file"]
+            check_jsonl_file(f, f"suite task '{name}' file", SUITE_FIELDS)
+            files.append(f)
+        return files
+    if getattr(cfg, "data_dir", None):
+        root = Path(cfg.data_dir)
+        for t in cfg.tasks:
+            layout = lmeval.LOCAL_TASK_FILES.get(t)
+            if layout is None:
+                continue
+            f = root / layout[1]
+            check_jsonl_file(f, f"data file for task '{t}'", TASK_FIELDS.get(t, ()))
+            files.append(f)
+        if cfg.ppl:
+            f = root / lmeval.WIKITEXT_LOCAL
+            check_jsonl_file(f, "wikitext-2 test file (--ppl)", ("text",))
+            files.append(f)
+    return files
+
+
+# --- the model's config --------------------------------------------------------------------------
+
+
+def max_positions(config) -> int | None:
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_lengths(config, *, ppl: bool, ppl_seq_len: int | None, ppl_stride: int | None,
+                  calib_seq_len: int | None) -> None:
+    """Every length the run uses fits the model's positions (from its config alone)."""
+    limit = max_positions(config)
+    if limit is None:
+        return
+    if ppl and ppl_seq_len is not None and ppl_seq_len > limit:
+        raise UsageError(f"--ppl-seq-len {ppl_seq_len} exceeds the model's {limit} positions; use --ppl-seq-len <= {limit}")
+    window = ppl_seq_len or min(2048, limit)
+    if ppl and ppl_stride is not None and not 0 < ppl_stride <= window:
+        raise UsageError(f"--ppl-stride {ppl_stride} must be between 1 and the window length {window}")
+    if calib_seq_len is not None and calib_seq_len > limit:
+        raise UsageError(f"--calib-seq-len {calib_seq_len} exceeds the model's {limit} positions; "
+                         f"use --calib-seq-len <= {limit}")
+
+
+# --- the output folder ---------------------------------------------------------------------------
+
+
+def check_output_dir(path) -> Path:
+    """Create the output folder and prove it writable with a probe file (removed again)."""
+    out = Path(path).expanduser()
+    for parent in [out, *out.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise UsageError(f"--output-dir '{path}': '{parent}' is a file, not a folder; pass a folder path")
+        if parent.exists():
+            break
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".sb_write_probe.", suffix=".tmp", dir=out)
+        try:
+            os.write(fd, b"probe")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        raise UsageError(f"--output-dir '{path}' is not writable ({exc.strerror or exc}); pass a folder you can write to") \
+            from None
+    return out
+
+
+# --- after loading: the dense model's numbers ----------------------------------------------------
+
+
+def check_dense_finite(model, adapter, calibration, model_name: str = "the model") -> None:
+    """One forward pass on the first calibration batch; NaN/inf in any layer's output is an error
+    naming the first such layer (a model with broken weights is bad input, not a result)."""
+    from harness.finite import first_nonfinite_layer
+
+    ids, mask = next(iter(calibration.batches(min(2, len(calibration)))))
+    where = first_nonfinite_layer(model, adapter, ids, mask)
+    if where:
+        raise UsageError(f"model '{model_name}' produces non-finite values (NaN or inf) in {where} on the "
+                         "calibration data; its weights are broken or the dtype overflows (try --dtype float32)")
