@@ -17,7 +17,7 @@ from harness.signals.calibration import CalibrationData, load_calibration
 
 @dataclass
 class MethodContext:
-    model: Any  # a private copy of the dense model the method may modify
+    model: Any  # the method's model: a shell sharing the dense weights (own_layer before changing weights)
     adapter: ModelAdapter
     tokenizer: Any
     calibration: CalibrationData
@@ -73,6 +73,23 @@ class MethodContext:
                        boundaries=None):
         """Stream ``({j: X_j}, mask)`` per batch for the current model (see activations)."""
         return iter_boundary_pairs(self.model, self.adapter, data, start, end, batch_size, boundaries)
+
+    def own_layer(self, index: int):
+        """Copy decoder layer ``index`` (current position) into this model before changing its
+        weights in place; returns the copy. The model starts as a shell sharing every tensor with
+        the dense model (harness.model.sharing): a method that changes weights (LaCo's merge, a
+        merged LoRA) owns those layers first. A snapshot taken before (``snapshot_layers``)
+        restores the shared layer (``restore_layers``), dropping the copy."""
+        from harness.model.sharing import own_layer
+
+        return own_layer(self.adapter, index)
+
+    def own_layers(self) -> list[int]:
+        """``own_layer`` for every real decoder layer (replacement layers are the method's own
+        already); returns the positions copied."""
+        from harness.model.sharing import own_all_layers
+
+        return own_all_layers(self.adapter)
 
     def check_window(self, n: int) -> None:
         if n >= self.num_layers:

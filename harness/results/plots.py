@@ -1,0 +1,350 @@
+"""Figures (matplotlib, PNG + PDF) from layer scores and result records.
+
+- ``window_cos_heatmap`` / ``angular_heatmap``: start layer i x window length n of Streamline's
+  S(i) = cos(X_i, X_{i+n}) (LLM-Streamline Fig. 2 style) and of the last-token angular distance
+  (PruneMe's plot). Dark = redundant in both. Each row's optimum is dotted; every run whose
+  removed layers form a contiguous window is outlined in its method's colour.
+- ``block_influence``: ShortGPT's BI per layer, with the layers each ShortGPT run removed marked.
+- ``accuracy_vs_ratio``: average accuracy, Per. and each task's accuracy against the measured
+  pruning ratio, one line per method, the dense model as a dashed reference line.
+
+Every figure has a fixed size (``FIGSIZE`` inches at ``DPI``), axis labels with units and a
+title naming the model and the calibration set. Nothing here touches pyplot's global state
+(``matplotlib.figure.Figure`` with the Agg canvas), so it is safe in tests and servers.
+"""
+from __future__ import annotations
+
+import io
+import math
+from collections import OrderedDict
+from pathlib import Path
+
+from harness.io import _write_atomic
+from harness.results.report import TASK_LABELS, eval_group_key, parse_metric_spec, pick_metric
+from harness.results.store import slug
+
+DPI = 200
+HEATMAP_SIZE = (6.4, 4.8)
+BI_SIZE = (6.4, 4.0)
+MARK_COLORS = ["#d62728", "#ff7f0e", "#9467bd", "#2ca02c", "#e377c2", "#8c564b", "#17becf", "#bcbd22", "#7f7f7f"]
+LINE_COLORS = ["#1f77b4", "#d62728", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">"]
+
+PLOT_STEMS = ("window_cos_heatmap", "angular_heatmap", "block_influence", "accuracy_vs_ratio")
+
+
+def _figure(size):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, stem: Path) -> list[Path]:
+    """``stem``.png and ``stem``.pdf, each written atomically; the PNG is exactly figsize x DPI."""
+    paths = []
+    for ext in ("png", "pdf"):
+        buf = io.BytesIO()
+        fig.savefig(buf, format=ext, dpi=DPI, metadata={"Software": None} if ext == "png" else None)
+        path = Path(f"{stem}.{ext}")
+        _write_atomic(path, buf.getvalue())
+        paths.append(path)
+    return paths
+
+
+def model_name(name: str) -> str:
+    return slug(name)
+
+
+def calibration_name(cal: dict | None) -> str:
+    """'calibration.txt, 128 x 24 tokens' (the source's file or dataset name, blocks x tokens)."""
+    if not cal:
+        return "calibration: unknown"
+    source = str(cal.get("source", "?"))
+    short = Path(source).name if ("/" in source and Path(source).suffix) else source
+    n, t = cal.get("num_samples"), cal.get("seq_len")
+    return f"calibration {short}" + (f", {n}\u00d7{t} tokens" if n and t else "")
+
+
+# --- layer-score heatmaps -------------------------------------------------------------------
+
+def window_marks(runs: list[dict], num_layers: int) -> list[tuple[str, int, int]]:
+    """``(label, start, n)`` for every run whose removed layers are one contiguous window."""
+    marks = []
+    for run in runs:
+        if run.get("method") == "dense":
+            continue
+        removed = sorted((run.get("manifest") or {}).get("removed_layers") or [])
+        if not removed or removed != list(range(removed[0], removed[0] + len(removed))):
+            continue
+        if removed[-1] >= num_layers:
+            continue
+        marks.append((run.get("label") or run["method"], removed[0], len(removed)))
+    return marks
+
+
+def method_colors(labels) -> dict[str, str]:
+    out: "OrderedDict[str, str]" = OrderedDict()
+    for label in labels:
+        if label not in out:
+            out[label] = MARK_COLORS[len(out) % len(MARK_COLORS)]
+    return out
+
+
+def _heatmap(payload: dict, which: str, marks, stem: Path) -> list[Path]:
+    import numpy as np
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch, Rectangle
+
+    L = int(payload["num_layers"])
+    rows = sorted(int(k) for k in payload[which])
+    grid = np.full((len(rows), L), np.nan)
+    for r, n in enumerate(rows):
+        for i, v in enumerate(payload[which][str(n)]):
+            if v is not None and i < L:
+                grid[r, i] = v
+    fig = _figure(HEATMAP_SIZE)
+    ax = fig.add_subplot()
+    if which == "window_cos":
+        cmap, cbar_label = "Blues", "mean cosine similarity cos(X$_i$, X$_{i+n}$)"
+        title_kind, best_label = "Window cosine S(i)", "row maximum (Streamline's choice)"
+    else:
+        cmap, cbar_label = "Blues_r", "angular distance arccos(cos)/\u03c0, last token"
+        title_kind, best_label = "Angular distance d(i)", "row minimum (angular's choice)"
+    masked = np.ma.masked_invalid(grid)
+    import matplotlib
+
+    cm = matplotlib.colormaps[cmap].copy()
+    cm.set_bad("#f2f2f2")
+    extent = (-0.5, L - 0.5, rows[0] - 0.5, rows[-1] + 0.5)
+    im = ax.imshow(masked, cmap=cm, origin="lower", aspect="auto", extent=extent, interpolation="nearest")
+    cbar = fig.colorbar(im, ax=ax, shrink=0.95)
+    cbar.set_label(cbar_label + " (darker = more redundant)", fontsize=8)
+    cbar.ax.tick_params(labelsize=7)
+    ax.set_xlabel("first removed layer i (0-based)")
+    ax.set_ylabel("window length n (layers removed)")
+    ax.set_xticks(range(L) if L <= 24 else range(0, L, max(1, L // 12)))
+    ax.set_yticks(rows if len(rows) <= 24 else rows[:: max(1, len(rows) // 12)])
+    ax.tick_params(labelsize=7)
+    finite = grid[np.isfinite(grid)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if L <= 16:  # values readable in the cells
+        for r, n in enumerate(rows):
+            for i in range(L):
+                v = grid[r, i]
+                if math.isfinite(v):
+                    frac = (v - lo) / (hi - lo) if hi > lo else 0.5
+                    dark = frac > 0.55 if which == "window_cos" else frac < 0.45
+                    ax.text(i, n, f"{v:.2f}", ha="center", va="center", fontsize=5.5 if L > 12 else 6.5,
+                            color="white" if dark else "#222222")
+    # each row's optimum (what streamline/remove or angular would pick at that n)
+    best = payload.get("choices", {}).get("streamline" if which == "window_cos" else "angular", {})
+    bx, by = [], []
+    for n in rows:
+        if str(n) in best:
+            bx.append(best[str(n)] - 0.3)
+            by.append(n - 0.27)
+    ax.scatter(bx, by, s=10, marker="o", color="#ffbf00", edgecolors="black", linewidths=0.5, zorder=5)
+    colors = method_colors(label for label, _s, _n in marks)
+    handles = [Line2D([], [], linestyle="", marker="o", markersize=4, markerfacecolor="#ffbf00",
+                      markeredgecolor="black", markeredgewidth=0.5, label=best_label)]
+    per_cell: dict[tuple[int, int], int] = {}
+    for label, start, n in marks:
+        if n not in rows:
+            continue
+        k = per_cell.get((start, n), 0)
+        per_cell[(start, n)] = k + 1
+        inset = 0.04 + 0.1 * k
+        ax.add_patch(Rectangle((start - 0.5 + inset, n - 0.5 + inset), 1 - 2 * inset, 1 - 2 * inset, fill=False,
+                               edgecolor=colors[label], linewidth=1.8, zorder=4))
+    for label, color in colors.items():
+        handles.append(Patch(facecolor="none", edgecolor=color, linewidth=1.8, label=f"{label}: removed window"))
+    ax.legend(handles=handles, loc="upper right", fontsize=6.5, framealpha=0.9)
+    ax.set_title(f"{title_kind} of every window \u2014 {model_name(payload['model'])}\n"
+                 f"{calibration_name(payload.get('calibration'))}", fontsize=9)
+    return _save(fig, stem)
+
+
+def window_cos_heatmap(payload: dict, marks, stem: Path) -> list[Path]:
+    return _heatmap(payload, "window_cos", marks, stem)
+
+
+def angular_heatmap(payload: dict, marks, stem: Path) -> list[Path]:
+    return _heatmap(payload, "angular", marks, stem)
+
+
+# --- Block Influence --------------------------------------------------------------------------
+
+def shortgpt_marks(runs: list[dict]) -> list[tuple[str, list[int]]]:
+    """``(label, removed layers)`` of every ShortGPT-style run (the method name starts with shortgpt)."""
+    out = []
+    for run in runs:
+        if str(run.get("method", "")).split("+")[0] == "shortgpt":
+            removed = sorted((run.get("manifest") or {}).get("removed_layers") or [])
+            n = (run.get("target") or {}).get("num_remove", len(removed))
+            out.append((f"{run.get('label') or run['method']}, n={n}", removed))
+    return sorted(out, key=lambda m: (len(m[1]), m[0]))
+
+
+def block_influence(payload: dict, marks, stem: Path) -> list[Path]:
+    """Bars of BI per layer (log scale when BI spans more than a decade); above them one strip
+    row per ShortGPT run with a marker on each layer it removed."""
+    bi = [float("nan") if v is None else v for v in payload["block_influence"]]
+    L = len(bi)
+    fig = _figure(BI_SIZE)
+    rows = max(1, len(marks))
+    gs = fig.add_gridspec(2, 1, height_ratios=[0.55 + 0.35 * rows, 4.0])
+    strip = fig.add_subplot(gs[0])
+    ax = fig.add_subplot(gs[1], sharex=strip)
+    removed_any = set().union(*[set(m[1]) for m in marks]) if marks else set()
+    colors = ["#c7c7c7" if i not in removed_any else "#d62728" for i in range(L)]
+    ax.bar(range(L), bi, color=colors, edgecolor="#555555", linewidth=0.4, width=0.8)
+    positive = [v for v in bi if math.isfinite(v) and v > 0]
+    if positive and max(positive) / min(positive) > 10:
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_ylabel("Block Influence BI$_i$ (log scale)", fontsize=8)
+    else:
+        ax.set_ylabel("Block Influence BI$_i$", fontsize=8)
+    ax.set_xlabel("decoder layer i (0-based); BI$_i$ = 1 \u2212 mean cos(X$_i$, X$_{i+1}$), low = redundant",
+                  fontsize=8)
+    ax.set_xticks(range(L) if L <= 32 else range(0, L, max(1, L // 16)))
+    ax.tick_params(labelsize=7)
+    ax.grid(axis="y", alpha=0.3, linewidth=0.5)
+    for k, (label, removed) in enumerate(marks):
+        strip.scatter(removed, [k] * len(removed), marker="s", s=14, color=MARK_COLORS[k % len(MARK_COLORS)])
+    strip.set_yticks(range(len(marks)), [f"removed by {label}" for label, _r in marks], fontsize=6.5)
+    strip.set_ylim(-0.7, rows - 0.3)
+    strip.tick_params(axis="x", labelbottom=False, length=0)
+    strip.grid(axis="x", alpha=0.3, linewidth=0.5)
+    for side in ("top", "right"):
+        strip.spines[side].set_visible(False)
+    if not marks:
+        strip.text(0.5, 0.5, "no ShortGPT run in these results", transform=strip.transAxes, ha="center",
+                   va="center", fontsize=7, color="#666666")
+        strip.set_yticks([])
+    strip.set_xlim(-0.6, L - 0.4)
+    fig.suptitle(f"ShortGPT Block Influence per layer \u2014 {model_name(payload['model'])}\n"
+                 f"{calibration_name(payload.get('calibration'))}", fontsize=9)
+    return _save(fig, stem)
+
+
+# --- accuracy vs measured pruning ratio -----------------------------------------------------
+
+def _avg(run: dict, tasks, default, per_task) -> tuple[float | None, dict]:
+    scores = {}
+    for t in tasks:
+        value, _ = pick_metric((run.get("metrics") or {}).get(t, {}), t, default, per_task)
+        if value is not None:
+            scores[t] = 100.0 * value
+    avg = sum(scores.values()) / len(scores) if len(scores) == len(tasks) and tasks else None
+    return avg, scores
+
+
+def accuracy_series(runs: list[dict], metric_spec: str | None = None) -> list[dict]:
+    """One entry per comparable group (model + evaluation): dense values and per-method points
+    ``(measured ratio %, Ave., Per., {task: acc})`` sorted by ratio."""
+    default, per_task = parse_metric_spec(metric_spec)
+    groups: "OrderedDict[str, list[dict]]" = OrderedDict()
+    for run in runs:
+        groups.setdefault(eval_group_key(run), []).append(run)
+    out = []
+    for group in groups.values():
+        dense = [r for r in group if r["method"] == "dense"]
+        if not dense:
+            continue
+        d = max(dense, key=lambda r: (r.get("environment") or {}).get("created", ""))
+        tasks = list(d["metrics"].keys())
+        d_avg, d_scores = _avg(d, tasks, default, per_task)
+        lines: "OrderedDict[str, list]" = OrderedDict()
+        cal = None
+        for run in group:
+            if run["method"] == "dense":
+                continue
+            avg, scores = _avg(run, tasks, default, per_task)
+            if avg is None:
+                continue
+            cal = cal or run.get("calibration")
+            per = 100.0 * avg / d_avg if d_avg else None
+            lines.setdefault(run.get("label") or run["method"], []).append(
+                (100.0 * run["params"]["ratio"], avg, per, scores))
+        for pts in lines.values():
+            pts.sort(key=lambda p: p[0])
+        out.append({"model": d["model"]["name"], "tasks": tasks, "dense": (d_avg, d_scores), "lines": lines,
+                    "calibration": cal, "eval": d.get("eval") or {}})
+    return out
+
+
+def accuracy_vs_ratio(series: dict, stem: Path) -> list[Path]:
+    tasks = series["tasks"]
+    panels = [("Average accuracy (Ave.)", "ave"), ("Retained performance (Per.)", "per")] + \
+        [(f"{TASK_LABELS.get(t, t)}", t) for t in tasks]
+    ncols = min(4, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig = _figure((2.3 * ncols + 0.4, 2.1 * nrows + 0.9))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    d_avg, d_scores = series["dense"]
+    max_x = max([p[0] for pts in series["lines"].values() for p in pts] + [1.0])
+    for idx, (title, key) in enumerate(panels):
+        ax = axes[idx // ncols][idx % ncols]
+        ref = {"ave": d_avg, "per": 100.0 if d_avg else None}.get(key, d_scores.get(key))
+        if ref is not None:
+            ax.axhline(ref, color="black", linestyle="--", linewidth=1.0, zorder=1)
+            ax.scatter([0], [ref], color="black", s=12, zorder=3)
+        for k, (label, pts) in enumerate(series["lines"].items()):
+            xs = [p[0] for p in pts]
+            ys = [p[1] if key == "ave" else p[2] if key == "per" else p[3].get(key) for p in pts]
+            ax.plot(xs, ys, marker=MARKERS[k % len(MARKERS)], markersize=3.5, linewidth=1.2,
+                    color=LINE_COLORS[k % len(LINE_COLORS)], label=label)
+        ax.set_title(title, fontsize=8)
+        ax.set_xlim(-0.03 * max_x, max_x * 1.08)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3, linewidth=0.5)
+        if idx % ncols == 0:
+            ax.set_ylabel("Per. (% of dense)" if key == "per" and ncols == 1 else "accuracy / Per. (%)", fontsize=7)
+        if idx // ncols == nrows - 1 or idx + ncols >= len(panels):
+            ax.set_xlabel("measured pruning ratio (% of parameters)", fontsize=7)
+    for idx in range(len(panels), nrows * ncols):
+        axes[idx // ncols][idx % ncols].axis("off")
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color="black", linestyle="--", marker="o", markersize=3, label="Dense")]
+    handles += [Line2D([], [], color=LINE_COLORS[k % len(LINE_COLORS)], marker=MARKERS[k % len(MARKERS)],
+                       markersize=3.5, label=label) for k, label in enumerate(series["lines"])]
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 5), fontsize=7, frameon=False)
+    ev = series["eval"]
+    limit = f", --limit {ev['limit']}" if ev.get("limit") else ""
+    fig.suptitle(f"Accuracy vs measured pruning ratio \u2014 {model_name(series['model'])} "
+                 f"({len(tasks)} tasks{limit}; {calibration_name(series['calibration'])})", fontsize=9)
+    return _save(fig, stem)
+
+
+# --- everything at once -----------------------------------------------------------------------
+
+def render_plots(out_dir: Path, runs: list[dict] | None = None, scores: dict | None = None,
+                 metric_spec: str | None = None) -> list[Path]:
+    """Every figure the inputs allow, written into ``out_dir``: heatmaps and BI from ``scores``
+    (a layer-scores payload) with the runs of the same model marked, accuracy vs ratio from the runs."""
+    out_dir = Path(out_dir)
+    runs = runs or []
+    paths: list[Path] = []
+    if scores is not None:
+        mine = [r for r in runs if model_name(r["model"]["name"]) == model_name(scores["model"])]
+        L = int(scores["num_layers"])
+        marks = window_marks(mine, L)
+        paths += window_cos_heatmap(scores, marks, out_dir / "window_cos_heatmap")
+        paths += angular_heatmap(scores, marks, out_dir / "angular_heatmap")
+        paths += block_influence(scores, shortgpt_marks(mine), out_dir / "block_influence")
+    all_series = accuracy_series(runs, metric_spec) if runs else []
+    for k, series in enumerate(all_series):
+        if not series["lines"]:
+            continue
+        suffix = "" if len(all_series) == 1 else f"_{k + 1}"
+        paths += accuracy_vs_ratio(series, out_dir / f"accuracy_vs_ratio{suffix}")
+    return paths
