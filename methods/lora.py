@@ -165,9 +165,9 @@ def lora(ctx: MethodContext, cfg: LoRAConfig, result: PruneResult) -> PruneResul
 
     peft_cfg = PeftLoraConfig(r=r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
                               target_modules=sorted(targets))
+    ctx.own_layers()  # the merge writes into every adapted projection: this model's own copies, not the dense ones
     flags = {name: p.requires_grad for name, p in model.named_parameters()}  # PEFT freezes the base model
     peft_model = get_peft_model(model, peft_cfg)
-    ctx.own_layers()  # the merge writes into every adapted projection: this model's own copies, not the dense ones
     lora_params = [p for n, p in peft_model.named_parameters() if ".lora_" in n]
     trainable = sum(p.numel() for p in lora_params)
     if trainable != r * per_rank:  # PEFT wrapped something else than what was counted
