@@ -1,12 +1,12 @@
 """The pipeline: model -> activations -> scores -> plan -> pruned model -> evaluation -> JSON.
 
-``run_benchmark`` evaluates the dense model once, then each requested method on its own copy
-of the dense model. Every run (dense included) is one result JSON, written atomically; a run
-whose JSON exists is skipped unless ``force``, so a sweep that dies resumes where it stopped.
+``run_benchmark`` evaluates the dense model once, then each requested method on its own shell
+of the dense model (harness.model.sharing: new module objects over the dense tensors). Every
+run (dense included) is one result JSON, written atomically; a run whose JSON exists is skipped
+unless ``force``, so a sweep that dies resumes where it stopped.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import gc
 import logging
@@ -37,6 +37,7 @@ from harness.model.loading import (
     resolve_dtype,
 )
 from harness.model.saving import save_pruned
+from harness.model.sharing import WeightGuard, shell_of
 from harness.model.surgery import count_params
 from harness.model.target import Target, resolve_num_remove
 from harness.plugins.context import MethodContext
@@ -187,7 +188,7 @@ def run_dense(s: Session, echo=print) -> dict:
 
 
 def run_method(s: Session, name: str, spec, cfg, echo=print) -> dict:
-    """Prune a copy of the dense model with one method, evaluate it, store its record."""
+    """Prune a shell of the dense model (shared weights) with one method, evaluate it, store its record."""
     opts = s.opts
     cfg_dict = cfg.to_dict()
     key = {"model": opts.model, "dtype": opts.dtype, "method": name, "method_config": cfg_dict,
@@ -209,7 +210,9 @@ def run_method(s: Session, name: str, spec, cfg, echo=print) -> dict:
                         stats_cache=s.stats_cache, dense_stats_key=opts.model, timings=timings)
     torch.manual_seed(opts.seed)
     t = time.perf_counter()
+    guard = WeightGuard(s.model)
     result = spec.fn(ctx, cfg)
+    guard.check(f"method '{name}'")  # the dense model is shared by every run: a leak stops the sweep
     timings["prune"] = time.perf_counter() - t  # includes "score" and any training
     pruned = result.model
     pruned.eval()
@@ -238,10 +241,10 @@ def run_method(s: Session, name: str, spec, cfg, echo=print) -> dict:
 
 
 def copy_model(s: Session):
-    """The method's own model: a full copy of the dense one (``--device auto``: loaded again)."""
-    if s.opts.device == "auto":
-        return load_model(s.opts.model, s.opts.dtype, s.opts.device)[0]
-    return copy.deepcopy(s.model)
+    """The method's own model: a shell over the dense model's tensors (harness.model.sharing),
+    the same on every device map (``--device auto`` included: no reload). A method copies the
+    layers whose weights it changes (``ctx.own_layer``)."""
+    return shell_of(s.model)
 
 
 def _params(s: Session, pruned, result) -> dict:
