@@ -278,7 +278,8 @@ def laco_search(ctx: MethodContext, cfg: LaCoConfig, merge_fn, name: str) -> Pru
             if l < lo:
                 break
             snap = snapshot_layers(adapter)
-            layers = snap["layers"]
+            ctx.own_layer(l)  # the merge writes into layer l: a copy, never the dense model's (shared) layer
+            layers = list(adapter.layers)  # snap keeps the shared layer: a rejected merge restores it
             backup = {k: v.detach().clone() for k, v in merge_params(layers[l]).items()}
             merge_into(layers, l, m, merge_fn)
             remove_layers(adapter, range(l + 1, l + 1 + m))
