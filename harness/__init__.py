@@ -39,7 +39,7 @@ from harness.model.surgery import (
                                     snapshot_layers,
 )
 from harness.plugins.context import MethodContext
-from harness.plugins.options import MethodConfig, option
+from harness.plugins.options import MethodConfig, WindowConfig, option
 from harness.plugins.registry import (
                                     PruneResult,
                                     available_methods,
@@ -51,7 +51,7 @@ from harness.signals.calibration import CalibrationData
 
 __all__ = [
     # writing a method: its config, what it receives, what it returns, registration
-    "MethodConfig", "option", "MethodContext", "PruneResult", "register_method", "register_post_step",
+    "MethodConfig", "WindowConfig", "option", "MethodContext", "PruneResult", "register_method", "register_post_step",
     "available_methods", "available_post_steps", "UsageError",
     # the model: adapters and surgery
     "ModelAdapter", "get_adapter", "supported_model_types", "unwrap_layer", "count_params", "remove_layers",

@@ -7,7 +7,11 @@ import os
 import sys
 from pathlib import Path
 
+from harness import defaults
 from harness.errors import RegressionFailure, UsageError
+from harness.reference import CALIB_SEQ_LEN as REFERENCE_CALIB_SEQ_LEN
+from harness.reference import DEFAULT_MODEL as REFERENCE_DEFAULT
+from harness.reference import shipped as shipped_reference_models
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,6 +39,20 @@ def _float(name):
     return parse
 
 
+def _list_of(parse_one, name):
+    """A comma-separated list (a sweep): ``--ratio 0.1,0.2,0.3``; repeated values are an error."""
+    one = parse_one(name)
+
+    def parse(value):
+        items = [one(v.strip()) for v in str(value).split(",") if v.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"{name} expects a value or a comma-separated list, got '{value}'")
+        if len(set(items)) != len(items):
+            raise argparse.ArgumentTypeError(f"{name} lists a value twice: '{value}'")
+        return items
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="run_benchmarks.py", description=(
         "Prune a causal LM with registered layer-pruning methods, evaluate each pruned model and the "
@@ -45,15 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, metavar="FILE",
                    help="YAML file whose keys mirror these flags (e.g. configs/table5_6.yaml); flags given here win")
     p.add_argument("--model", default=None, help="Hub id, local model folder, or a reference model name "
-                   "(ref-opt-12l, ref-opt-16l, ref-opt-24l; default: ref-opt-16l on the reference suite)")
+                   f"({', '.join(shipped_reference_models())}; default: {REFERENCE_DEFAULT} on the reference suite)")
     p.add_argument("--suite", default=None, help="a generated task-suite folder (suite.json) instead of --tasks "
                    "(default for reference models: reference/suite)")
     p.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks "
                    "(default: piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa,boolq)")
     tgt = p.add_mutually_exclusive_group()
-    tgt.add_argument("--ratio", type=_float("--ratio"), default=None,
-                     help="fraction of the dense model's parameters to remove (default 0.25)")
-    tgt.add_argument("--layers", type=_int("--layers"), default=None, help="number of decoder layers to remove")
+    tgt.add_argument("--ratio", type=_list_of(_float, "--ratio"), default=None,
+                     help=f"fraction of the dense model's parameters to remove (default {defaults.RATIO}); a "
+                     "comma-separated list sweeps: every method at every ratio, dense evaluated once")
+    tgt.add_argument("--layers", type=_list_of(_int, "--layers"), default=None,
+                     help="number of decoder layers to remove; a comma-separated list (2,4,6) sweeps")
     p.add_argument("-o", "--method-opt", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="a method option, e.g. -o streamline.epochs=3 (repeatable; lists use a/b/c); a post-step's "
                    "options: -o lora.r=8 (every +lora run) or -o remove+lora.lora.r=8 (that run only)")
@@ -61,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None,
                    help="local benchmark files laid out like shared/data (tasks, wikitext-2, calibration)")
     p.add_argument("--limit", type=_int("--limit"), default=None, help="evaluate only the first N items per task")
-    p.add_argument("--eval-batch-size", type=_int("--eval-batch-size"), default=8)
+    p.add_argument("--eval-batch-size", type=_int("--eval-batch-size"), default=defaults.EVAL_BATCH_SIZE)
     p.add_argument("--ppl", action="store_true", help="also measure wikitext-2 test perplexity")
     p.add_argument("--ppl-seq-len", type=_int("--ppl-seq-len"), default=None,
                    help="perplexity window (default min(2048, model positions))")
@@ -71,20 +91,45 @@ def build_parser() -> argparse.ArgumentParser:
                    "id[:config] (default wikitext-2; with --data-dir its wikitext2 valid.txt)")
     p.add_argument("--calib-split", default="train")
     p.add_argument("--calib-field", default="text")
-    p.add_argument("--calib-samples", type=_int("--calib-samples"), default=128)
+    p.add_argument("--calib-samples", type=_int("--calib-samples"), default=defaults.CALIB_SAMPLES)
     p.add_argument("--calib-seq-len", type=_int("--calib-seq-len"), default=None,
-                   help="tokens per calibration block (default 512; 128 for reference models)")
-    p.add_argument("--calib-batch-size", type=_int("--calib-batch-size"), default=8)
-    p.add_argument("--seed", type=_int("--seed"), default=0)
-    p.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (accelerate device_map)")
-    p.add_argument("--output-dir", default="results/runs", help="where result JSON and tables go")
+                   help=f"tokens per calibration block (default {defaults.CALIB_SEQ_LEN}; "
+                   f"{REFERENCE_CALIB_SEQ_LEN} for reference models)")
+    p.add_argument("--calib-batch-size", type=_int("--calib-batch-size"), default=defaults.CALIB_BATCH_SIZE)
+    p.add_argument("--seed", type=_int("--seed"), default=defaults.SEED)
+    p.add_argument("--dtype", default=defaults.DTYPE, help="float32 | float16 | bfloat16")
+    p.add_argument("--device", default=defaults.DEVICE, help="cpu | cuda | cuda:N | auto (accelerate device_map)")
+    p.add_argument("--output-dir", default=defaults.OUTPUT_DIR, help="where result JSON and tables go")
     p.add_argument("--force", action="store_true", help="re-run even when a result JSON exists")
     p.add_argument("--save-models", action="store_true", help="save every pruned model next to its result")
-    p.add_argument("--report", default=None, metavar="DIR", help="only re-render tables from the JSON under DIR")
+    p.add_argument("--report", default=None, metavar="DIR",
+                   help="only re-render tables and plots from the JSON under DIR")
+    p.add_argument("--plots", action="store_true",
+                   help="also draw the layer-score heatmaps, Block Influence and accuracy-vs-ratio plots (PNG + PDF "
+                   "next to the tables)")
+    p.add_argument("--scores-only", action="store_true",
+                   help="compute and write every layer score (window cosine, BI, angular distance; CSV + JSON) and "
+                   "their plots; no evaluation (same as the `scores` subcommand)")
+    p.add_argument("--efficiency", action="store_true",
+                   help="measure params, FLOPs/token, prefill latency, decode throughput and peak memory of the dense "
+                   "and every pruned model; the table shows Speedup / Dec. Speedup / Ideal / Mem. vs dense")
+    p.add_argument("--eff-batch-size", type=_int("--eff-batch-size"), default=4, help="prefill batch (efficiency)")
+    p.add_argument("--eff-seq-len", type=_int("--eff-seq-len"), default=256,
+                   help="prefill tokens per sequence and the FLOPs context (efficiency; capped at the model's positions)")
+    p.add_argument("--eff-decode-batch-size", type=_int("--eff-decode-batch-size"), default=1)
+    p.add_argument("--eff-prompt-len", type=_int("--eff-prompt-len"), default=32, help="decode prompt tokens")
+    p.add_argument("--eff-new-tokens", type=_int("--eff-new-tokens"), default=64,
+                   help="tokens generated with the KV cache per decode measurement")
+    p.add_argument("--eff-warmup", type=_int("--eff-warmup"), default=2, help="untimed warm-up runs")
+    p.add_argument("--eff-repeats", type=_int("--eff-repeats"), default=5, help="timed runs (the median is reported)")
     p.add_argument("--table-metric", default="acc",
                    help="acc | acc_norm | per task, e.g. acc,hellaswag=acc_norm (printed with the table)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars (lm-eval's too)")
+    p.add_argument("--progress", action="store_true",
+                   help="draw progress bars even when stderr is not a terminal (default: bars only on a terminal)")
+    p.add_argument("--max-loss-growth", type=_float("--max-loss-growth"), default=None, metavar="FACTOR",
+                   help="a method whose training loss ends above its starting loss x FACTOR fails "
+                   "(status: failed; default 2)")
     p.add_argument("--write-golden", default=None, metavar="FILE",
                    help="after the run, store its command line and metrics as a golden file")
     p.add_argument("--check", default=None, metavar="FILE",
@@ -96,8 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _split(value: str | None) -> list[str]:
-    return [v.strip() for v in (value or "").split(",") if v.strip()]
+def _split(value: str | None, flag: str = "list") -> list[str]:
+    """Comma list; an empty or repeated item is a usage error naming ``flag``."""
+    from harness.validation import split_list
+
+    return split_list(value, flag)
 
 
 def _method_options(items: list[str]) -> dict[str, dict[str, str]]:
@@ -111,14 +159,26 @@ def _method_options(items: list[str]) -> dict[str, dict[str, str]]:
     return out
 
 
+def _verbose(argv) -> bool:
+    return any(a in ("-v", "--verbose") for a in (sys.argv[1:] if argv is None else argv))
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if "--no-progress" in (sys.argv[1:] if argv is None else argv):
-        os.environ["TQDM_DISABLE"] = "1"  # read when tqdm is imported: lm-eval's and datasets' own bars
+    if os.environ.get("RANK", "0") != "0":  # data-parallel launch (torchrun, accelerate launch): rank 0 prints
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     try:
         return _main(argv)
+    except BrokenPipeError:  # `--report ... | head`: the reader left; end quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes stdout at exit
+        return 1
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if exc.__cause__ is not None and _verbose(argv):  # the underlying exception, for a bug report
+            import traceback
+
+            print("".join(traceback.format_exception(exc.__cause__)).rstrip(), file=sys.stderr)
         return 2
     except RegressionFailure as exc:
         print(f"regression: {exc}", file=sys.stderr)
@@ -131,15 +191,14 @@ def main(argv=None) -> int:
 def _main(argv) -> int:
     from harness.config_file import parse_args_with_config
 
-    args = parse_args_with_config(build_parser(), argv)
-    from harness.plugins.registry import (
-        available_methods,
-        available_post_steps,
-        load_plugin_file,
-    )
+    argv = list(sys.argv[1:] if argv is None else argv)
+    scores_cmd = bool(argv) and argv[0] == "scores"  # `run_benchmarks.py scores --model M` = --scores-only
+    args = parse_args_with_config(build_parser(), argv[1:] if scores_cmd else argv)
+    args.scores_only = args.scores_only or scores_cmd
+    from harness.plugins.registry import available_methods, available_post_steps
+    from harness.validation import load_plugins
 
-    for plugin in _split(args.plugins):
-        load_plugin_file(plugin)
+    load_plugins(_split(args.plugins, "--plugins"))  # any error in a plugin file: one line naming it
     if args.list_methods:
         _list_methods(available_methods(), available_post_steps(), args.verbose)
         return 0
@@ -152,13 +211,17 @@ def _main(argv) -> int:
         if not Path(args.report).is_dir():
             raise UsageError(f"--report directory '{args.report}' does not exist")
         runs = load_runs(args.report)
-        tables = report.build_tables(runs, args.table_metric)
+        tables = _tables(runs, args, None)
         if not tables:
             raise UsageError(f"no complete result set (dense + methods) under '{args.report}'")
         print(report.render_text(tables))
         for path in report.write_reports(tables, Path(args.report)):
             print(f"wrote {path}")
+        _report_plots(runs, args, Path(args.report))
         return 0
+
+    if args.scores_only:
+        return _scores(args)
 
     if args.check:
         return _check(args, argv)
@@ -181,7 +244,7 @@ def _list_methods(methods: dict, steps: dict, verbose: bool) -> None:
         print(f"{prefix}{name:<{24 - len(prefix)}} {spec.help}")
         if verbose:
             for opt, typ, default, text in describe_options(spec.config_cls):
-                print(f"    -o {name}.{opt}={default:<10} ({typ}) {text}")
+                print(f"    {name}.{opt}: {typ} = {default}" + (f"  -- {text}" if text else ""))
 
     for name, spec in methods.items():
         show("", name, spec)
@@ -258,9 +321,20 @@ def _reference_defaults(args) -> None:
 def _run(args):
     from harness.results import report
 
+    from harness import progress, validation
+    from harness.evaluation.quiet import quiet_lm_eval
+
+    if args.progress and args.no_progress:
+        raise UsageError("give either --progress or --no-progress, not both")
+    validation.check_numbers(args)
+    methods = _split(args.methods, "--methods")
+    tasks = _split(args.tasks, "--tasks")
+    show_progress = progress.decide(force_on=args.progress, force_off=args.no_progress)
+    progress.set_enabled(show_progress)  # every tqdm bar, lm-eval's included
+    quiet_lm_eval()
     _reference_defaults(args)
     if args.calib_seq_len is None:
-        args.calib_seq_len = 512
+        args.calib_seq_len = defaults.CALIB_SEQ_LEN
     if args.suite and args.tasks:
         raise UsageError("give either --tasks or --suite, not both")
     report.parse_metric_spec(args.table_metric)
@@ -291,25 +365,34 @@ def _run(args):
     if args.calib_data and Path(args.calib_data).suffix in (".txt", ".jsonl", ".json", ".gz") \
             and not Path(args.calib_data).is_file():
         raise UsageError(f"calibration file '{args.calib_data}' does not exist; pass an existing .txt or .jsonl file")
-    target = Target(ratio=args.ratio, layers=args.layers)
-    if target.ratio is None and target.layers is None:
-        target.ratio = 0.25
+    if args.layers:
+        targets = [Target(layers=n) for n in args.layers]
+    else:
+        targets = [Target(ratio=r) for r in (args.ratio or [defaults.RATIO])]
+    target = targets[0]
     opts = RunOptions(
         model=args.model,
-        methods=_split(args.methods),
+        methods=methods,
         method_options=_method_options(args.method_opt),
         target=target,
-        eval=EvalConfig(tasks=_split(args.tasks) or list(DEFAULT_TASKS), data_dir=args.data_dir, limit=args.limit,
+        eval=EvalConfig(tasks=tasks or list(DEFAULT_TASKS), data_dir=args.data_dir, limit=args.limit,
                         batch_size=args.eval_batch_size, ppl=args.ppl, ppl_seq_len=args.ppl_seq_len,
                         ppl_stride=args.ppl_stride, ppl_max_windows=args.ppl_max_windows, suite=args.suite),
         calibration=CalibrationConfig(source=calib_source, split=args.calib_split, field=args.calib_field,
                                       num_samples=args.calib_samples, seq_len=args.calib_seq_len,
                                       seed=args.seed, batch_size=args.calib_batch_size),
         dtype=args.dtype, device=args.device, seed=args.seed, output_dir=args.output_dir, force=args.force,
-        save_models=args.save_models, progress=not args.no_progress,
+        save_models=args.save_models, progress=show_progress,
     )
-    records = run_benchmark(opts)
-    tables = report.build_tables(records, args.table_metric, method_order=opts.methods)
+    if args.max_loss_growth is not None:
+        opts.max_loss_growth = args.max_loss_growth
+    opts.targets = targets if len(targets) > 1 else []
+    opts.all_layer_stats = bool(args.plots)
+    if args.efficiency:
+        opts.efficiency = _efficiency_config(args)
+    sink = {}
+    records = run_benchmark(opts, on_session=(lambda s: sink.setdefault("session", s)) if args.plots else None)
+    tables = _tables(records, args, opts.methods)
     print()
     print(report.render_text(tables))
     from harness.results.store import slug
@@ -317,4 +400,98 @@ def _run(args):
     out = Path(args.output_dir) / slug(args.model)
     for path in report.write_reports(tables, out):
         print(f"wrote {path}")
+    if args.plots:
+        from harness.results import plots
+        from harness.results.scores import write_scores
+        from harness.runner import layer_scores
+
+        payload = layer_scores(sink["session"])  # the sweep's cached pass, or one forward pass now
+        for path in write_scores(payload, out) + plots.render_plots(out, records, payload, args.table_metric):
+            print(f"wrote {path}")
     return records, tables
+
+
+def _efficiency_config(args):
+    from harness.evaluation.efficiency import EfficiencyConfig
+
+    cfg = EfficiencyConfig(batch_size=args.eff_batch_size, seq_len=args.eff_seq_len,
+                           decode_batch_size=args.eff_decode_batch_size, decode_prompt_len=args.eff_prompt_len,
+                           new_tokens=args.eff_new_tokens, warmup=args.eff_warmup, repeats=args.eff_repeats,
+                           seed=args.seed)
+    cfg.validate()
+    return cfg
+
+
+def _tables(records, args, method_order):
+    """The plain table; with several targets or --efficiency, rows grouped by target (a Target
+    column, efficiency ratios) and a methods x targets table of Per."""
+    from harness.results import report
+
+    efficiency = bool(getattr(args, "efficiency", False)) or any(r.get("efficiency") for r in records)
+    if not report.spans_targets(records) and not efficiency:
+        return report.build_tables(records, args.table_metric, method_order=method_order)
+    tables = report.build_target_tables(records, args.table_metric, method_order, efficiency=efficiency)
+    if report.spans_targets(records):
+        tables += report.build_compact_table(records, args.table_metric, method_order)
+    return tables
+
+
+def _report_plots(runs, args, out: Path) -> None:
+    """--report: the accuracy plot from the runs; the heatmaps and BI from every layer_scores.json
+    under the folder (one set per model)."""
+    from harness.results import plots
+    from harness.results.scores import SCORES_STEM, read_scores
+
+    written = plots.render_plots(out, runs, None, args.table_metric)
+    found = sorted({p.parent for p in out.rglob(f"{SCORES_STEM}.json")})
+    for folder in found:
+        payload = read_scores(folder)
+        if payload is not None:
+            written += plots.render_plots(folder, runs, payload, args.table_metric, accuracy=False)
+    for path in written:
+        print(f"wrote {path}")
+
+
+def _scores(args) -> int:
+    """`scores --model M`: every layer score (CSV + JSON) and the heatmaps / BI plot; no lm-eval."""
+    import time
+
+    from harness.model.adapters import get_adapter
+    from harness.model.loading import check_model_source, load_model
+    from harness.results import plots
+    from harness.results.scores import compute_scores, write_scores
+    from harness.results.store import slug
+    from harness.signals.calibration import LOCAL_DEFAULT, CalibrationConfig, load_calibration
+
+    _reference_defaults(args)
+    if args.calib_seq_len is None:
+        args.calib_seq_len = defaults.CALIB_SEQ_LEN
+    from harness import validation
+
+    validation.check_numbers(args)
+    if args.calib_data:
+        source = args.calib_data
+    elif args.data_dir:
+        source = str(Path(args.data_dir) / LOCAL_DEFAULT)
+    else:
+        source = CalibrationConfig().source
+    validation.check_calibration_source(source, args.calib_field)
+    check_model_source(args.model)
+    cal_cfg = CalibrationConfig(source=source, split=args.calib_split, field=args.calib_field,
+                                num_samples=args.calib_samples, seq_len=args.calib_seq_len, seed=args.seed,
+                                batch_size=args.calib_batch_size)
+    t = time.perf_counter()
+    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    calibration = load_calibration(cal_cfg, tokenizer)
+    payload = compute_scores(model, get_adapter(model), calibration, args.model, progress=not args.no_progress)
+    out = Path(args.output_dir) / slug(args.model)
+    written = write_scores(payload, out) + plots.render_plots(out, [], payload, args.table_metric)
+    print(f"scored {payload['num_layers']} layers on {payload['tokens']:,} calibration tokens "
+          f"({time.perf_counter() - t:.1f}s)")
+    for n, start in payload["choices"]["streamline"].items():
+        print(f"  n={n:>2}: streamline/remove window {start}..{start + int(n) - 1}, angular window "
+              f"{payload['choices']['angular'][n]}..{payload['choices']['angular'][n] + int(n) - 1}, shortgpt layers "
+              f"{payload['choices']['shortgpt'][n]}")
+    for path in written:
+        print(f"wrote {path}")
+    return 0

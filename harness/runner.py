@@ -17,7 +17,9 @@ from typing import Any
 
 import torch
 
-from harness.errors import UsageError
+from harness import defaults
+from harness.errors import MethodFailed, NonFiniteOutput, UsageError
+from harness.evaluation import distributed
 from harness.evaluation.lmeval import EvalConfig, run_lm_eval, validate_tasks
 from harness.evaluation.perplexity import perplexity
 from harness.evaluation.stability import (
@@ -27,6 +29,7 @@ from harness.evaluation.stability import (
     save_samples,
 )
 from harness.evaluation.stability import compare as stability_vs_dense
+from harness.finite import DEFAULT_MAX_LOSS_GROWTH, FirstForwardGuard, first_nonfinite, training_failure
 from harness.io import write_json_atomic
 from harness.model.adapters import get_adapter
 from harness.model.loading import (
@@ -37,12 +40,20 @@ from harness.model.loading import (
     resolve_dtype,
 )
 from harness.model.saving import save_pruned
-from harness.model.sharing import WeightGuard, shell_of
+from harness.model.sharing import WeightGuard, own_tensors, shell_of
 from harness.model.surgery import count_params
 from harness.model.target import Target, resolve_num_remove
 from harness.plugins.context import MethodContext
 from harness.plugins.pipeline import check_option_targets, resolve_method
 from harness.results.record import model_info, new_record
+from harness.results.cache import (
+    calibration_identity,
+    clean_output_dir,
+    data_identity,
+    model_identity,
+    read_cached,
+    read_cached_gz,
+)
 from harness.results.store import environment, run_path
 from harness.signals.calibration import CalibrationConfig, load_calibration
 
@@ -54,24 +65,35 @@ class RunOptions:
     model: str
     methods: list[str]
     method_options: dict[str, dict[str, str]] = field(default_factory=dict)
-    target: Target = field(default_factory=lambda: Target(ratio=0.25))
+    target: Target = field(default_factory=lambda: Target(ratio=defaults.RATIO))
     eval: EvalConfig = field(default_factory=EvalConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-    dtype: str = "float32"
-    device: str = "cpu"
-    seed: int = 0
-    output_dir: str = "results/runs"
+    dtype: str = defaults.DTYPE
+    device: str = defaults.DEVICE
+    seed: int = defaults.SEED
+    output_dir: str = defaults.OUTPUT_DIR
     force: bool = False
     save_models: bool = False
     progress: bool = True
     skip_dense_eval: bool = False
+    max_loss_growth: float = DEFAULT_MAX_LOSS_GROWTH  # a training whose final loss exceeds start x this fails
+    identity: dict | None = None  # what the inputs are, by content (filled by prepare; part of every run key)
+    targets: list = field(default_factory=list)  # a sweep (--ratio 0.1,0.2 / --layers 2,4): every method at each
+    efficiency: Any = None  # an EfficiencyConfig: measure every model (harness.evaluation.efficiency)
+    all_layer_stats: bool = False  # score every window length in the shared pass (plots); sweeps always do
+
+    def sweep(self) -> list[Target]:
+        return list(self.targets) or [self.target]
 
 
 def prepare(opts: RunOptions):
     """Validate every input before anything runs; returns ``[(name, spec, cfg)]``."""
     resolve_dtype(opts.dtype)
     resolve_device(opts.device)
-    opts.target.validate()
+    for target in opts.sweep():
+        target.validate()
+    if opts.efficiency is not None:
+        opts.efficiency.validate()
     if not opts.methods:
         raise UsageError("no methods given; pass --methods streamline,shortgpt (see --list-methods)")
     plan = []
@@ -81,15 +103,53 @@ def prepare(opts: RunOptions):
     check_option_targets(opts.method_options, opts.methods)
     validate_tasks(opts.eval)
     check_model_source(opts.model)
-    if opts.target.layers is not None:  # from the config alone: no weights are loaded for a bad --layers
+    for target in opts.sweep():  # from the config alone: no weights are loaded for a bad --layers
+        if target.layers is None:
+            continue
         total = getattr(load_config(opts.model), "num_hidden_layers", None)
-        if isinstance(total, int) and opts.target.layers >= total:
-            raise UsageError(f"removing {opts.target.layers} layers does not fit a model with {total} decoder "
+        if isinstance(total, int) and target.layers >= total:
+            raise UsageError(f"removing {target.layers} layers does not fit a model with {total} decoder "
                              f"layers; ask for fewer (--layers < {total})")
     cal = opts.calibration
     if cal.num_samples < 1 or cal.seq_len < 2 or cal.batch_size < 1:
         raise UsageError("calibration needs --calib-samples >= 1, --calib-seq-len >= 2, --calib-batch-size >= 1")
+    validate_inputs(opts)
     return plan
+
+
+def validate_inputs(opts: RunOptions) -> None:
+    """The rest of the validation phase (harness.validation), before any weights load: files the
+    run reads, lengths against the model's positions, the output folder; then the run keys'
+    content identity of model, calibration text and task data."""
+    from harness import validation
+
+    validation.check_batch_size(opts.eval.batch_size)
+    config = load_config(opts.model)
+    cal = opts.calibration
+    validation.check_lengths(config, ppl=opts.eval.ppl, ppl_seq_len=opts.eval.ppl_seq_len,
+                             ppl_stride=opts.eval.ppl_stride, calib_seq_len=cal.seq_len)
+    validation.check_calibration_source(cal.source, cal.field)
+    files = validation.check_task_data(opts.eval)
+    validation.check_output_dir(opts.output_dir)
+    if distributed.is_main():  # data-parallel: rank 0 owns the output folder
+        clean_output_dir(opts.output_dir)
+    opts.identity = {"model": model_identity(opts.model), "calibration": calibration_identity(cal.source),
+                     "data": data_identity(files, opts.eval.suite or opts.eval.data_dir)}
+
+
+def _eval_key(opts: RunOptions) -> dict:
+    """The evaluation settings without where the data lies (its content is in identity.data)."""
+    ev = opts.eval.to_dict()
+    for where in ("data_dir", "suite"):
+        if ev.get(where):
+            ev[where] = True
+    return ev
+
+
+def _identity(opts: RunOptions) -> dict:
+    if opts.identity is None:
+        validate_inputs(opts)
+    return opts.identity
 
 
 def _model_record(opts: RunOptions, model, adapter) -> dict:
@@ -129,6 +189,7 @@ class Session:
     timings: dict = field(default_factory=dict)  # load / calibration_load, reported once
     stats_cache: dict = field(default_factory=dict)
     dense_samples: dict | None = None
+    shared: dict = field(default_factory=dict)  # across a sweep's per-target sessions: dense efficiency, ...
 
     @property
     def dense_params(self) -> int:
@@ -147,6 +208,9 @@ def open_session(opts: RunOptions, plan, echo=print) -> Session:
     # bad calibration input (missing, empty, shorter than one block) fails before any result is written
     t = time.perf_counter()
     calibration = load_calibration(opts.calibration, tokenizer)
+    from harness.validation import check_dense_finite
+
+    check_dense_finite(model, adapter, calibration, opts.model)
     session = Session(opts, model, tokenizer, adapter, calibration, n, _model_record(opts, model, adapter),
                       timings={"load": load_seconds, "calibration_load": time.perf_counter() - t})
     echo(f"model {opts.model}: {adapter.num_layers} layers, {session.dense_params:,} parameters; "
@@ -154,30 +218,134 @@ def open_session(opts: RunOptions, plan, echo=print) -> Session:
     return session
 
 
-def run_benchmark(opts: RunOptions, echo=print) -> list[dict]:
+def run_benchmark(opts: RunOptions, echo=print, on_session=None) -> list[dict]:
     """The dense run, then one run per method; returns their records (finished ones read back)."""
+    opts.device = distributed.init(opts.device)  # torchrun / accelerate launch: join the group, this rank's GPU
+    if not distributed.is_main():  # rank 0 prints; every rank runs the same sweep
+        echo = _silent
     plan = prepare(opts)
     session = open_session(opts, plan, echo)
+    if on_session is not None:  # the caller keeps it (plots read its cached layer statistics)
+        on_session(session)
+    sessions = target_sessions(session, plan, echo)  # every target resolved and checked before any run
     records = [run_dense(session, echo)]
-    for name, spec, cfg in plan:
-        records.append(run_method(session, name, spec, cfg, echo))
+    if opts.efficiency is not None:
+        records[0] = dense_efficiency_record(session, records[0], echo)
+    for s in sessions:  # a sweep: dense evaluated once, layer statistics computed once for all targets
+        for name, spec, cfg in plan:
+            records.append(run_method(s, name, spec, cfg, echo))
     return records
+
+
+def target_sessions(s: Session, plan, echo=print) -> list[Session]:
+    """One session per target of the sweep, sharing the dense model, calibration, stats cache and
+    dense samples; the first is ``s`` itself."""
+    out = [s]
+    for target in s.opts.sweep()[1:]:
+        n = resolve_num_remove(target, s.model, s.adapter)
+        for _name, _spec, cfg in plan:
+            cfg.validate(s.adapter.num_layers, n)
+        out.append(dataclasses.replace(s, opts=dataclasses.replace(s.opts, target=target), num_remove=n))
+        echo(f"target {target.to_dict()}: removing n={n} layers")
+    return out
+
+
+def shared_layer_stats(s: Session, timings: dict | None = None):
+    """The dense model's statistics for every window length (one forward pass, then cached): what
+    every method and target of a sweep reads, and what the plots show. ``None`` unless the run
+    sweeps several targets or asked for them (plots)."""
+    from harness.results.scores import all_lags
+    from harness.signals.activations import collect_layer_stats
+
+    if len(s.opts.sweep()) < 2 and not s.opts.all_layer_stats:
+        return None
+    lags = tuple(all_lags(s.adapter.num_layers))
+    key = (s.opts.model, lags)
+    if key not in s.stats_cache:
+        t = time.perf_counter()
+        s.stats_cache[key] = collect_layer_stats(s.model, s.adapter, s.calibration, lags, progress=s.opts.progress)
+        if timings is not None:
+            timings["score_shared"] = time.perf_counter() - t  # every window length, for every method and target
+    return s.stats_cache[key]
+
+
+def layer_scores(s: Session) -> dict:
+    """Every window cosine, angular distance and BI of the dense model (the cached pass, or one now)."""
+    from harness.results.scores import scores_payload
+
+    s.opts.all_layer_stats = True
+    stats = shared_layer_stats(s)
+    return scores_payload(stats, s.opts.model, s.calibration.description)
+
+
+def _efficiency_settings_match(eff: dict | None, cfg) -> bool:
+    if not eff:
+        return False
+    want = dataclasses.asdict(cfg)
+    have = eff.get("requested") or {}
+    return have == want
+
+
+def dense_efficiency(s: Session) -> dict:
+    """The dense model measured once in this process (the reference of every pruned model's ratios)."""
+    from harness.evaluation.efficiency import measure
+
+    if "dense_efficiency" not in s.shared:
+        s.shared["dense_efficiency"] = measure(s.model, s.opts.efficiency) | {
+            "requested": dataclasses.asdict(s.opts.efficiency)}
+    return s.shared["dense_efficiency"]
+
+
+def dense_efficiency_record(s: Session, rec: dict, echo=print) -> dict:
+    """Attach the dense efficiency to the dense record (measured now if it lacks it or was measured
+    with other settings; metrics are untouched)."""
+    if rec.get("status") == "failed" or _efficiency_settings_match(rec.get("efficiency"), s.opts.efficiency):
+        return rec
+    echo("dense: measuring efficiency")
+    rec["efficiency"] = dense_efficiency(s)
+    return _store(Path(rec["_path"]), rec)
+
+
+def pruned_efficiency(s: Session, pruned) -> dict:
+    """A pruned model's measurements, with its ratios to the dense model measured in this process."""
+    from harness.evaluation.efficiency import compare, measure
+
+    dense = dense_efficiency(s)
+    eff = measure(pruned, s.opts.efficiency) | {"requested": dataclasses.asdict(s.opts.efficiency)}
+    keys = ("params", "flops_per_token", "prefill_latency_s", "decode_tokens_per_s", "peak_memory_bytes")
+    eff["dense"] = {k: dense[k] for k in keys}
+    eff["vs_dense"] = compare(eff, dense)
+    return eff
 
 
 def run_dense(s: Session, echo=print) -> dict:
     opts = s.opts
     eval_dict = opts.eval.to_dict()
-    path = run_path(opts.output_dir, opts.model, "dense", {"model": opts.model, "dtype": opts.dtype, "eval": eval_dict})
+    ident = _identity(opts)
+    path = run_path(opts.output_dir, opts.model, "dense", {"model": ident["model"], "dtype": opts.dtype,
+                                                           "eval": _eval_key(opts), "data": ident["data"]})
     # the per-item side file is part of the dense run (stability needs it): re-run without it
-    if path.exists() and samples_path(path).exists() and not opts.force:
-        echo(f"dense: result exists, skipping ({path})")
-        s.dense_samples = load_samples(path)
-        return _read(path)
+    if not opts.force:
+        cached = read_cached(path)
+        samples = read_cached_gz(samples_path(path), lambda _p: load_samples(path)) if cached is not None else None
+        if cached is not None and samples is not None:
+            echo(f"dense: result exists, skipping ({path})")
+            s.dense_samples = samples
+            return cached
     echo("dense: evaluating")
     timings = {"load": s.timings["load"]}
     torch.manual_seed(opts.seed)
     s.dense_samples = {}
-    metrics, ppl = _evaluate(s.model, s.tokenizer, opts, timings, samples_out=s.dense_samples)
+    try:
+        with FirstForwardGuard(s.model, s.adapter):
+            metrics, ppl = _evaluate(s.model, s.tokenizer, opts, timings, samples_out=s.dense_samples)
+    except NonFiniteOutput as exc:
+        raise UsageError(f"model '{opts.model}' produces non-finite values (NaN or inf) in {exc.where} on the first "
+                         "evaluation batch; its weights are broken or the dtype overflows (try --dtype float32)") from None
+    bad = first_nonfinite({"metrics": metrics, "perplexity": ppl})
+    if bad:
+        raise UsageError(f"the dense model's evaluation gave a non-finite number ({bad}); its weights are broken "
+                         "or the dtype overflows (try --dtype float32)")
     save_samples(path, s.dense_samples)
     p = s.dense_params
     rec = new_record(method="dense", label="Dense", method_config={}, model=s.dense_info, eval=eval_dict,
@@ -191,13 +359,28 @@ def run_method(s: Session, name: str, spec, cfg, echo=print) -> dict:
     """Prune a shell of the dense model (shared weights) with one method, evaluate it, store its record."""
     opts = s.opts
     cfg_dict = cfg.to_dict()
-    key = {"model": opts.model, "dtype": opts.dtype, "method": name, "method_config": cfg_dict,
-           "target": opts.target.to_dict(), "calibration": dataclasses.asdict(opts.calibration),
-           "eval": opts.eval.to_dict(), "seed": opts.seed}
+    ident = _identity(opts)
+    cal_key = dataclasses.asdict(opts.calibration) | {"source": ident["calibration"]}
+    key = {"model": ident["model"], "dtype": opts.dtype, "method": name, "method_config": cfg_dict,
+           "target": opts.target.to_dict(), "calibration": cal_key, "eval": _eval_key(opts),
+           "data": ident["data"], "seed": opts.seed, "max_loss_growth": opts.max_loss_growth}
     path = run_path(opts.output_dir, opts.model, name, key)
-    if path.exists() and not opts.force:
-        echo(f"{name}: result exists, skipping ({path})")
-        return _read(path)
+    save_dir = path.parent / "models" / path.stem
+    cached = None if opts.force else read_cached(path)
+    measure_only = False  # a finished run that lacks --efficiency's numbers: prune again, measure, no re-evaluation
+    if cached is not None:
+        from harness.model.saving import MANIFEST
+
+        if opts.save_models and cached.get("status") != "failed" and not (save_dir / MANIFEST).is_file():
+            echo(f"{name}: result exists but its saved model ({save_dir}) is missing; running it again to save it")
+        elif opts.efficiency is not None and cached.get("status") != "failed" \
+                and not _efficiency_settings_match(cached.get("efficiency"), opts.efficiency):
+            echo(f"{name}: result exists without efficiency numbers; pruning again to measure them (no re-evaluation)")
+            measure_only = True
+        else:
+            state = " (failed: " + str(cached.get("failure")) + ")" if cached.get("status") == "failed" else ""
+            echo(f"{name}: result exists{state}, skipping ({path})")
+            return cached
     echo(f"{name}: pruning")
     timings = {}
     if "calibration_load" in s.timings:  # recorded with the first method that runs
@@ -208,34 +391,84 @@ def run_method(s: Session, name: str, spec, cfg, echo=print) -> dict:
     ctx = MethodContext(model=work_model, adapter=get_adapter(work_model), tokenizer=s.tokenizer,
                         calibration=s.calibration, num_remove=s.num_remove, seed=opts.seed, progress=opts.progress,
                         stats_cache=s.stats_cache, dense_stats_key=opts.model, timings=timings)
+    shared_layer_stats(s, timings)  # sweeps/plots: one pass for every window length, before any method needs it
     torch.manual_seed(opts.seed)
     t = time.perf_counter()
     guard = WeightGuard(s.model)
-    result = spec.fn(ctx, cfg)
+    base = dict(method=name, label=cfg.label(name), method_config=cfg_dict, model=s.dense_info,
+                eval=opts.eval.to_dict(), target=opts.target.to_dict() | {"num_remove": s.num_remove},
+                calibration=s.calibration.description, seed=opts.seed, timings=timings)
+    try:
+        result = spec.fn(ctx, cfg)
+    except MethodFailed as exc:
+        guard.check(f"method '{name}'")
+        timings["prune"] = time.perf_counter() - t
+        return _fail(s, path, base, str(exc), {}, echo)
     guard.check(f"method '{name}'")  # the dense model is shared by every run: a leak stops the sweep
     timings["prune"] = time.perf_counter() - t  # includes "score" and any training
     pruned = result.model
     pruned.eval()
+    if distributed.active():  # data-parallel: every process evaluates rank 0's plan and tensors
+        distributed.same_on_every_rank(result.removed_layers, f"method '{name}': the removed layers")
+        distributed.broadcast_own_tensors(own_tensors(pruned, s.model))
+    manifest = result.manifest()
+    reason = training_failure(manifest, opts.max_loss_growth)
+    if reason is None and first_nonfinite(manifest.get("scores")):
+        reason = f"non-finite layer score (manifest.scores.{first_nonfinite(manifest.get('scores'))})"
+    if reason is not None:
+        return _fail(s, path, base, reason, manifest, echo)
+    if measure_only:
+        if manifest["removed_layers"] != (cached.get("manifest") or {}).get("removed_layers"):
+            raise UsageError(f"{name}: pruning again removed layers {manifest['removed_layers']}, the stored run "
+                             f"removed {cached['manifest'].get('removed_layers')}; re-run it with --force")
+        cached["efficiency"] = pruned_efficiency(s, pruned)
+        del work_model, pruned, result, ctx
+        gc.collect()
+        return _store(path, cached)
     torch.manual_seed(opts.seed)
     samples = {}
-    metrics, ppl = _evaluate(pruned, s.tokenizer, opts, timings, samples_out=samples)
-    manifest = result.manifest()
+    try:
+        with FirstForwardGuard(pruned, get_adapter(pruned)):
+            metrics, ppl = _evaluate(pruned, s.tokenizer, opts, timings, samples_out=samples)
+    except NonFiniteOutput as exc:
+        return _fail(s, path, base, f"the pruned model produces non-finite values in {exc.where} on the first "
+                     "evaluation batch", manifest, echo)
+    bad = first_nonfinite({"metrics": metrics, "perplexity": ppl})
+    if bad:
+        return _fail(s, path, base, f"non-finite evaluation result ({bad})", manifest, echo)
     rec = new_record(method=name, label=cfg.label(name), method_config=cfg_dict, model=s.dense_info,
                      eval=opts.eval.to_dict(), target=opts.target.to_dict() | {"num_remove": s.num_remove},
                      calibration=s.calibration.description, seed=opts.seed, manifest=manifest,
                      params=_params(s, pruned, result), metrics=metrics, perplexity=ppl, timings=timings,
                      environment=environment(), stability=stability_vs_dense(s.dense_samples, samples))
     save_samples(path, samples)
-    if opts.save_models:
-        save_dir = path.parent / "models" / path.stem
+    if opts.save_models and distributed.is_main():
         t = time.perf_counter()
         save_pruned(pruned, s.tokenizer, save_dir, {"method": name, "method_config": cfg_dict, **manifest,
                                                       "source_model": opts.model})
         timings["save"] = time.perf_counter() - t
         rec["saved_model"] = str(save_dir)
+    if opts.efficiency is not None:
+        t = time.perf_counter()
+        rec["efficiency"] = pruned_efficiency(s, pruned)
+        timings["efficiency"] = time.perf_counter() - t
     _store(path, rec)
     echo(f"{name}: removed layers {manifest['removed_layers']}, measured ratio {100 * rec['params']['ratio']:.1f}%")
     del work_model, pruned, result, ctx
+    gc.collect()
+    return rec
+
+
+def _fail(s: Session, path: Path, base: dict, reason: str, manifest: dict, echo=print) -> dict:
+    """Store a method's failed run (``status: failed`` with the reason; no metrics): shown as
+    failed in the table, never a number in Per. or --check."""
+    from harness.finite import finite_or_none
+
+    rec = new_record(**base, status="failed", failure=reason, manifest=finite_or_none(manifest),
+                     params={"dense": s.dense_params}, metrics={}, perplexity=None, stability=None,
+                     environment=environment())
+    _store(path, rec)
+    echo(f"{base['method']}: FAILED: {reason}")
     gc.collect()
     return rec
 
@@ -253,6 +486,10 @@ def _params(s: Session, pruned, result) -> dict:
     return {"dense": s.dense_params, "pruned": pruned_params, "removed": s.dense_params - pruned_params + added,
             "added": added, "ratio": (s.dense_params - pruned_params) / s.dense_params,
             "pruned_layers": get_adapter(pruned).num_layers}
+
+
+def _silent(*_args, **_kwargs) -> None:
+    pass
 
 
 def _store(path: Path, rec: dict) -> dict:

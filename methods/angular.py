@@ -9,25 +9,22 @@ shot. The statistics come from the harness's shared scoring pass (``ctx.layer_st
 Healing with (Q)LoRA is the generic ``+lora`` post-step, not part of this method.
 """
 from dataclasses import dataclass
+from typing import ClassVar
 
 from harness import (
-    MethodConfig,
     MethodContext,
     PruneResult,
-    UsageError,
+    WindowConfig,
     register_method,
     remove_layers,
 )
 
 
 @dataclass
-class AngularConfig(MethodConfig):
-    start: int | None = None  # force the window's first layer (default: argmin of d)
+class AngularConfig(WindowConfig):
+    """``start`` forces the window's first layer (default: argmin of d)."""
 
-    def validate(self, num_layers: int, num_remove: int) -> None:
-        if self.start is not None and not 0 <= self.start <= num_layers - num_remove:
-            raise UsageError(f"angular.start={self.start}: a window of {num_remove} layers does not fit there "
-                             f"(use 0..{num_layers - num_remove})")
+    method_name: ClassVar[str] = "angular"
 
 
 @register_method("angular", AngularConfig,

@@ -9,13 +9,15 @@ layer l, every attention and MLP parameter of layer l becomes
 included; norms keep layer l's values), and layers l+1..l+m are removed. The sum is
 accumulated in float32 (float64 for float64 weights) and cast back to the weights' dtype.
 
-Search (paper Algorithm 1 / released notebook), steered to the harness's target n:
+Search of ``laco`` (paper Algorithm 1), steered to the harness's target n:
   l starts at H - C. At each step m = min(C - 1, layers still to remove) following layers
-  are merged into l *tentatively*; the similarity s = mean over the few-shot sentences of
+  are merged into l *tentatively*, and the window is kept below H: l is first lowered to
+  at most (number of current layers whose original index is < H) - 1 - m, so layers >= H
+  are never merged. The similarity s = mean over the few-shot sentences of
   cos(flattened final hidden states of the merged model, of the reference model) is computed
   (each sentence's real tokens' X_L, the output of the last decoder layer *before* the final
   norm, flattened into one vector; ``final_norm=true`` applies the final norm first, as the
-  released code's ``hidden_states[-1]`` does for Llama). If s > T the merge is kept and
+  released code's ``hidden_states[-1]`` does). If s > T the merge is kept and
   l -= I, else it is rolled back and l -= 1. A pass stops when l < L or when n layers are gone.
   The reference is the dense model: ALGORITHMS.md says "the current model", and the released
   notebook compares every candidate with the original, unmerged model, so that is the default;
@@ -50,18 +52,60 @@ T=0.45, five short Wikipedia sentences), scaled to depth:
                     C = 2 a step merges a single layer and RDSC reduces to theta_{l+1} - a
                     plain copy, identical to ``laco-code`` (a final step that needs just one
                     more layer is such a copy too, by construction).
-  highest_layer H = num_layers - 1 (39 of 40: the last layer is never merged; windows end
-                    at H - 1).
+  highest_layer H = num_layers - 1 (39 of 40: for ``laco`` the last layer is never merged;
+                    windows end at H - 1. For ``laco-code`` H only sets the start, H - C).
   lowest_layer L = 0, interval I = 1, threshold T = 0.45  (unchanged: not depth-dependent)
   sentences: the first ``num_sentences`` (5) calibration blocks, cut to their first
   ``sentence_tokens`` (32) tokens - deterministic given the calibration seed. Explicit
   sentences: ``sentences=First./Second.`` (slash-separated) or ``sentences_file`` (one per
   line), tokenised with the model's tokenizer and right-padded (pads never enter a score).
 
-Variant ``laco-code`` reproduces the released notebook's update: it adds
-``theta_{l+k} - theta_l`` to the *already updated* base in place, so the sum telescopes and
-the merged layer ends up holding layer l+m's attention/MLP weights (with layer l's norms) -
-in effect dropping layers l..l+m-1 and keeping a copy of l+m. Everything else is identical.
+Variant ``laco-code``: the released notebook (yangyifei729/LaCo, laco_llama-13b.ipynb, commit
+84835877f918dc972df1a1375e09209551e02f3d), search loop and merge step for step; tests/test_laco_replay.py
+replays that loop independently and requires the same merges in the same order. Its loop: ``lay``
+starts at H - C (a position in the current layer list); each step tentatively merges
+m = min(C - 1, #current layers - lay - 1) following layers into ``lay``; accepted (s > T): keep it,
+``lay -= I`` (and, as in the notebook, ``lay = #layers - 1 - C`` if ``lay`` is past the end -
+unreachable for I >= 1); rejected: roll back, ``lay -= 1``; stop when ``lay < L``.
+Every difference between ``laco`` and ``laco-code``:
+  1. merge rule - ``laco``: RDSC as above. ``laco-code``: the notebook's in-place update adds
+     ``theta_{l+k} - theta_l`` to the *already updated* base, so the sum telescopes and the
+     merged layer holds layer l+m's attention/MLP weights (with layer l's norms) - in effect
+     layers l..l+m-1 are dropped and l+m is kept (a plain copy; no float32 accumulation).
+  2. window bound - ``laco``: every window ends below H (layers >= H are never merged).
+     ``laco-code``: the window is cut only by the end of the *current* model. The first window
+     (H - C .. H - 1) ends below H as in ``laco``, but after an accepted merge the model has
+     shrunk and the next window runs to its end: it takes in the original layer H (and any
+     above it), then whatever fits, often one layer at a time. So at the same T it removes
+     more layers (12-layer test model, T = 0.4935, same sentences, final_norm=true:
+     notebook/``laco-code`` 8, ``laco`` 4).
+  3. index movement - ``laco`` lowers l before each step so that the window fits below H
+     (after an accept next to H the base drops by the next window's length m', not by I,
+     when m' > I); ``laco-code`` moves exactly as the notebook: l - I after an accept, l - 1
+     after a reject.
+  4. similarity - ``laco`` compares X_L *before* the final norm by default (ALGORITHMS.md);
+     ``laco-code`` defaults to ``final_norm=true``: the notebook's ``hidden_states[-1]`` is
+     taken after the final norm (HF Llama and OPT). Either can be set with ``final_norm``.
+  5. ``highest_layer`` H - ``laco``: the merge bound. ``laco-code``: only the start (H - C),
+     as in the notebook.
+  Shared by both (so not differences between them), but departures of ``laco-code`` from the
+  notebook, made for the harness:
+  - the notebook has no target: it runs until ``lay < L`` and removes what T yields. Here both
+    stop once n layers are gone and cap m at the layers still to remove (so n is never
+    overshot); when n equals what the notebook removes, the cap never binds and the merges are
+    the notebook's. Short of n, ``fallback=relax`` runs more passes (the notebook has one),
+    each from max(L, (current position of original layer H) - C); ``fallback=error`` fails.
+  - the notebook merges the seven Llama projection weights only; here every non-norm parameter
+    of the layer (biases included; identical on Llama, which has no biases).
+  - the notebook deep-copies the whole model for each candidate; here the merge is done in place
+    on the base layer (with a one-layer backup) and rolled back when rejected: same numbers,
+    no copy of the model.
+  - the notebook's sentences are five fixed Wikipedia fragments, each run on its own; here the
+    default is the first calibration blocks (pass ``sentences=`` for others), batched with right
+    padding and the attention mask (same values up to float rounding); cosines in float64, not
+    in the model's dtype; ``reference=current`` is an addition (default ``dense`` = notebook).
+  - for OPT models with ``project_out`` (opt-350m) HF's last hidden state is also projected;
+    here only the final norm is applied.
 """
 from __future__ import annotations
 
@@ -70,6 +114,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -105,15 +150,16 @@ class LaCoConfig(MethodConfig):
     final_norm: bool = False  # apply the final norm to X_L before comparing
     fallback: str = "relax"  # relax | error: what happens when a pass ends short of n
     relax_step: float = 0.05  # threshold decrease per extra pass (fallback=relax)
+    method_name: ClassVar[str] = "laco"  # the name option errors are reported under (not an option)
 
     def validate(self, num_layers: int, num_remove: int) -> None:
         """Option checks that need only the layer count (run before any evaluation)."""
         from types import SimpleNamespace
 
-        _resolve(SimpleNamespace(num_layers=num_layers, num_remove=num_remove), self, "laco")
+        _resolve(SimpleNamespace(num_layers=num_layers, num_remove=num_remove), self, self.method_name)
         if self.sentences_file and not Path(self.sentences_file).is_file():
-            raise UsageError(f"laco.sentences_file '{self.sentences_file}' does not exist; pass a text file "
-                             "with one sentence per line")
+            raise UsageError(f"{self.method_name}.sentences_file '{self.sentences_file}' does not exist; pass a "
+                             "text file with one sentence per line")
 
 
 # --- the merge ---------------------------------------------------------------------------
@@ -325,12 +371,108 @@ def laco_search(ctx: MethodContext, cfg: LaCoConfig, merge_fn, name: str) -> Pru
     )
 
 
+def released_search(ctx: MethodContext, cfg: LaCoConfig, merge_fn, name: str) -> PruneResult:
+    """The released notebook's search loop (see the module docstring), steered to the target n.
+
+    ``lay`` is a position in the current (partly merged) layer list, as in the notebook. Each
+    step merges m = min(C - 1, layers after ``lay``, layers still to remove) following layers
+    into ``lay``: the window is capped by the end of the *current* model, not by H, so after an
+    accepted merge it may take in the original top layers. Accepted: ``lay -= I`` (and the
+    notebook's reset to ``#layers - 1 - C`` when ``lay`` is past the end, unreachable for
+    I >= 1, kept for fidelity). Rejected: ``lay -= 1``. A pass ends when ``lay < L`` or n
+    layers are gone.
+    """
+    n = ctx.num_remove
+    ctx.check_window(n)
+    C, H, lo = _resolve(ctx, cfg, name)
+    t0 = time.perf_counter()
+    data, sent_desc = _sentences(ctx, cfg)
+    adapter = ctx.adapter
+    orig = list(range(ctx.num_layers))  # original index of each current position
+    ref = _final_states(ctx, data, cfg.final_norm)
+    removed: list[int] = []
+    merges, candidates, passes = [], [], []
+    threshold = cfg.threshold
+    max_passes = 1 if cfg.fallback == "error" else math.ceil((cfg.threshold + 1.0) / cfg.relax_step) + 2
+    for p in range(max_passes):
+        if p:
+            threshold = cfg.threshold - p * cfg.relax_step
+            log.warning("%s: threshold %.3f removed %d of %d layers; relaxing to %.3f (recorded in the manifest)",
+                        name, passes[-1]["threshold"], len(removed), n, threshold)
+        evaluated = accepted = 0
+        # the notebook starts at H - C; a relaxed pass (harness addition) starts at the current
+        # position of original layer H, minus C (the same place while nothing is merged)
+        lay = max(lo, sum(1 for o in orig if o < H) - C)
+        while lay >= lo and len(removed) < n:
+            m = min(C - 1, adapter.num_layers - lay - 1, n - len(removed))
+            if m < 1:  # cannot happen while fewer than n <= H - 1 - L layers are gone; never loop idle
+                break
+            snap = snapshot_layers(adapter)
+            ctx.own_layer(lay)  # the merge writes into layer lay: a copy, never the dense model's (shared) layer
+            layers = list(adapter.layers)  # snap keeps the shared layer: a rejected merge restores it
+            backup = {k: v.detach().clone() for k, v in merge_params(layers[lay]).items()}
+            merge_into(layers, lay, m, merge_fn)
+            remove_layers(adapter, range(lay + 1, lay + 1 + m))
+            sim = _similarity(ref, _final_states(ctx, data, cfg.final_norm))
+            evaluated += 1
+            ok = sim > threshold
+            entry = {"pass": p, "position": lay, "layer": orig[lay], "merged": orig[lay + 1: lay + 1 + m],
+                     "similarity": sim, "threshold": threshold, "accepted": ok}
+            candidates.append(entry)
+            if ok:
+                accepted += 1
+                removed.extend(orig[lay + 1: lay + 1 + m])
+                merges.append({k: entry[k] for k in ("position", "layer", "merged", "similarity", "threshold",
+                                                     "pass")})
+                del orig[lay + 1: lay + 1 + m]
+                if cfg.reference == "current":
+                    ref = _final_states(ctx, data, cfg.final_norm)
+                lay -= cfg.interval
+                if lay >= adapter.num_layers:  # the notebook's reset (unreachable for interval >= 1)
+                    lay = adapter.num_layers - 1 - C
+            else:
+                with torch.no_grad():
+                    for k, v in merge_params(layers[lay]).items():
+                        v.copy_(backup[k])
+                restore_layers(adapter, snap)
+                lay -= 1
+            del backup
+        passes.append({"threshold": threshold, "evaluated": evaluated, "accepted": accepted})
+        if len(removed) >= n:
+            break
+        if cfg.fallback == "error":
+            raise UsageError(f"{name}: threshold {cfg.threshold} removed only {len(removed)} of {n} layers; "
+                             f"lower {name}.threshold or use {name}.fallback=relax")
+    if len(removed) < n:
+        raise UsageError(f"{name}: removed only {len(removed)} of {n} layers even at threshold {threshold:.3f} "
+                         "(similarities were NaN?); check the model's outputs or the merge range")
+    ctx.timings["search"] = time.perf_counter() - t0
+    return PruneResult(
+        model=ctx.model, removed_layers=sorted(removed),
+        scores={"candidates": candidates, "passes": passes, "threshold": cfg.threshold,
+                "threshold_final": threshold},
+        extra={"laco": {"merges": merges, "merge_rule": "released-code", "search": "released-notebook",
+                        "merge_layers": C, "highest_layer": H, "lowest_layer": lo, "interval": cfg.interval,
+                        "reference": cfg.reference, "final_norm": cfg.final_norm, "sentences": sent_desc,
+                        "requested": n, "removed": len(removed)}},
+    )
+
+
 @register_method("laco", LaCoConfig, "LaCo: collapse rear layers into a prior one (RDSC merge, threshold search)")
 def laco(ctx: MethodContext, cfg: LaCoConfig) -> PruneResult:
     return laco_search(ctx, cfg, rdsc_merge, "laco")
 
 
-@register_method("laco-code", LaCoConfig,
-                 "LaCo as released: in-place merge that telescopes to a copy of the last merged layer")
-def laco_code(ctx: MethodContext, cfg: LaCoConfig) -> PruneResult:
-    return laco_search(ctx, cfg, released_code_merge, "laco-code")
+@dataclass
+class LaCoCodeConfig(LaCoConfig):
+    """``laco-code``'s options: LaCo's, but the similarity is taken after the final norm by default,
+    as the released notebook's ``hidden_states[-1]`` is."""
+
+    final_norm: bool = True
+    method_name: ClassVar[str] = "laco-code"
+
+
+@register_method("laco-code", LaCoCodeConfig,
+                 "LaCo as released: the notebook's search loop and in-place merge (a copy of the last merged layer)")
+def laco_code(ctx: MethodContext, cfg: LaCoCodeConfig) -> PruneResult:
+    return released_search(ctx, cfg, released_code_merge, "laco-code")

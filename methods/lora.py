@@ -18,7 +18,7 @@ Options: ``-o lora.r=16`` (every +lora run) or ``-o remove+lora.lora.r=16`` (tha
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -31,6 +31,7 @@ from harness import (
     UsageError,
     mlp_params,
     mlp_width,
+    option,
     register_post_step,
     steps_for,
     train_lm,
@@ -41,22 +42,23 @@ SEED_OFFSET = 3  # the training draw differs from calibration (0), streamline's 
 
 @dataclass
 class LoRAConfig(MethodConfig):
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=list)  # leaf names, a/b/c; empty = the adapter's projections
-    match_params: str | None = None  # N (an integer) or "mlp": choose r so the adapter size is closest to N
-    lr: float = 1e-4
-    epochs: int = 2
-    steps: int | None = None  # optimiser steps; None = epochs over the training samples
-    batch_size: int = 8
-    samples: int | None = None  # training blocks; None = steps * batch_size, or the calibration count
-    seq_len: int | None = None  # None = calibration sequence length
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    text: str | None = None  # .txt/.jsonl file or Hub dataset id[:config]; None = the calibration source
-    text_split: str = "train"  # with text
-    text_field: str = "text"  # with text
+    r: int = option(8, "LoRA rank")
+    alpha: float = option(16.0, "LoRA alpha (scaling alpha/r)")
+    dropout: float = option(0.05, "LoRA dropout")
+    target_modules: list[str] = option(default_factory=list,
+                                       help="leaf names, a/b/c; empty = the adapter's projections")
+    match_params: str | None = option(None, "N (an integer) or 'mlp': choose r so the adapter size is closest to N")
+    lr: float = option(1e-4, "AdamW learning rate")
+    epochs: int = option(2, "passes over the training blocks (when steps is None)")
+    steps: int | None = option(None, "optimiser steps; None = epochs over the training samples")
+    batch_size: int = option(8, "blocks per optimiser step")
+    samples: int | None = option(None, "training blocks; None = steps * batch_size, or the calibration count")
+    seq_len: int | None = option(None, "None = calibration sequence length")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0 = none)")
+    text: str | None = option(None, ".txt/.jsonl file or Hub dataset id[:config]; None = the calibration source")
+    text_split: str = option("train", "with text")
+    text_field: str = option("text", "with text")
 
     def validate(self, num_layers: int = 0, num_remove: int = 0) -> None:
         if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:

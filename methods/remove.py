@@ -3,31 +3,33 @@
 This is the "None" row of LLM-Streamline's Table 5. ``start`` forces the window's first layer;
 ``layers`` (slash-separated, e.g. ``layers=3/4/9``) removes an explicit list instead.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 
 from harness import (
-    MethodConfig,
     MethodContext,
     PruneResult,
     UsageError,
+    WindowConfig,
+    option,
     register_method,
     remove_layers,
 )
 
 
 @dataclass
-class RemoveConfig(MethodConfig):
-    start: int | None = None
-    layers: list[int] = field(default_factory=list)
+class RemoveConfig(WindowConfig):
+    layers: list[int] = option(default_factory=list, help="remove these layers (a/b/c) instead of a window")
+
+    method_name: ClassVar[str] = "remove"
 
     def validate(self, num_layers: int, num_remove: int) -> None:
         if self.layers:
             drop = sorted(set(self.layers))
             if drop[0] < 0 or drop[-1] >= num_layers or len(drop) >= num_layers:
                 raise UsageError(f"remove.layers={self.layers} does not fit a model with {num_layers} layers")
-        elif self.start is not None and not 0 <= self.start <= num_layers - num_remove:
-            raise UsageError(f"remove.start={self.start}: a window of {num_remove} layers starting there does not "
-                             f"fit {num_layers} layers (use 0..{num_layers - num_remove})")
+        else:
+            super().validate(num_layers, num_remove)
 
 
 @register_method("remove", RemoveConfig, "Remove Streamline's most redundant contiguous window, no replacement")

@@ -38,12 +38,12 @@ import torch
 from harness import (
     ACTIVATIONS,
     DEFAULT_HIDDEN_MULT,
-    MethodConfig,
     MethodContext,
     MLPReplacement,
     MultiMLPReplacement,
     PruneResult,
     UsageError,
+    WindowConfig,
     describe,
     describe_layer,
     fit_layer_to_boundaries,
@@ -51,6 +51,7 @@ from harness import (
     insert_layer_replacement,
     insert_replacement,
     mlp_width,
+    option,
     register_method,
     remove_layers,
     steps_for,
@@ -63,33 +64,28 @@ LAYER_INITS = ("first", "random")
 
 
 @dataclass
-class StreamlineNoneConfig(MethodConfig):
-    start: int | None = None  # force the window start (default: argmax S(i))
+class StreamlineNoneConfig(WindowConfig):
+    """``start`` forces the window's first layer (default: argmax S(i))."""
 
     method_name: ClassVar[str] = "streamline-none"
-
-    def validate(self, num_layers: int, num_remove: int) -> None:
-        if self.start is not None and not 0 <= self.start <= num_layers - num_remove:
-            raise UsageError(f"{self.method_name}.start={self.start}: a window of {num_remove} layers does not fit "
-                             f"there (use 0..{num_layers - num_remove})")
 
 
 @dataclass
 class _TrainedConfig(StreamlineNoneConfig):
-    epochs: int = 5
-    lr: float = 4e-4
-    weight_decay: float = 0.0
-    batch_size: int = 8  # sequences per forward pass and optimiser step
-    train_samples: int | None = 3000  # the paper's OPT-1.3B/2.7B recipe; None = as many as the calibration set
-    train_seq_len: int | None = None  # None = calibration sequence length
-    loss: str = "mse"  # mse: fit X_{i*} -> X_{i*+n}; lm: the model's LM loss, all else frozen
-    post_train_steps: int = 0  # > 0: then train only the replacement with the LM loss (Table 3 protocol)
-    post_train_lr: float = 1e-4
-    post_train_batch_size: int = 8
-    post_train_samples: int | None = None  # None = post_train_steps * post_train_batch_size blocks
-    post_train_text: str | None = None  # .txt/.jsonl file or Hub dataset id[:config]; None = calibration source
-    post_train_split: str = "train"  # with post_train_text
-    post_train_field: str = "text"  # with post_train_text
+    epochs: int = option(5, "passes over the training blocks")
+    lr: float = option(4e-4, "AdamW learning rate (paper: 4e-4)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    batch_size: int = option(8, "sequences per forward pass and optimiser step")
+    train_samples: int | None = option(3000, "the paper's OPT-1.3B/2.7B recipe; None = as many as the calibration set")
+    train_seq_len: int | None = option(None, "None = calibration sequence length")
+    loss: str = option("mse", "mse: fit X_{i*} -> X_{i*+n}; lm: the model's LM loss, all else frozen")
+    post_train_steps: int = option(0, "> 0: then train only the replacement with the LM loss (Table 3 protocol)")
+    post_train_lr: float = option(1e-4, "post-training learning rate")
+    post_train_batch_size: int = option(8, "post-training blocks per step")
+    post_train_samples: int | None = option(None, "None = post_train_steps * post_train_batch_size blocks")
+    post_train_text: str | None = option(None, ".txt/.jsonl file or Hub dataset id[:config]; None = calibration source")
+    post_train_split: str = option("train", "with post_train_text")
+    post_train_field: str = option("text", "with post_train_text")
 
     def validate(self, num_layers: int, num_remove: int) -> None:
         name = self.method_name
@@ -109,10 +105,10 @@ class _TrainedConfig(StreamlineNoneConfig):
 
 @dataclass
 class StreamlineConfig(_TrainedConfig):
-    hidden_size: int | None = None  # MLP width h; None = hidden_mult * d
-    hidden_mult: float = DEFAULT_HIDDEN_MULT
-    activation: str = "relu"
-    residual: bool = False  # the paper's MLP has none; True fits x + MLP(x)
+    hidden_size: int | None = option(None, "MLP width h; None = hidden_mult * d")
+    hidden_mult: float = option(DEFAULT_HIDDEN_MULT, "MLP width as a multiple of d when hidden_size is None (paper: 2)")
+    activation: str = option("relu", "MLP activation: relu, gelu, silu or tanh")
+    residual: bool = option(False, "the paper's MLP has none; True fits x + MLP(x)")
 
     method_name: ClassVar[str] = "streamline"
 
@@ -137,7 +133,7 @@ class StreamlineMultiMLPConfig(StreamlineConfig):
 
 @dataclass
 class StreamlineLayerConfig(_TrainedConfig):
-    init: str = "first"  # first: a copy of the first pruned layer (ICLR 2025); random: a fresh layer
+    init: str = option("first", "first: a copy of the first pruned layer (ICLR 2025); random: a fresh layer")
 
     method_name: ClassVar[str] = "streamline-layer"
 

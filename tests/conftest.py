@@ -57,7 +57,26 @@ def tiny_config(family: str, vocab_size: int = 128, layers: int = 6, hidden: int
         return Qwen2Config(intermediate_size=2 * hidden, num_key_value_heads=2, **common)
     if family == "gpt_neox":
         return GPTNeoXConfig(intermediate_size=2 * hidden, **common)
+    if family in NEW_FAMILY_CONFIGS:  # the families added with issue 8 (and "gptj", left to the structural fallback)
+        from transformers import AutoConfig
+
+        ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        return AutoConfig.for_model(family, **{**common, **ids, **NEW_FAMILY_CONFIGS[family](hidden)})
     raise ValueError(family)
+
+
+# model_type -> extra config of a tiny model; Gemma 2/3 get a 4-token sliding window on alternate layers
+NEW_FAMILY_CONFIGS = {
+    "qwen3": lambda h: dict(intermediate_size=2 * h, num_key_value_heads=2, head_dim=h // 4),
+    "gemma": lambda h: dict(intermediate_size=2 * h, num_key_value_heads=2, head_dim=h // 4),
+    "gemma2": lambda h: dict(intermediate_size=2 * h, num_key_value_heads=2, head_dim=h // 4, sliding_window=4),
+    "gemma3_text": lambda h: dict(intermediate_size=2 * h, num_key_value_heads=2, head_dim=h // 4, sliding_window=4,
+                                  sliding_window_pattern=2),
+    "phi": lambda h: dict(intermediate_size=2 * h),
+    "phi3": lambda h: dict(intermediate_size=2 * h, num_key_value_heads=2),
+    "mixtral": lambda h: dict(intermediate_size=h, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
+    "gptj": lambda h: dict(rotary_dim=4),  # not in the adapter table: served by the structural fallback
+}
 
 
 def tiny_model(family: str, seed: int = 0, **kw):
@@ -71,6 +90,79 @@ def tiny_model(family: str, seed: int = 0, **kw):
 
 
 FAMILIES = ["opt", "llama", "mistral", "qwen2", "gpt_neox"]
+
+
+class CharTokenizer:
+    """A stand-in tokenizer for tiny models: one id (3..102) per character."""
+
+    pad_token_id = 0
+
+    def __init__(self, bos_token_id=None):
+        self.bos_token_id = bos_token_id
+
+    def __call__(self, text, **kw):
+        return {"input_ids": [3 + (ord(c) % 100) for c in text]}
+
+
+def tiny_tokenizer(vocab_size: int = 128):
+    """A real (saveable) word-level tokenizer for tiny models: ids 0 <pad>, 1 <s>, 2 </s>, 3.. 't3'..,
+    so ``save_pruned(model, tiny_tokenizer(), dir)`` writes a folder ``load_pruned`` reads back."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, vocab_size)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def random_blocks(k: int, seq: int = 16, seed: int = 0, vocab_size: int = 128, batch_size: int = 4):
+    """``k`` random token blocks as CalibrationData (all tokens real)."""
+    import torch
+
+    from harness.signals.calibration import CalibrationConfig, CalibrationData
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab_size, (k, seq), generator=g)
+    return CalibrationData(ids, torch.ones_like(ids),
+                           CalibrationConfig(source="x.txt", seq_len=seq, batch_size=batch_size),
+                           {"blocks": k, "seed": seed})
+
+
+def make_context(model, n, samples=8, seq=16, batch_size=4):
+    """A MethodContext on random calibration blocks whose training draws (``ctx.training_data``)
+    are other random blocks, for running any method on a tiny model."""
+    from harness import MethodContext, get_adapter
+
+    ctx = MethodContext(model=model, adapter=get_adapter(model), tokenizer=CharTokenizer(),
+                        calibration=random_blocks(samples, seq, batch_size=batch_size), num_remove=n, progress=False)
+    ctx.training_data = lambda k, seq_len=None, seed_offset=1, **kw: random_blocks(k, seq_len or seq,
+                                                                                   seed=100 + seed_offset)
+    return ctx
+
+
+def run_method(name, ctx, **opts):
+    """Run a registered method (or METHOD+STEP) on ``ctx`` with string-able options
+    (``{key: value}`` for a method, ``{component: {key: value}}`` for a pipeline). Trained
+    Streamline variants default to as many training blocks as the calibration set (not 3,000)."""
+    import torch
+
+    from harness.plugins.pipeline import resolve_method
+
+    base = name.split("+")[0]
+    nested = "+" in name
+    options = opts if nested else {name: opts}
+    if base.startswith("streamline") and base != "streamline-none":
+        options = {**options, base: {"train_samples": len(ctx.calibration), **options.get(base, {})}}
+    spec, cfg = resolve_method(name, {t: {k: str(v) for k, v in o.items()} for t, o in options.items()})
+    torch.manual_seed(0)
+    return spec.fn(ctx, cfg)
+
+
+@pytest.fixture
+def method_context():
+    """``make(model, n, samples=8, seq=16)``: see ``make_context``."""
+    return make_context
 
 
 @pytest.fixture(scope="session")

@@ -8,41 +8,22 @@ import re
 import pandas as pd
 import pytest
 import torch
-from conftest import SHARED_DATA, shared_data_or_skip, tiny_model
+from conftest import (
+    SHARED_DATA,
+    make_context,
+    run_method,
+    shared_data_or_skip,
+    tiny_model,
+)
+
+LACO_CTX = dict(samples=6, seq=12, batch_size=3)  # small LaCo searches
 
 from harness import get_adapter
 from harness.errors import UsageError
 from harness.evaluation.stability import compact_samples, compare, stability
-from harness.plugins.context import MethodContext
-from harness.plugins.options import build_config
-from harness.plugins.registry import get_method
 from harness.results.report import build_tables
 from harness.signals.activations import StatsAccumulator
-from harness.signals.calibration import CalibrationConfig, CalibrationData
 from methods.laco import merge_params, rdsc_merge, released_code_merge
-
-
-class _Tok:
-    bos_token_id = None
-    pad_token_id = 1
-
-    def __call__(self, text, **kw):
-        return {"input_ids": [3 + (ord(c) % 100) for c in text]}
-
-
-def _ctx(model, n, samples=6, seq=12):
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, 128, (samples, seq), generator=gen)
-    cal = CalibrationData(ids, torch.ones_like(ids), CalibrationConfig(source="x.txt", seq_len=seq, batch_size=3),
-                          {"seed": 0})
-    return MethodContext(model=model, adapter=get_adapter(model), tokenizer=_Tok(), calibration=cal, num_remove=n,
-                         progress=False)
-
-
-def _run(name, ctx, **opts):
-    spec = get_method(name)
-    return spec.fn(ctx, build_config(spec, {k: str(v) for k, v in opts.items()}))
-
 
 # --- LaCo --------------------------------------------------------------------------------------
 
@@ -75,7 +56,7 @@ def test_laco_merge_lands_in_the_base_layer(name):
     model = tiny_model("opt", layers=6)
     dense = [{k: v.clone() for k, v in layer.state_dict().items()} for layer in get_adapter(model).layers]
     # defaults on 6 layers: H = 5, C = 3 -> first candidate merges layers 3, 4 into 2; T = -1 accepts it
-    res = _run(name, _ctx(model, 2), threshold=-1.0)
+    res = run_method(name, make_context(model, 2, **LACO_CTX), threshold=-1.0)
     assert res.removed_layers == [3, 4]
     assert res.extra["laco"]["merges"][0]["layer"] == 2 and res.extra["laco"]["merges"][0]["merged"] == [3, 4]
     a = get_adapter(res.model)
@@ -102,7 +83,7 @@ def test_laco_reaches_the_target_in_place_without_copying_the_model(monkeypatch)
     real_deepcopy = copy.deepcopy
     monkeypatch.setattr(copy, "deepcopy", lambda *a, **k: calls.append(type(a[0]).__name__) or real_deepcopy(*a, **k))
     # T = 0.99 rejects candidates (exercising roll-back) and forces relaxed passes
-    res = _run("laco", _ctx(model, 3), threshold=0.99, merge_layers=3, relax_step=0.1)
+    res = run_method("laco", make_context(model, 3, **LACO_CTX), threshold=0.99, merge_layers=3, relax_step=0.1)
     assert calls == []
     a = get_adapter(res.model)
     assert res.model is model and a.num_layers == 5 and len(res.removed_layers) == 3
@@ -121,10 +102,10 @@ def test_laco_reaches_the_target_in_place_without_copying_the_model(monkeypatch)
 def test_laco_rejected_candidates_roll_back_exactly():
     model = tiny_model("llama", layers=6)
     dense = copy.deepcopy(model.state_dict())
-    ctx = _ctx(model, 2)
+    ctx = make_context(model, 2, **LACO_CTX)
     # nothing exceeds T = 1, and fallback=error refuses to relax: every candidate is rolled back
     with pytest.raises(UsageError, match=r"removed only 0 of 2 layers.*laco.threshold"):
-        _run("laco", ctx, threshold=1.0, fallback="error")
+        run_method("laco", ctx, threshold=1.0, fallback="error")
     assert ctx.adapter.num_layers == 6 and model.config.num_hidden_layers == 6
     assert [l.self_attn.layer_idx for l in ctx.adapter.layers] == list(range(6))
     state = model.state_dict()
@@ -133,8 +114,8 @@ def test_laco_rejected_candidates_roll_back_exactly():
 
 def test_laco_explicit_sentences_and_current_reference():
     model = tiny_model("llama", layers=6)
-    res = _run("laco", _ctx(model, 2), sentences="A short sentence./Another, a bit longer sentence.",
-               reference="current", threshold=-1.0)
+    res = run_method("laco", make_context(model, 2, **LACO_CTX),
+                     sentences="A short sentence./Another, a bit longer sentence.", reference="current", threshold=-1.0)
     assert res.extra["laco"]["sentences"] == {"source": "sentences", "count": 2,
                                               "tokens": len("A short sentence.") + len("Another, a bit longer sentence.")}
     assert len(res.removed_layers) == 2 and get_adapter(res.model).num_layers == 4
@@ -152,7 +133,7 @@ def test_laco_explicit_sentences_and_current_reference():
 def test_laco_bad_options_are_usage_errors(opts, message):
     model = tiny_model("opt", layers=6)
     with pytest.raises(UsageError, match=message):
-        _run("laco", _ctx(model, 2), **opts)
+        run_method("laco", make_context(model, 2, **LACO_CTX), **opts)
 
 
 # --- angular vs Block Influence ------------------------------------------------------------------
@@ -188,19 +169,19 @@ def test_block_influence_and_angular_pick_different_layers_on_hand_made_states()
 
     def ctx():
         model = tiny_model("opt", layers=6, vocab_size=16)
-        c = _ctx(model, 2)
+        c = make_context(model, 2, **LACO_CTX)
         c.stats_cache[(c.dense_stats_key, (1, 2))] = stats  # the shared scoring pass, precomputed
         return c
 
-    assert _run("shortgpt", ctx()).removed_layers == [1, 4]
-    res = _run("angular", ctx())
+    assert run_method("shortgpt", ctx()).removed_layers == [1, 4]
+    res = run_method("angular", ctx())
     assert res.removed_layers == [2, 3]
     assert res.scores["start"] == 2 and get_adapter(res.model).num_layers == 4
 
 
 def test_angular_forced_start_out_of_range_is_a_usage_error():
-    with pytest.raises(UsageError, match=r"angular.start=5: a window of 2 layers does not fit"):
-        _run("angular", _ctx(tiny_model("opt", layers=6), 2), start=5)
+    with pytest.raises(UsageError, match=r"angular.start=5: a window of 2 layers starting there does not fit"):
+        run_method("angular", make_context(tiny_model("opt", layers=6), 2, **LACO_CTX), start=5)
 
 
 # --- stability -----------------------------------------------------------------------------------

@@ -1,10 +1,9 @@
 """Each method end to end on a tiny model; targets; saving and loading pruned models."""
 import copy
-import dataclasses
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import make_context, run_method, tiny_model
 from transformers import AutoModelForCausalLM
 
 from harness import get_adapter, load_pruned, save_pruned
@@ -12,39 +11,13 @@ from harness.errors import UsageError
 from harness.model.adapters import ReplacedBlock
 from harness.model.surgery import count_params
 from harness.model.target import Target, resolve_num_remove
-from harness.plugins.context import MethodContext
-from harness.plugins.options import build_config
-from harness.plugins.registry import get_method
-from harness.signals.calibration import CalibrationConfig, CalibrationData
-
-
-class _Tok:
-    bos_token_id = None
-
-    def __call__(self, text, **kw):
-        return {"input_ids": [3 + (ord(c) % 100) for c in text]}
-
-
-def _ctx(model, n, samples=8, seq=16):
-    torch.manual_seed(0)
-    ids = torch.randint(3, 128, (samples, seq))
-    cal = CalibrationData(ids, torch.ones_like(ids), CalibrationConfig(source="x.txt", seq_len=seq, batch_size=4), {})
-    return MethodContext(model=model, adapter=get_adapter(model), tokenizer=_Tok(), calibration=cal, num_remove=n,
-                         progress=False)
-
-
-def _run(name, ctx, **opts):
-    spec = get_method(name)
-    if "train_samples" in {f.name for f in dataclasses.fields(spec.config_cls)}:
-        opts.setdefault("train_samples", len(ctx.calibration))  # tiny models: not the paper's 3000
-    return spec.fn(ctx, build_config(spec, {k: str(v) for k, v in opts.items()}))
 
 
 def test_shortgpt_removes_lowest_bi_layers():
     model = tiny_model("llama", layers=6)
-    ctx = _ctx(model, 2)
+    ctx = make_context(model, 2)
     bi = ctx.layer_stats().block_influence()
-    res = _run("shortgpt", ctx)
+    res = run_method("shortgpt", ctx)
     expect = sorted(sorted(range(6), key=lambda i: bi[i])[:2])
     assert res.removed_layers == expect
     assert res.scores["block_influence"] == bi
@@ -53,9 +26,9 @@ def test_shortgpt_removes_lowest_bi_layers():
 
 def test_remove_takes_the_argmax_window():
     model = tiny_model("opt", layers=6)
-    ctx = _ctx(model, 3)
+    ctx = make_context(model, 3)
     scores = ctx.layer_stats().window_cos[3]
-    res = _run("remove", ctx)
+    res = run_method("remove", ctx)
     start = max(range(len(scores)), key=lambda i: scores[i])
     assert res.removed_layers == [start, start + 1, start + 2]
     assert res.replacement is None
@@ -64,11 +37,11 @@ def test_remove_takes_the_argmax_window():
 def test_streamline_trains_mlp_and_puts_it_in_the_window(tmp_path, monkeypatch):
     model = tiny_model("opt", layers=6)
     dense = copy.deepcopy(model)
-    ctx = _ctx(model, 2)
+    ctx = make_context(model, 2)
     # training data is a separate draw from the calibration source; serve it from random ids here
     monkeypatch.setattr(ctx, "training_data",
-                        lambda n, seq_len=None, seed_offset=1: _ctx(dense, 2, samples=n).calibration)
-    res = _run("streamline", ctx, epochs=8, lr=3e-3, batch_size=4)
+                        lambda n, seq_len=None, seed_offset=1: make_context(dense, 2, samples=n).calibration)
+    res = run_method("streamline", ctx, epochs=8, lr=3e-3, batch_size=4)
     s = res.scores["start"]
     assert res.removed_layers == [s, s + 1]
     losses = res.extra["training"]["epoch_loss"]
@@ -84,10 +57,10 @@ def test_streamline_residual_mlp_beats_plain_removal(monkeypatch):
     """With x + MLP(x) the fit starts at plain removal and can only improve on it."""
     model = tiny_model("opt", layers=6)
     dense = copy.deepcopy(model)
-    ctx = _ctx(model, 2)
+    ctx = make_context(model, 2)
     monkeypatch.setattr(ctx, "training_data",
-                        lambda n, seq_len=None, seed_offset=1: _ctx(dense, 2, samples=32).calibration)
-    res = _run("streamline", ctx, epochs=10, lr=3e-3, batch_size=4, residual=True)
+                        lambda n, seq_len=None, seed_offset=1: make_context(dense, 2, samples=32).calibration)
+    res = run_method("streamline", ctx, epochs=10, lr=3e-3, batch_size=4, residual=True)
     ids = torch.randint(3, 128, (4, 16))
     with torch.no_grad():
         dense_out = dense(ids, output_hidden_states=True).hidden_states[-1]
@@ -104,20 +77,20 @@ def test_saved_models_load_back_with_identical_logits(tmp_path, monkeypatch):
     ids = torch.randint(3, 128, (2, 10))
     # removal: a plain checkpoint
     model = tiny_model("llama", layers=5)
-    res = _run("remove", _ctx(model, 2))
+    res = run_method("remove", make_context(model, 2))
     save_pruned(res.model, None, tmp_path / "rm", res.manifest())
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "rm")
     assert back.config.num_hidden_layers == 3
     with torch.no_grad():
         assert torch.allclose(back(ids).logits, res.model(ids).logits, atol=1e-6)
-    # replacement: the harness loader re-inserts the MLP
+    # replacement: the harness loader re-inserts the MLP (stock loading: tests/test_saved_models.py)
     model = tiny_model("opt", layers=5)
-    ctx = _ctx(model, 2)
+    ctx = make_context(model, 2)
     monkeypatch.setattr(ctx, "training_data", lambda n, seq_len=None, seed_offset=1: ctx.calibration)
-    res = _run("streamline", ctx, epochs=1)
+    res = run_method("streamline", ctx, epochs=1)
     save_pruned(res.model, None, tmp_path / "sl", res.manifest())
     back, _tok, manifest = load_pruned(str(tmp_path / "sl"))
-    assert manifest["load_with"] == "harness.load_pruned"
+    assert manifest["load_with"] == "AutoModelForCausalLM(trust_remote_code=True)"
     with torch.no_grad():
         assert torch.allclose(back(ids).logits, res.model(ids).logits, atol=1e-6)
     # saving left the in-memory model intact
@@ -140,4 +113,4 @@ def test_ratio_resolves_to_nearest_layer_count():
 def test_streamline_window_that_does_not_fit():
     model = tiny_model("opt", layers=4)
     with pytest.raises(UsageError, match="does not fit"):
-        _run("streamline", _ctx(model, 2), start=3)
+        run_method("streamline", make_context(model, 2), start=3)

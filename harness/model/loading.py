@@ -51,14 +51,15 @@ def load_config(name: str):
         raise UsageError(
             f"could not load a model config from '{name}' ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
             "pass an existing local folder, or a Hub id with network access"
-        ) from None
+        ) from exc
 
 
-def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
+def load_model(name: str, dtype: str = "float32", device: str = "cpu", config=None):
     """Return ``(model, tokenizer)`` in eval mode.
 
     ``device='auto'`` uses accelerate's ``device_map='auto'`` so models larger than one device
-    are spread over the available devices (and CPU).
+    are spread over the available devices (and CPU). ``config``: use this config instead of the
+    folder's (``load_pruned`` passes the base architecture's for a remote-code folder).
     """
     from transformers import AutoModelForCausalLM
 
@@ -66,10 +67,13 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
 
     torch_dtype = resolve_dtype(dtype)
     device = resolve_device(device)
-    config = load_config(name)
+    kwargs = {"dtype": torch_dtype}
+    if config is None:
+        config = load_config(name)
+    else:
+        kwargs["config"] = config
     check_supported_config(config)
     path = os.path.expanduser(name)
-    kwargs = {"dtype": torch_dtype}
     if device == "auto":
         kwargs["device_map"] = "auto"
     try:
@@ -77,24 +81,24 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
     except Exception as exc:  # noqa: BLE001
         raise UsageError(
             f"could not load model weights from '{name}' ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
-        ) from None
+        ) from exc
     if device != "auto":
         model.to(device)
     model.eval()
-    tokenizer = load_tokenizer(name)
+    tokenizer = load_tokenizer(name, config=kwargs.get("config"))
     return model, tokenizer
 
 
-def load_tokenizer(name: str):
+def load_tokenizer(name: str, config=None):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(os.path.expanduser(name))
+        tok = AutoTokenizer.from_pretrained(os.path.expanduser(name), **({"config": config} if config else {}))
     except Exception as exc:  # noqa: BLE001
         raise UsageError(
             f"could not load a tokenizer from '{name}' ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
             "save the tokenizer into the model folder"
-        ) from None
+        ) from exc
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

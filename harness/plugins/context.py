@@ -5,8 +5,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.errors import UsageError
 from harness.model.adapters import ModelAdapter
+from harness.plugins.options import check_window
 from harness.signals.activations import (
     LayerStats,
     collect_layer_stats,
@@ -92,5 +92,4 @@ class MethodContext:
         return own_all_layers(self.adapter)
 
     def check_window(self, n: int) -> None:
-        if n >= self.num_layers:
-            raise UsageError(f"a window of {n} layers does not fit a model with {self.num_layers} layers")
+        check_window("method", None, self.num_layers, n)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass
+from typing import ClassVar
 
 from harness.errors import UsageError
 
@@ -38,6 +39,27 @@ class MethodConfig:
             if value != getattr(defaults, f.name):
                 diffs.append(f"{f.name}={value}")
         return f"{name}({', '.join(diffs)})" if diffs else name
+
+
+@dataclass
+class WindowConfig(MethodConfig):
+    """Options of a method that removes one contiguous window of n layers: ``start`` forces it."""
+
+    start: int | None = option(None, "force the window's first layer (default: the method's own choice)")
+
+    method_name: ClassVar[str] = "method"
+
+    def validate(self, num_layers: int, num_remove: int) -> None:
+        check_window(self.method_name, self.start, num_layers, num_remove)
+
+
+def check_window(method: str, start: int | None, num_layers: int, num_remove: int) -> None:
+    """A window of ``num_remove`` layers from ``start`` must fit ``num_layers`` (the one window check)."""
+    if num_remove >= num_layers:
+        raise UsageError(f"a window of {num_remove} layers does not fit a model with {num_layers} layers")
+    if start is not None and not 0 <= start <= num_layers - num_remove:
+        raise UsageError(f"{method}.start={start}: a window of {num_remove} layers starting there does not fit "
+                         f"{num_layers} layers (use 0..{num_layers - num_remove})")
 
 
 def option_help(config_cls: type, name: str) -> str:

@@ -21,6 +21,11 @@ DEFAULT_MODEL = NAMES["medium"]  # what run_benchmarks.py uses when no --model i
 CALIB_SEQ_LEN = 24  # the length the models were trained on (one 13-17 word episode + </s> per row)
 
 
+def shipped() -> list[str]:
+    """Reference models checked in to this clone (a defined size may not be trained yet)."""
+    return [n for n in NAMES.values() if (MODELS_DIR / n / "config.json").is_file()]
+
+
 def resolve(name: str | None) -> Path | None:
     """The folder of a reference model given by name (``ref-opt-16l``) or path, else None."""
     if not name:

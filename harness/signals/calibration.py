@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from harness import defaults
 from harness.errors import UsageError
 
 HUB_DEFAULT = "wikitext:wikitext-2-raw-v1"
@@ -25,10 +26,10 @@ class CalibrationConfig:
     source: str = HUB_DEFAULT
     split: str = "train"
     field: str = "text"
-    num_samples: int = 128
-    seq_len: int = 512
-    seed: int = 0
-    batch_size: int = 8
+    num_samples: int = defaults.CALIB_SAMPLES
+    seq_len: int = defaults.CALIB_SEQ_LEN
+    seed: int = defaults.SEED
+    batch_size: int = defaults.CALIB_BATCH_SIZE
 
 
 @dataclass
@@ -84,7 +85,7 @@ def read_text(source: str, split: str = "train", field: str = "text") -> str:
             raise UsageError(
                 f"could not load calibration dataset '{source}' ({type(exc).__name__}); offline, pass a local "
                 f"file with --calib-data or --data-dir (which uses {LOCAL_DEFAULT})"
-            ) from None
+            ) from exc
         if field not in ds.column_names:
             raise UsageError(f"calibration dataset '{source}' has no column '{field}'; pick it with --calib-field")
         text = "\n\n".join(ds[field])
