@@ -95,3 +95,106 @@ def first_nonfinite_layer(model, adapter, input_ids, attention_mask=None) -> str
     if logits is not None and not bool(torch.isfinite(logits).all()):
         return "the output head (logits)"
     return None
+
+
+DEFAULT_MAX_LOSS_GROWTH = 2.0  # a training run ending above 2x its first loss has diverged
+
+
+def _training_logs(data, where: str = ""):
+    """Every training log in a manifest: dicts with ``epoch_loss`` or ``loss_first``/``loss_last``."""
+    if isinstance(data, dict):
+        if isinstance(data.get("epoch_loss"), list) or ("loss_first" in data and "loss_last" in data):
+            yield where or "training", data
+        for k, v in data.items():
+            yield from _training_logs(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(data, (list, tuple)):
+        for i, v in enumerate(data):
+            yield from _training_logs(v, f"{where}[{i}]")
+
+
+def training_failure(manifest: dict, max_growth: float = DEFAULT_MAX_LOSS_GROWTH) -> str | None:
+    """Why a method's training diverged (a non-finite loss, or a final loss above its starting
+    loss x ``max_growth``), or None when every training log in ``manifest`` is sound."""
+    for where, log in _training_logs(manifest):
+        hit = first_nonfinite(log)
+        if hit:
+            return f"non-finite training value at {where}.{hit}" if not hit.startswith("[") else \
+                f"non-finite training value at {where}{hit}"
+        if isinstance(log.get("epoch_loss"), list) and log["epoch_loss"]:
+            start = log.get("loss_first_step", log["epoch_loss"][0])
+            final = log["epoch_loss"][-1]
+        else:
+            start, final = log.get("loss_first"), log.get("loss_last")
+        if isinstance(start, (int, float)) and isinstance(final, (int, float)) and start > 0 \
+                and final > start * max_growth:
+            return (f"training diverged ({where}): final loss {final:.4g} > {max_growth:g} x starting loss "
+                    f"{start:.4g}; lower the learning rate (or raise --max-loss-growth)")
+    return None
+
+
+class FirstForwardGuard:
+    """Checks the first forward pass of ``model`` inside the ``with`` block (lm-eval's first
+    batch): NaN/inf in any decoder layer's output or the logits raises ``NonFiniteOutput``
+    naming the first such layer. Later passes run without hooks."""
+
+    def __init__(self, model, adapter):
+        self.model, self.adapter = model, adapter
+        self.handles: list = []
+        self.found: list[str] = []
+
+    def __enter__(self):
+        import torch
+
+        from harness.model.adapters import first_tensor
+
+        def layer_hook(label):
+            def fn(_m, _i, output):
+                if self.found:
+                    return
+                try:
+                    t = first_tensor(output)
+                except TypeError:
+                    return
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    self.found.append(label)
+            return fn
+
+        def model_hook(_m, _i, output):
+            from harness.errors import NonFiniteOutput
+
+            logits = getattr(output, "logits", None)
+            if logits is None and isinstance(output, (tuple, list)) and output:
+                logits = output[0]
+            where = self.found[0] if self.found else None
+            if where is None and isinstance(logits, torch.Tensor) and logits.is_floating_point() \
+                    and not bool(torch.isfinite(logits).all()):
+                where = "the output head (logits)"
+            self._remove()
+            if where:
+                raise NonFiniteOutput(where)
+
+        for i, layer in enumerate(self.adapter.layers):
+            self.handles.append(layer.register_forward_hook(layer_hook(f"decoder layer {i}")))
+        self.handles.append(self.model.register_forward_hook(model_hook))
+        return self
+
+    def _remove(self):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def __exit__(self, *exc):
+        self._remove()
+        return False
+
+
+def finite_or_none(data):
+    """A copy of JSON-like ``data`` with every NaN/inf replaced by None (for a failed run's
+    diagnostic log, which is stored but never read as a number)."""
+    if _bad(data):
+        return None
+    if isinstance(data, dict):
+        return {k: finite_or_none(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite_or_none(v) for v in data]
+    return data

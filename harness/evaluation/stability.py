@@ -152,7 +152,8 @@ def compare(dense: dict, pruned: dict, variant: str = "definition") -> dict | No
             if any(v is None for v in dv + pv):
                 row[metric] = None
                 continue
-            row[metric] = stability(scores, [v > 0.5 for v in dv], [v > 0.5 for v in pv], variant)
+            value = stability(scores, [v > 0.5 for v in dv], [v > 0.5 for v in pv], variant)
+            row[metric] = value if math.isfinite(value) else None  # non-finite dense scores: undefined, not NaN
         out[task] = row
     if not out:
         return None

@@ -13,6 +13,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from harness.errors import MethodFailed
+
+
+def check_loss(loss: float, what: str, epoch: int, step: int) -> None:
+    """A non-finite training loss fails the method at once (its result would be garbage)."""
+    if not math.isfinite(loss):
+        raise MethodFailed(f"{what}: training loss became {loss} at epoch {epoch + 1}, step {step + 1}; "
+                           "lower the learning rate")
+
 
 def fit_to_boundaries(ctx, module: nn.Module, data, start: int, end: int, *, epochs: int, lr: float,
                       batch_size: int, weight_decay: float = 0.0, seed: int = 0, progress: bool = True) -> dict:
@@ -44,7 +53,10 @@ def fit_to_boundaries(ctx, module: nn.Module, data, start: int, end: int, *, epo
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-            total += loss.detach().item() * x.shape[0]
+            value = loss.detach().item()
+            check_loss(value, "replacement fit", epoch, log["steps"])
+            log.setdefault("loss_first_step", value)
+            total += value * x.shape[0]
             tokens += x.shape[0]
             log["steps"] += 1
         log["epoch_loss"].append(total / max(tokens, 1))
@@ -103,7 +115,10 @@ def fit_layer_to_boundaries(ctx, layer: nn.Module, data, start: int, end: int, *
                     loss.backward()
                     opt.step()
                 count = int(mask.sum())
-                total += loss.detach().item() * count
+                value = loss.detach().item()
+                check_loss(value, "layer fit", epoch, log["steps"])
+                log.setdefault("loss_first_step", value)
+                total += value * count
                 tokens += count
                 log["steps"] += 1
             log["epoch_loss"].append(total / max(tokens, 1))

@@ -12,6 +12,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from harness.errors import MethodFailed
 from harness.model.loading import model_device
 
 
@@ -66,8 +67,12 @@ def train_lm(model, params, data, *, steps: int, lr: float, batch_size: int, wei
                 loss.backward()
                 if max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise MethodFailed(f"{desc}: training loss became {value} at step {len(losses) + 1}; "
+                                       "lower the learning rate")
                 opt.step()
-                losses.append(float(loss.detach()))
+                losses.append(value)
                 tokens += int(mask.sum())
     finally:
         opt.zero_grad(set_to_none=True)

@@ -131,10 +131,15 @@ def load_plugin_file(path: str) -> None:
     mod_name = f"_streamline_plugin_{abs(hash(str(p.resolve())))}"
     if mod_name in sys.modules:
         return
+    load_builtin_methods()  # first: a plugin reusing a built-in name fails here, naming its file
     spec = importlib.util.spec_from_file_location(mod_name, p)
     module = importlib.util.module_from_spec(spec)
     sys.modules[mod_name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(mod_name, None)  # a failed import is not "loaded": the next try fails the same way
+        raise
 
 
 def available_methods() -> dict[str, PluginSpec]:

@@ -45,6 +45,8 @@ class RunRecord(TypedDict, total=False):
     schema: int  # format version (SCHEMA_VERSION)
     method: str  # "dense" or the registered method / pipeline name
     label: str  # table label: name plus non-default options
+    status: str  # "ok", or "failed": the method's own numbers went wrong (see failure); no metrics then
+    failure: Optional[str]  # why it failed (training diverged, non-finite scores or outputs); None when ok
     method_config: dict  # every option of the method, defaults included
     model: ModelInfo  # the dense model the run started from
     eval: dict  # tasks, data dir, limit, batch size, few-shot, perplexity settings
@@ -75,6 +77,8 @@ def new_record(**fields: Any) -> RunRecord:
     for key in RECORD_KEYS:
         if key != "schema":
             rec[key] = fields.get(key)
+    if rec.get("status") is None:
+        rec["status"] = "ok"
     return rec  # type: ignore[return-value]
 
 
@@ -87,3 +91,8 @@ def model_info(*, name: str, cls: str, model_type: str, num_layers: int, hidden_
 
 def is_record(data: Any) -> bool:
     return isinstance(data, dict) and data.get("schema") == SCHEMA_VERSION and all(k in data for k in REQUIRED_KEYS)
+
+
+def is_failed(rec: dict) -> bool:
+    """A run whose method failed (``status: failed``): it has a reason and no numbers."""
+    return isinstance(rec, dict) and rec.get("status") == "failed"

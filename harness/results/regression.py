@@ -37,7 +37,7 @@ def write_golden(path: str | Path, argv: list[str], records: list[dict]) -> Path
         "argv": list(argv),
         "command": "python run_benchmarks.py " + " ".join(argv),
         "metrics": _metrics_by_method(records),
-        "ratios": {r["method"]: r["params"]["ratio"] for r in records},
+        "ratios": {r["method"]: r["params"].get("ratio") for r in records},
         "removed_layers": {r["method"]: r["manifest"].get("removed_layers", []) for r in records},
         "environment": environment(),
     }
@@ -61,12 +61,16 @@ def load_golden(path: str | Path) -> dict:
 def compare(golden: dict, records: list[dict], tolerance: float) -> tuple[list[dict], list[str]]:
     """Rows of (method, task, metric, golden, now, diff, status) and the failure messages."""
     now = _metrics_by_method(records)
+    failed = {r["method"]: r.get("failure") for r in records if r.get("status") == "failed"}
     rows, failures = [], []
     for method, tasks in golden["metrics"].items():
         for task, metrics in tasks.items():
             for metric, g in metrics.items():
                 v = now.get(method, {}).get(task, {}).get(metric)
-                if v is None:
+                if v is None and method in failed:  # a failed run has no numbers: never compared as one
+                    status = "FAILED"
+                    failures.append(f"{method} {task} {metric}: the method failed ({failed[method]})")
+                elif v is None:
                     status = "MISSING"
                     failures.append(f"{method} {task} {metric}: in the golden file but not produced now")
                 elif v < g - tolerance:

@@ -91,9 +91,10 @@ def build_tables(runs: list[dict], metric_spec: str | None = None, method_order:
         dense_avg = None
         for run in [dense_run, *others]:
             row = OrderedDict()
-            row["Method"] = run.get("label") or run["method"]
-            ratio = run.get("params", {}).get("ratio", 0.0)
-            row["Ratio"] = 100.0 * ratio
+            failed = run.get("status") == "failed"  # shown as failed: no number in any column, Per. included
+            row["Method"] = (run.get("label") or run["method"]) + (" [failed]" if failed else "")
+            ratio = None if failed else (run.get("params") or {}).get("ratio", 0.0)
+            row["Ratio"] = None if ratio is None else 100.0 * ratio
             scores = []
             for t in tasks:
                 value, used_metric = pick_metric(run["metrics"].get(t, {}), t, default, per_task)
@@ -119,6 +120,9 @@ def build_tables(runs: list[dict], metric_spec: str | None = None, method_order:
             + " (lm-eval, x100). Ratio: measured from parameter counts (removed - added) / dense.",
             "Per. = Ave. / dense Ave. x 100.",
         ]
+        for r in others:
+            if r.get("status") == "failed":
+                notes.append(f"{r.get('label') or r['method']} [failed]: {r.get('failure')}")
         if any(r.get("stability") for r in group):
             notes.append("Stab. = stability vs the dense model (LLM-Streamline, ICLR 2025): sum_k w_k*agree_k, "
                          "w = softmax over a task's items of the std of the dense model's per-choice lm-eval "
