@@ -112,7 +112,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -124,6 +124,7 @@ from harness import (
     MethodContext,
     PruneResult,
     UsageError,
+    option,
     register_method,
     remove_layers,
     restore_layers,
@@ -137,19 +138,19 @@ PAPER_DEPTH, PAPER_C = 40, 7
 
 @dataclass
 class LaCoConfig(MethodConfig):
-    merge_layers: int | None = None  # C (a step merges C-1 layers into one); None = max(3, round(7L/40))
-    highest_layer: int | None = None  # H (original index; layers >= H are never merged); None = L-1
-    lowest_layer: int = 0  # L: lowest merge base
-    interval: int = 1  # I: step down after an accepted merge
-    threshold: float = 0.45  # T: accept when similarity > T
-    sentences: list[str] = field(default_factory=list)  # few-shot sentences (default: calibration blocks)
-    sentences_file: str | None = None  # one sentence per line
-    num_sentences: int = 5  # calibration blocks used when no sentences are given
-    sentence_tokens: int = 32  # tokens kept from each calibration block
-    reference: str = "dense"  # dense | current: the model the merged model is compared with
-    final_norm: bool = False  # apply the final norm to X_L before comparing
-    fallback: str = "relax"  # relax | error: what happens when a pass ends short of n
-    relax_step: float = 0.05  # threshold decrease per extra pass (fallback=relax)
+    merge_layers: int | None = option(None, "C (a step merges C-1 layers into one); None = max(3, round(7L/40))")
+    highest_layer: int | None = option(None, "H (original index; layers >= H are never merged); None = L-1")
+    lowest_layer: int = option(0, "L: lowest merge base")
+    interval: int = option(1, "I: step down after an accepted merge")
+    threshold: float = option(0.45, "T: accept when similarity > T")
+    sentences: list[str] = option(default_factory=list, help="few-shot sentences (default: calibration blocks)")
+    sentences_file: str | None = option(None, "one sentence per line")
+    num_sentences: int = option(5, "calibration blocks used when no sentences are given")
+    sentence_tokens: int = option(32, "tokens kept from each calibration block")
+    reference: str = option("dense", "dense | current: the model the merged model is compared with")
+    final_norm: bool = option(False, "apply the final norm to X_L before comparing")
+    fallback: str = option("relax", "relax | error: what happens when a pass ends short of n")
+    relax_step: float = option(0.05, "threshold decrease per extra pass (fallback=relax)")
     method_name: ClassVar[str] = "laco"  # the name option errors are reported under (not an option)
 
     def validate(self, num_layers: int, num_remove: int) -> None:
@@ -468,7 +469,7 @@ class LaCoCodeConfig(LaCoConfig):
     """``laco-code``'s options: LaCo's, but the similarity is taken after the final norm by default,
     as the released notebook's ``hidden_states[-1]`` is."""
 
-    final_norm: bool = True
+    final_norm: bool = option(True, "apply the final norm to X_L before comparing (the notebook's hidden_states[-1])")
     method_name: ClassVar[str] = "laco-code"
 
 

@@ -1,0 +1,127 @@
+"""The layout's rules, checked: methods use only the public plugin API, each stage imports only
+from the stages before it, every option has help, and the README documents the result record."""
+import ast
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+HARNESS = REPO / "harness"
+
+# pipeline order: a module may import from its own stage and the ones before it
+STAGES = ["base", "model", "signals", "fitting", "plugins", "evaluation", "results", "runner", "cli"]
+BASE_MODULES = {"errors", "defaults", "io", "finite", "progress"}
+TOP_MODULES = {"runner": "runner", "config_file": "cli", "cli": "cli", "reference": "runner", "validation": "runner"}
+
+
+def _imports(path: Path) -> list[str]:
+    """Absolute names of every ``harness``/``methods`` module the file imports (relative ones resolved)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    package = ".".join(path.relative_to(REPO).with_suffix("").parts[:-1])
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            for a in node.names:  # ``from harness import defaults`` imports the submodule harness.defaults
+                sub = f"{base}.{a.name}"
+                is_module = (REPO / sub.replace(".", "/")).with_suffix(".py").is_file() or \
+                    (REPO / sub.replace(".", "/")).is_dir()
+                out.append(sub if is_module else base)
+    return [m for m in out if m.split(".")[0] in ("harness", "methods")]
+
+
+def _stage(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[0] != "harness" or len(parts) < 2:
+        return None
+    name = parts[1]
+    if name in BASE_MODULES:
+        return "base"
+    if name in STAGES:
+        return name
+    return TOP_MODULES.get(name)
+
+
+def test_methods_import_only_the_public_harness_package():
+    bad = []
+    for path in sorted((REPO / "methods").glob("*.py")):
+        for module in _imports(path):
+            if module != "harness":
+                bad.append(f"{path.name}: {module}")
+    assert not bad, "methods/ may import only `from harness import ...` (add what you need to harness.__all__): " \
+                    + ", ".join(bad)
+
+
+def test_public_api_names_exist():
+    import harness
+
+    missing = [n for n in harness.__all__ if not hasattr(harness, n)]
+    assert not missing and len(set(harness.__all__)) == len(harness.__all__)
+
+
+def test_each_stage_imports_only_earlier_stages():
+    order = {s: i for i, s in enumerate(STAGES)}
+    bad = []
+    for path in sorted(HARNESS.rglob("*.py")):
+        rel = path.relative_to(REPO).with_suffix("")
+        own = _stage(".".join(rel.parts))
+        if own is None or rel.parts[1] == "__init__":
+            continue
+        for module in _imports(path):
+            if module == "harness":
+                bad.append(f"{'/'.join(rel.parts)} imports the package root (import the submodule instead)")
+                continue
+            stage = _stage(module)
+            if stage is not None and order[stage] > order[own]:
+                bad.append(f"{'/'.join(rel.parts)} ({own}) imports {module} ({stage})")
+    assert not bad, "\n".join(bad)
+
+
+def test_every_option_has_help():
+    from harness.plugins.registry import available_methods, available_post_steps
+
+    missing = []
+    for name, spec in {**available_methods(), **available_post_steps()}.items():
+        for f in dataclasses.fields(spec.config_cls):
+            if not f.metadata.get("help"):
+                missing.append(f"{name}.{f.name}")
+    assert not missing, "options without help (use harness.option(default, 'help')): " + ", ".join(missing)
+
+
+def test_option_errors_show_the_option_help():
+    from harness import UsageError
+    from harness.plugins.pipeline import resolve_method
+
+    with pytest.raises(UsageError, match=r"streamline\.epochs expects int, got 'many' \(epochs: passes over"):
+        resolve_method("streamline", {"streamline": {"epochs": "many"}})
+
+
+def test_readme_result_key_table_matches_the_record():
+    from harness.results.record import RECORD_KEYS
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text.split("### Result files", 1)[1].split("\n## ", 1)[0]
+    documented = set()
+    for line in section.splitlines():
+        m = re.match(r"\|\s*((?:`[^`]+`(?:,\s*)?)+)\s*\|", line)
+        if m:
+            documented.update(re.findall(r"`([^`]+)`", m.group(1)))
+    assert documented == set(RECORD_KEYS), (
+        f"README 'Result files' table and harness/results/record.py disagree: only in README "
+        f"{sorted(documented - set(RECORD_KEYS))}, only in RunRecord {sorted(set(RECORD_KEYS) - documented)}")
+
+
+def test_new_record_has_every_key_in_order():
+    from harness.results.record import RECORD_KEYS, new_record
+
+    rec = new_record(method="dense", label="Dense")
+    assert tuple(rec) == RECORD_KEYS
+    with pytest.raises(KeyError):
+        new_record(method="x", not_a_key=1)
