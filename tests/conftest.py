@@ -141,7 +141,7 @@ def make_context(model, n, samples=8, seq=16, batch_size=4):
     return ctx
 
 
-def run_method(name, ctx, **opts):
+def run_method(name, ctx, return_config=False, **opts):
     """Run a registered method (or METHOD+STEP) on ``ctx`` with string-able options
     (``{key: value}`` for a method, ``{component: {key: value}}`` for a pipeline). Trained
     Streamline variants default to as many training blocks as the calibration set (not 3,000)."""
@@ -156,7 +156,8 @@ def run_method(name, ctx, **opts):
         options = {**options, base: {"train_samples": len(ctx.calibration), **options.get(base, {})}}
     spec, cfg = resolve_method(name, {t: {k: str(v) for k, v in o.items()} for t, o in options.items()})
     torch.manual_seed(0)
-    return spec.fn(ctx, cfg)
+    result = spec.fn(ctx, cfg)
+    return (result, cfg) if return_config else result
 
 
 @pytest.fixture

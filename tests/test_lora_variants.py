@@ -9,52 +9,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import shared_data_or_skip, tiny_model
+from conftest import make_context, run_method, shared_data_or_skip, tiny_model
 from transformers import AutoModelForCausalLM
 
 from harness import ReplacedBlock, count_params, get_adapter, load_pruned, save_pruned
 from harness.errors import UsageError
 from harness.model.adapters import ReplacementLayer
-from harness.plugins.context import MethodContext
 from harness.plugins.pipeline import check_option_targets, resolve_method
-from harness.signals.calibration import CalibrationConfig, CalibrationData
 
 D = 32  # tiny models: hidden 32, OPT ffn 4*32, 6 layers
 MLP_PARAMS = 2 * D * (2 * D) + 2 * D + D  # default replacement MLP, h = 2d: 4192
 OPT_LAYER_LORA_PER_RANK = 4 * (D + D) + (D + 4 * D) + (4 * D + D)  # q,k,v,out + fc1 + fc2: 576
 
 
-class _Tok:
-    bos_token_id = None
-
-    def __call__(self, text, **kw):
-        return {"input_ids": [3 + (ord(c) % 100) for c in text]}
-
-
-def _blocks(k, seq=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 128, (k, seq), generator=g)
-    return CalibrationData(ids, torch.ones_like(ids), CalibrationConfig(source="x.txt", seq_len=seq, batch_size=4),
-                           {"blocks": k, "seed": seed})
-
-
-def _ctx(model, n, samples=8):
-    cal = _blocks(samples)
-    ctx = MethodContext(model=model, adapter=get_adapter(model), tokenizer=_Tok(), calibration=cal, num_remove=n,
-                        progress=False)
-    # training draws come from the calibration source in a real run; here: other random blocks
-    ctx.training_data = lambda k, seq_len=None, seed_offset=1, **kw: _blocks(k, seed=100 + seed_offset)
-    return ctx
-
-
 def _run(name, model, n, **options):
-    """Run METHOD or METHOD+STEP on ``model``; options as {target: {key: value}}."""
-    base = name.split("+")[0]
-    if base.startswith("streamline") and base != "streamline-none":  # tiny models: not the paper's 3000
-        options = {**options, base: {"train_samples": 8, **options.get(base, {})}}
-    spec, cfg = resolve_method(name, {t: {k: str(v) for k, v in o.items()} for t, o in options.items()})
-    torch.manual_seed(0)
-    return spec.fn(_ctx(model, n), cfg), cfg
+    """Run METHOD or METHOD+STEP on ``model``; options as {component: {key: value}}. Returns (result, cfg)."""
+    opts = options if "+" in name else options.get(name, {})
+    return run_method(name, make_context(model, n), return_config=True, **opts)
 
 
 def _incremental_matches_full(model, ids, split=6):
@@ -186,7 +157,7 @@ def test_pipeline_names_and_option_addressing():
 # --- streamline variants ----------------------------------------------------------------------
 
 def _best_window(model, n):
-    return _ctx(model, n).layer_stats().best_window(n)
+    return make_context(model, n).layer_stats().best_window(n)
 
 
 VARIANTS = ["streamline", "streamline-mlp-shared", "streamline-multi-mlp", "streamline-layer",
@@ -229,9 +200,11 @@ def test_variant_prunes_the_window_works_with_cache_and_round_trips(name, family
     assert [type(l).__name__ for l in get_adapter(back).layers] == kinds
     assert _incremental_matches_full(back, ids)
     assert count_params(back) == count_params(model)
-    # only these need the harness loader: the rest are ordinary checkpoints
-    needs_loader = name in ("streamline", "streamline-mlp-shared", "streamline-multi-mlp", "streamline-layer-shared")
-    assert manifest["load_with"] == ("harness.load_pruned" if needs_loader else "AutoModelForCausalLM")
+    # MLPs come with remote code (tests/test_saved_models.py); layers are ordinary checkpoints
+    # (a shared layer stored as copies, tied again by load_pruned)
+    needs_code = name in ("streamline", "streamline-mlp-shared", "streamline-multi-mlp")
+    assert manifest["load_with"] == ("AutoModelForCausalLM(trust_remote_code=True)" if needs_code
+                                     else "AutoModelForCausalLM")
 
 
 def test_shared_mlp_is_one_mlp_applied_n_times():
@@ -335,7 +308,7 @@ def test_variant_option_errors():
         ("streamline", {"loss": "kl"}, "streamline.loss=kl is unknown; use mse or lm"),
         ("streamline-layer", {"init": "mean"}, "streamline-layer.init=mean is unknown"),
         ("streamline-mlp-shared", {"post_train_steps": -1}, "streamline-mlp-shared needs post_train_steps >= 0"),
-        ("streamline-none", {"start": 5}, "streamline-none.start=5: a window of 2 layers does not fit"),
+        ("streamline-none", {"start": 5}, "streamline-none.start=5: a window of 2 layers starting there does not fit"),
     ]:
         with pytest.raises(UsageError, match=message):
             _run(name, tiny_model("opt", layers=6), 2, **{name: options})
