@@ -8,19 +8,33 @@ item k of a task,
     agree_k = 1 if the pruned and the dense model are both right or both wrong, else 0
     Stability = sum_k w_k * agree_k                   (in [0, 1]; 1 = same right/wrong pattern)
 
-Scores used here: lm-eval's *summed log-likelihood* of each choice (the paper used
-OpenCompass perplexities); the standard deviation is the population one (ddof=0). "Right"
-is lm-eval's per-item ``acc`` (argmax of the summed log-likelihood) or ``acc_norm`` (argmax
-of the length-normalised one), so each task gets one stability per metric; the report uses
-the same metric as the task's accuracy column. The weights always come from the summed
-log-likelihoods.
+Scores (``scores=``, CLI ``--stability-scores``):
+
+- ``sum`` (the default): lm-eval's *summed log-likelihood* of each choice's continuation.
+- ``mean``: the per-token mean log-likelihood (the sum divided by the continuation's token count,
+  counted with lm-eval's own tokenization of the item), i.e. minus the log of the choice's
+  perplexity: closer to the OpenCompass perplexities the paper used. (OpenCompass's PPL mode
+  averages the loss over its prompt too; the harness scores the continuation only, as lm-eval does.)
+
+The paper's definition does not say which per-choice score to use beyond "perplexity"; ``sum``
+stays the default so that earlier results keep their values. The standard deviation is the
+population one (ddof=0). "Right" is lm-eval's per-item ``acc`` (argmax of the summed
+log-likelihood) or ``acc_norm`` (argmax of the length-normalised one), so each task gets one
+stability per metric; the report uses the same metric as the task's accuracy column. The
+weights come from the chosen scores of the dense model.
+
+How much a stability value measures: the softmax concentrates on the items with the largest
+spread, and summed log-likelihoods spread widely (long continuations), so a few items can carry
+almost all the weight. Each task's result therefore carries ``n_eff = 1 / sum_k w_k^2``, the
+effective number of items (n_eff = n for equal weights, 1 when one item has all the weight).
 
 The released script instead adds up the *first* ``#agreements`` weights (in item order),
 whatever items agreed. That bug is available only as ``variant="released_prefix_sum"``; the
 harness itself always reports the definition above.
 
-Per-sample data is kept compactly (per task, per item: the choices' log-likelihoods and the
-acc / acc_norm flags) in a gzip side file next to each result JSON.
+Per-sample data is kept compactly (per task, per item: the choices' log-likelihoods, their
+continuations' token counts, and the acc / acc_norm flags) in a gzip side file next to each
+result JSON.
 """
 from __future__ import annotations
 
@@ -32,7 +46,40 @@ from harness.io import read_json_gz, write_json_gz_atomic
 
 SAMPLES_FORMAT = 1
 VARIANTS = ("definition", "released_prefix_sum")
-SCORE_NOTE = "lm-eval summed log-likelihood per choice; population std; softmax over a task's items"
+SCORES = ("sum", "mean")
+DEFAULT_SCORES = "sum"
+SCORE_NOTES = {
+    "sum": "lm-eval summed log-likelihood per choice; population std; softmax over a task's items",
+    "mean": "lm-eval log-likelihood per choice divided by its continuation's token count (per-token mean); "
+            "population std; softmax over a task's items",
+}
+SCORE_NOTE = SCORE_NOTES["sum"]
+
+
+def check_scores(scores: str) -> str:
+    if scores not in SCORES:
+        from harness.errors import UsageError
+
+        raise UsageError(f"unknown stability scores '{scores}'; use one of {', '.join(SCORES)}")
+    return scores
+
+
+def item_weights(dense_scores: Sequence[Sequence[float]]) -> list[float]:
+    """``w_k = softmax_k(std of item k's scores)`` (population std, max subtracted: no overflow)."""
+    spreads = []
+    for scores in dense_scores:
+        vals = [float(v) for v in scores]
+        mean = sum(vals) / len(vals)
+        spreads.append(math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals)))
+    top = max(spreads)
+    expd = [math.exp(s - top) for s in spreads]
+    total = sum(expd)
+    return [e / total for e in expd]
+
+
+def effective_items(weights: Sequence[float]) -> float:
+    """``1 / sum_k w_k^2``: n for equal weights, 1 when one item carries all the weight."""
+    return float(1.0 / sum(w * w for w in weights))
 
 
 def stability(dense_scores: Sequence[Sequence[float]], dense_correct: Sequence[bool],
@@ -51,15 +98,7 @@ def stability(dense_scores: Sequence[Sequence[float]], dense_correct: Sequence[b
         raise ValueError("dense_scores, dense_correct and pruned_correct must have one entry per item")
     if k == 0:
         raise ValueError("stability needs at least one item")
-    spreads = []
-    for scores in dense_scores:
-        vals = [float(v) for v in scores]
-        mean = sum(vals) / len(vals)
-        spreads.append(math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals)))
-    top = max(spreads)  # softmax with the maximum subtracted: no overflow for large spreads
-    expd = [math.exp(s - top) for s in spreads]
-    total = sum(expd)
-    weights = [e / total for e in expd]
+    weights = item_weights(dense_scores)
     agree = [bool(a) == bool(b) for a, b in zip(dense_correct, pruned_correct)]
     if variant == "released_prefix_sum":
         return float(sum(weights[: sum(agree)]))
@@ -79,16 +118,44 @@ def _loglik(resp) -> float | None:
     return None
 
 
+def continuation_token_counts(lm, arguments) -> list[int] | None:
+    """Token count of each request's continuation, tokenised exactly as lm-eval's ``loglikelihood``
+    does (``lm`` is the lm-eval model object that scored them: its ``_encode_pair``, and the
+    prefix token for an empty context). None when the requests are not (context, continuation)."""
+    counts = []
+    for args in arguments or []:
+        if not (isinstance(args, (list, tuple)) and len(args) == 2 and all(isinstance(a, str) for a in args)):
+            return None
+        context, continuation = args
+        if context == "":
+            enc = lm.tok_encode(continuation, add_special_tokens=False)
+            counts.append(len(enc) - (1 if enc and enc[0] == lm.prefix_token_id else 0))
+        else:
+            counts.append(len(lm._encode_pair(context, continuation)[1]))
+    return counts or None
+
+
+def annotate_token_counts(lm, samples: dict) -> None:
+    """Add ``continuation_tokens`` (one count per request) to each logged lm-eval sample row."""
+    for rows in (samples or {}).values():
+        for row in rows:
+            counts = continuation_token_counts(lm, row.get("arguments"))
+            if counts is not None:
+                row["continuation_tokens"] = counts
+
+
 def compact_samples(samples: dict) -> dict:
     """Reduce lm-eval's ``out["samples"]`` to what stability needs.
 
-    Returns ``{"format": 1, "tasks": {task: {"doc_id": [...], "ll": [[...], ...], "acc": [...],
-    "acc_norm": [...]}}}``. Only multiple-choice tasks (items with per-choice log-likelihoods
-    and an ``acc`` flag) are kept; with several filters, the first one logged per item is used.
+    Returns ``{"format": 1, "tasks": {task: {"doc_id": [...], "ll": [[...], ...], "ntok": [[...] | None,
+    ...], "acc": [...], "acc_norm": [...]}}}``. ``ntok`` are the continuations' token counts
+    (from ``annotate_token_counts``; None for an item without them). Only multiple-choice tasks
+    (items with per-choice log-likelihoods and an ``acc`` flag) are kept; with several filters,
+    the first one logged per item is used.
     """
     tasks = {}
     for task, rows in (samples or {}).items():
-        out = {"doc_id": [], "ll": [], "acc": [], "acc_norm": []}
+        out = {"doc_id": [], "ll": [], "ntok": [], "acc": [], "acc_norm": []}
         seen = set()
         for row in rows:
             if "acc" not in row or row.get("doc_id") in seen:
@@ -96,14 +163,35 @@ def compact_samples(samples: dict) -> dict:
             lls = [_loglik(r) for r in row.get("filtered_resps", [])]
             if not lls or any(v is None for v in lls):
                 continue
+            ntok = row.get("continuation_tokens")
+            ntok = [int(v) for v in ntok] if isinstance(ntok, (list, tuple)) and len(ntok) == len(lls) else None
             seen.add(row["doc_id"])
             out["doc_id"].append(int(row["doc_id"]))
             out["ll"].append(lls)
+            out["ntok"].append(ntok)
             out["acc"].append(float(row["acc"]))
             out["acc_norm"].append(None if row.get("acc_norm") is None else float(row["acc_norm"]))
         if out["doc_id"]:
             tasks[task] = out
-    return {"format": SAMPLES_FORMAT, "score": "lm-eval summed log-likelihood per choice", "tasks": tasks}
+    return {"format": SAMPLES_FORMAT, "score": "lm-eval summed log-likelihood per choice (ll), "
+            "continuation token counts (ntok)", "tasks": tasks}
+
+
+def item_scores(task_data: dict, indices: Sequence[int], scores: str = DEFAULT_SCORES) -> list[list[float]] | None:
+    """The per-choice scores of the given items: summed log-likelihoods, or per-token means
+    (None when an item lacks token counts, e.g. a side file written before they were kept)."""
+    check_scores(scores)
+    lls = [task_data["ll"][i] for i in indices]
+    if scores == "sum":
+        return lls
+    ntoks = task_data.get("ntok") or [None] * len(task_data["ll"])
+    out = []
+    for i, ll in zip(indices, lls):
+        counts = ntoks[i]
+        if not counts or len(counts) != len(ll) or any(c <= 0 for c in counts):
+            return None
+        out.append([v / c for v, c in zip(ll, counts)])
+    return out
 
 
 def samples_path(result_path) -> Path:
@@ -126,16 +214,20 @@ def load_samples(result_path) -> dict | None:
     return data if isinstance(data, dict) and data.get("format") == SAMPLES_FORMAT else None
 
 
-def compare(dense: dict, pruned: dict, variant: str = "definition") -> dict | None:
+def compare(dense: dict, pruned: dict, variant: str = "definition", scores: str = DEFAULT_SCORES) -> dict | None:
     """Stability of a pruned model against the dense one, per task and metric.
 
-    Items are matched by ``doc_id``; only items both models answered count (``n``). Returns
-    ``{"tasks": {task: {"acc": s, "acc_norm": s | None, "n": k}}, "mean": {...}, ...}`` or
-    None when no task overlaps.
+    Items are matched by ``doc_id``; only items both models answered count (``n``); ``n_eff`` is
+    the effective number of items behind the value (``1 / sum_k w_k^2``). ``scores`` picks the
+    per-choice score the weights come from (``sum`` | ``mean``, see the module docstring).
+    Returns ``{"tasks": {task: {"acc": s, "acc_norm": s | None, "n": k, "n_eff": e}}, "mean":
+    {...}, "scores": ..., ...}`` or None when no task overlaps. With ``scores="mean"``, tasks
+    whose dense side file has no token counts are listed under ``missing_token_counts``.
     """
+    check_scores(scores)
     if not dense or not pruned:
         return None
-    out = {}
+    out, missing = {}, []
     for task, d in dense.get("tasks", {}).items():
         p = pruned.get("tasks", {}).get(task)
         if not p:
@@ -144,15 +236,19 @@ def compare(dense: dict, pruned: dict, variant: str = "definition") -> dict | No
         pairs = [(i, p_index[doc]) for i, doc in enumerate(d["doc_id"]) if doc in p_index]
         if not pairs:
             continue
-        scores = [d["ll"][i] for i, _ in pairs]
-        row = {"n": len(pairs)}
+        values = item_scores(d, [i for i, _ in pairs], scores)
+        if values is None:
+            missing.append(task)
+            continue
+        weights = item_weights(values)
+        row = {"n": len(pairs), "n_eff": effective_items(weights)}
         for metric in ("acc", "acc_norm"):
             dv = [d[metric][i] for i, _ in pairs]
             pv = [p[metric][j] for _, j in pairs]
             if any(v is None for v in dv + pv):
                 row[metric] = None
                 continue
-            value = stability(scores, [v > 0.5 for v in dv], [v > 0.5 for v in pv], variant)
+            value = stability(values, [v > 0.5 for v in dv], [v > 0.5 for v in pv], variant)
             row[metric] = value if math.isfinite(value) else None  # non-finite dense scores: undefined, not NaN
         out[task] = row
     if not out:
@@ -161,5 +257,25 @@ def compare(dense: dict, pruned: dict, variant: str = "definition") -> dict | No
     for metric in ("acc", "acc_norm"):
         vals = [r[metric] for r in out.values()]
         mean[metric] = None if any(v is None for v in vals) else sum(vals) / len(vals)
-    return {"definition": "sum_k w_k*agree_k, w = softmax_k(std of dense per-choice scores)",
-            "variant": variant, "score": SCORE_NOTE, "tasks": out, "mean": mean}
+    mean["n_eff"] = sum(r["n_eff"] for r in out.values()) / len(out)
+    block = {"definition": "sum_k w_k*agree_k, w = softmax_k(std of dense per-choice scores); "
+                           "n_eff = 1/sum_k w_k^2 (effective number of items)",
+             "variant": variant, "scores": scores, "score": SCORE_NOTES[scores], "tasks": out, "mean": mean}
+    if missing:
+        block["missing_token_counts"] = missing
+    return block
+
+
+def has_token_counts(samples: dict | None) -> bool:
+    """Whether a side file carries the continuations' token counts (``scores="mean"`` needs them)."""
+    tasks = (samples or {}).get("tasks") or {}
+    return bool(tasks) and all(t.get("ntok") and all(c for c in t["ntok"]) for t in tasks.values())
+
+
+def rescored(record: dict, dense: dict | None, pruned: dict | None, scores: str) -> dict | None:
+    """A stored run's stability block for ``scores``: unchanged when it already used them, else
+    recomputed from the two side files (``None`` values keep the stored block)."""
+    block = record.get("stability")
+    if not block or block.get("scores", "sum") == scores or not dense or not pruned:
+        return block
+    return compare(dense, pruned, block.get("variant", "definition"), scores) or block

@@ -1,87 +1,247 @@
 """Save pruned models and load them back.
 
-Removal-type results are ordinary checkpoints: ``AutoModelForCausalLM.from_pretrained(dir)``.
-A model with a replacement network is saved as the plain pruned checkpoint (real layers only)
-plus ``replacements.safetensors`` and their description in ``pruning_manifest.json``; load it
-with ``harness.load_pruned(dir)``, which re-inserts the networks where they were. A decoder-layer
-replacement (``ReplacementLayer``) is an ordinary layer of the checkpoint; the manifest's
-``replacement_layers`` says where it sits and, with parameter sharing, where it is applied
-again (shared applications are not stored twice).
+Every saved folder holds the pruned checkpoint, its tokenizer and ``pruning_manifest.json``
+(method, options, removed layers, replacements); ``harness.load_pruned(dir)`` loads any of them.
+
+- Removal-type results are ordinary checkpoints: ``AutoModelForCausalLM.from_pretrained(dir)``.
+- Decoder-layer replacements (``ReplacementLayer``) are ordinary layers of the checkpoint. A layer
+  applied n times (parameter sharing) is stored as n identical layers, so stock loading gives
+  exactly the pruned model; ``load_pruned`` ties the copies back into one shared layer (the
+  manifest's ``replacement_layers`` says where each application sits and whose copy it is).
+- Replacement MLPs (``MLPReplacement``, ``MultiMLPReplacement``: the streamline variants) are
+  stored in the checkpoint as ``streamline_replacements.<k>.*`` next to the pruned layers, and the
+  folder carries ``modeling_streamline.py`` (self-contained remote code, registered in
+  ``config.json``'s ``auto_map``) that re-inserts them, so
+  ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` and
+  ``lm_eval --model hf --model_args pretrained=dir,trust_remote_code=True`` load exactly the
+  pruned model. The config's ``model_type`` is ``streamline_<base>``, which transformers does
+  not know: loading without ``trust_remote_code=True`` raises instead of silently returning
+  the model without its MLPs.
+- Any other replacement module (a plugin's own class) is stored in ``replacements.safetensors``
+  (only ``load_pruned`` can rebuild it); the config gets the same unknown ``model_type`` without
+  ``auto_map``, so stock loading fails rather than returning a different model.
+
+Folders written before this layout (base ``model_type``, ``replacements.safetensors``, shared
+layers stored once) still load with ``load_pruned``.
 """
 from __future__ import annotations
 
+import copy
 import json
+import logging
 from pathlib import Path
 
 from harness.errors import UsageError
-from harness.io import write_json_atomic
-from harness.model.adapters import get_adapter
+from harness.io import write_json_atomic, write_text_atomic
+from harness.model.adapters import ReplacementLayer, get_adapter
 from harness.model.replacement import build_from_description, describe
 from harness.model.surgery import (
+    remove_layers,
     restore_layer_replacements,
     restore_replacements,
-    strip_layer_replacements,
     strip_replacements,
 )
 
 MANIFEST = "pruning_manifest.json"
-REPLACEMENTS = "replacements.safetensors"
+REPLACEMENTS = "replacements.safetensors"  # replacement modules the remote code cannot rebuild
+REMOTE_FILE = "modeling_streamline.py"
+REMOTE_PREFIX = "streamline_replacements"  # checkpoint key prefix of the MLPs (remote-code layout)
+MODEL_TYPE_PREFIX = "streamline_"
+# replacement classes the saved remote code defines (same names, parameters and arithmetic)
+REMOTE_CLASSES = {"harness.model.replacement.MLPReplacement": "MLPReplacement",
+                  "harness.model.replacement.MultiMLPReplacement": "MultiMLPReplacement"}
+
+
+def _module_path(model, target) -> str:
+    for name, module in model.named_modules():
+        if module is target:
+            return name
+    raise ValueError("the decoder layer list is not a submodule of the model")
+
+
+def _unshare_layer_replacements(adapter) -> tuple[list[dict], list]:
+    """Turn ``ReplacementLayer`` entries into plain layers in place; a shared application becomes
+    a copy of its owner's layer. Returns the plan (``{"index", "shared_from"}``) and the original
+    entries (for ``_reshare``)."""
+    original = list(adapter.layers)
+    plan, plain, owner_of = [], [], {}
+    for i, layer in enumerate(original):
+        if isinstance(layer, ReplacementLayer):
+            if layer.shared:
+                if id(layer.inner) not in owner_of:
+                    raise ValueError(f"shared replacement layer at {i} has no owning entry before it")
+                plan.append({"index": i, "shared_from": owner_of[id(layer.inner)]})
+                plain.append(copy.deepcopy(layer.inner))
+                continue
+            owner_of[id(layer.inner)] = i
+            plan.append({"index": i, "shared_from": None})
+            layer = layer.inner
+        plain.append(layer)
+    if plan:
+        adapter.set_layers(plain)
+    return plan, original
+
+
+def _remote_config(config_path: Path, base_model_type: str, layers_path: str, entries: list[dict],
+                   with_code: bool) -> None:
+    cfg = json.loads(config_path.read_text())
+    cfg["model_type"] = MODEL_TYPE_PREFIX + base_model_type
+    cfg["streamline_base_model_type"] = base_model_type
+    cfg["streamline_layers_path"] = layers_path
+    if with_code:
+        cfg["architectures"] = ["StreamlineForCausalLM"]
+        cfg["auto_map"] = {"AutoConfig": "modeling_streamline.StreamlineConfig",
+                           "AutoModelForCausalLM": "modeling_streamline.StreamlineForCausalLM"}
+        cfg["streamline_replacements"] = [{"index": e["index"], "where": e["where"],
+                                           "class": REMOTE_CLASSES[e["class"]], "kwargs": e["kwargs"]}
+                                          for e in entries]
+    write_json_atomic(config_path, cfg)
+
+
+def remote_code_text(model) -> str:
+    """``modeling_streamline.py`` with its base-architecture lines naming ``model``'s classes."""
+    import transformers
+
+    base_cls, cfg_cls = type(model).__name__, type(model.config).__name__
+    for name in (base_cls, cfg_cls):
+        if getattr(transformers, name, None) is None:
+            raise ValueError(f"transformers has no top-level class {name}; cannot write remote code for it")
+    src = (Path(__file__).with_name(REMOTE_FILE)).read_text()
+    lines = [line for line in src.splitlines() if line.endswith("# STREAMLINE-BASE")]
+    if len(lines) != 2:
+        raise ValueError(f"{REMOTE_FILE}: expected two '# STREAMLINE-BASE' lines")
+    src = src.replace(lines[0], f"from transformers import {cfg_cls} as BaseConfig, "
+                                 f"{base_cls} as BaseForCausalLM  # STREAMLINE-BASE")
+    return src.replace(lines[1], f"BASE_MODEL_TYPE = {model.config.model_type!r}  # STREAMLINE-BASE")
 
 
 def save_pruned(model, tokenizer, out_dir, manifest: dict) -> Path:
     from safetensors.torch import save_file
+    from torch import nn
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     adapter = get_adapter(model)
+    base_model_type = model.config.model_type
     found = strip_replacements(adapter)
-    layer_plan = strip_layer_replacements(adapter)
+    layer_plan, original_layers = _unshare_layer_replacements(adapter)
+    entries = [{"index": item["index"], "where": item["where"], **describe(item["module"])} for item in found]
+    remote = bool(found) and all(e["class"] in REMOTE_CLASSES for e in entries)
+    attached = False
     try:
+        layers_path = _module_path(model, adapter.layers)
+        if remote:  # saved inside the checkpoint, where the remote code's modules expect them
+            model.add_module(REMOTE_PREFIX, nn.ModuleList(item["module"] for item in found))
+            attached = True
         model.save_pretrained(out)
+        if attached:
+            delattr(model, REMOTE_PREFIX)
+            attached = False
         if tokenizer is not None:
             tokenizer.save_pretrained(out)
-        entries, tensors = [], {}
-        for k, item in enumerate(found):
-            entries.append({"index": item["index"], "where": item["where"], **describe(item["module"])})
-            for name, t in item["module"].state_dict().items():
-                tensors[f"{k}.{name}"] = t.detach().cpu().contiguous()
-        if entries:
+        if found and not remote:
+            tensors = {f"{k}.{name}": t.detach().cpu().contiguous()
+                       for k, item in enumerate(found) for name, t in item["module"].state_dict().items()}
             save_file(tensors, str(out / REPLACEMENTS))
-        shared = any(e["shared_from"] is not None for e in layer_plan)
+        if found:
+            _remote_config(out / "config.json", base_model_type, layers_path, entries, with_code=remote)
+        if remote:
+            write_text_atomic(out / REMOTE_FILE, remote_code_text(model))
+        load_with = ("AutoModelForCausalLM(trust_remote_code=True)" if remote
+                     else "harness.load_pruned" if found else "AutoModelForCausalLM")
         write_json_atomic(out / MANIFEST, {**manifest, "saved_replacements": entries,
+                                           "replacements_in": ("checkpoint" if remote else REPLACEMENTS) if found
+                                           else None,
                                            "replacement_layers": layer_plan,
-                                           "load_with": "harness.load_pruned" if entries or shared
-                                           else "AutoModelForCausalLM"})
+                                           "shared_layers_saved_as": "copies",
+                                           "load_with": load_with})
     finally:
-        restore_layer_replacements(adapter, layer_plan)
+        if attached:
+            delattr(model, REMOTE_PREFIX)
+        if layer_plan:
+            adapter.set_layers(original_layers)
         restore_replacements(adapter, found)
     return out
 
 
+def _checkpoint_tensors(folder: Path, prefix: str) -> dict:
+    """Tensors whose key starts with ``prefix`` from the folder's safetensors files (shards too)."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        if f.name == REPLACEMENTS:
+            continue
+        with safe_open(str(f), framework="pt") as fh:
+            for key in fh.keys():
+                if key.startswith(prefix):
+                    out[key[len(prefix):]] = fh.get_tensor(key)
+    return out
+
+
+def _base_config(folder: Path):
+    """The base architecture's config of a folder whose config names ``streamline_<base>``."""
+    from transformers import AutoConfig
+
+    cfg = json.loads((folder / "config.json").read_text())
+    base = cfg.pop("streamline_base_model_type")
+    for key in ("streamline_layers_path", "streamline_replacements", "auto_map", "model_type",
+                "architectures", "transformers_version"):
+        cfg.pop(key, None)
+    return AutoConfig.for_model(base, **cfg)
+
+
+class _HideOwnKeysReport(logging.Filter):
+    """Drops transformers' load report when the only keys it lists are the replacement MLPs'
+    (the base class does not know them; ``load_pruned`` loads them itself)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if "LOAD REPORT" not in msg:
+            return True
+        rows = [line for line in msg.splitlines() if "|" in line and any(
+            word in line for word in ("UNEXPECTED", "MISSING", "MISMATCH"))]
+        return not rows or not all(line.strip().startswith(REMOTE_PREFIX + ".") for line in rows)
+
+
 def load_pruned(path, dtype: str = "float32", device: str = "cpu"):
     """Load a directory written by ``save_pruned``; returns ``(model, tokenizer, manifest)``."""
-    from safetensors.torch import load_file
-
     from harness.model.loading import load_model
-    from harness.model.surgery import restore_replacements as _restore
 
     p = Path(path)
     if not (p / MANIFEST).is_file():
         raise UsageError(f"'{path}' has no {MANIFEST}; it was not written by --save-models")
     manifest = json.loads((p / MANIFEST).read_text())
-    model, tok = load_model(str(p), dtype=dtype, device=device)
-    restore_layer_replacements(get_adapter(model), manifest.get("replacement_layers"))
+    config_data = json.loads((p / "config.json").read_text()) if (p / "config.json").is_file() else {}
+    config = _base_config(p) if "streamline_base_model_type" in config_data else None
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    hide = _HideOwnKeysReport()
+    report_logger.addFilter(hide)
+    try:
+        model, tok = load_model(str(p), dtype=dtype, device=device, config=config)
+    finally:
+        report_logger.removeFilter(hide)
+    adapter = get_adapter(model)
+    plan = manifest.get("replacement_layers") or []
+    if plan and manifest.get("shared_layers_saved_as") == "copies":  # drop the copies, then tie
+        remove_layers(adapter, [e["index"] for e in plan if e["shared_from"] is not None])
+    restore_layer_replacements(adapter, plan)
     entries = manifest.get("saved_replacements", [])
     if entries:
-        tensors = load_file(str(p / REPLACEMENTS))
+        if manifest.get("replacements_in") == "checkpoint":
+            tensors = _checkpoint_tensors(p, REMOTE_PREFIX + ".")
+        else:
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(p / REPLACEMENTS))
         found = []
+        ref = next(model.parameters())
         for k, e in enumerate(entries):
             module = build_from_description(e)
             state = {name[len(f"{k}."):]: t for name, t in tensors.items() if name.startswith(f"{k}.")}
             module.load_state_dict(state)
-            ref = next(model.parameters())
             module.to(device=ref.device, dtype=ref.dtype)
             found.append({"index": e["index"], "where": e["where"], "module": module})
-        _restore(get_adapter(model), found)
+        restore_replacements(adapter, found)
     model.eval()
     return model, tok, manifest
