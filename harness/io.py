@@ -38,7 +38,10 @@ def file_mode() -> int:
 def _write_atomic(path: Path, payload: bytes) -> None:
     """Write ``payload`` to a temp file in the same directory, fsync, then rename over ``path``:
     a reader sees the old file or the whole new one, never half of it. The file gets the
-    umask's mode (mkstemp's own 0600 would hide results from colleagues)."""
+    umask's mode (mkstemp's own 0600 would hide results from colleagues).
+    In a data-parallel launch only rank 0 writes (the other processes hold the same results)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
