@@ -161,7 +161,7 @@ def _check_not_binary(path: Path, what: str) -> None:
             with gzip.open(path, "rb") as fh:
                 head = fh.read(_PROBE_BYTES)
         except (OSError, EOFError) as exc:
-            raise UsageError(f"{what} '{path}' is a damaged gzip file ({exc}); re-create it") from None
+            raise UsageError(f"{what} '{path}' is a damaged or truncated gzip file ({exc}); re-create it") from None
     if b"\x00" in head:
         raise UsageError(f"{what} '{path}' is a binary file, not text; pass a UTF-8 text or JSON-lines file")
     try:
@@ -261,11 +261,24 @@ def check_task_data(cfg) -> list[Path]:
     layout); otherwise checks the built-in local layouts and suite files here."""
     from harness.evaluation import lmeval
 
+    if cfg.ppl and not cfg.data_dir and (os.environ.get("HF_DATASETS_OFFLINE") == "1"
+                                         or os.environ.get("HF_HUB_OFFLINE") == "1"):
+        raise UsageError("--ppl reads wikitext-2 test from the Hub, which is offline here; pass --data-dir "
+                         "(a folder laid out like shared/data) so it is read from wikitext2/wikitext-2-raw-v1/test.jsonl")
     checker = getattr(lmeval, "check_task_files", None)
     if checker is not None:
-        files = checker(cfg)
+        try:
+            files = checker(cfg)
+        except (ValueError, KeyError, TypeError, OSError) as exc:  # e.g. a suite.json that is not JSON
+            raise UsageError(f"task data could not be read ({type(exc).__name__}: {str(exc)[:200]}); "
+                             "check --suite / --data-dir") from None
         if isinstance(files, (list, tuple)):
-            return [Path(f) for f in files]
+            files = [Path(f) for f in files]
+            wikitext = Path(cfg.data_dir) / lmeval.WIKITEXT_LOCAL if cfg.data_dir else None
+            if cfg.ppl and wikitext is not None and wikitext not in files:  # --ppl next to a --suite
+                check_jsonl_file(wikitext, "wikitext-2 test file (--ppl)", ("text",))
+                files.append(wikitext)
+            return files
     files: list[Path] = []
     if getattr(cfg, "suite", None):
         suite = lmeval.suite_tasks(cfg.suite)

@@ -546,8 +546,13 @@ def suite_tasks(suite_dir: str) -> dict:
     p = Path(suite_dir) / "suite.json"
     if not p.is_file():
         raise UsageError(f"suite directory '{suite_dir}' has no suite.json; pass a directory written by the world generator")
-    suite = json.loads(p.read_text())
-    for name, info in suite["tasks"].items():
+    try:
+        suite = json.loads(p.read_text(encoding="utf-8"))
+        tasks = suite["tasks"].items()
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # not JSON, or not a suite
+        raise UsageError(f"{p} is not a suite description ({type(exc).__name__}: {str(exc)[:120]}); "
+                         "pass a directory written by the world generator") from None
+    for name, info in tasks:
         if not (Path(suite_dir) / info["file"]).is_file():
             raise UsageError(f"suite task '{name}' file {Path(suite_dir) / info['file']} is missing")
     return suite
