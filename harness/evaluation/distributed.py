@@ -20,6 +20,8 @@ import os
 
 import torch
 
+from harness.model.placement import gpu_share
+
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -48,7 +50,7 @@ def active() -> bool:
 def init(device: str) -> str:
     """Join the process group (once) when launched with WORLD_SIZE > 1; returns this process's
     device: ``cuda`` becomes ``cuda:LOCAL_RANK``; ``auto`` stays ``auto`` (loading restricts it to
-    this process's share of the GPUs, see ``gpu_share``); ``cpu`` stays ``cpu``."""
+    this process's share of the GPUs, harness.model.placement); ``cpu`` stays ``cpu``."""
     if world_size() <= 1:
         return device
     import torch.distributed as dist
@@ -61,28 +63,6 @@ def init(device: str) -> str:
     if device == "cuda":
         return f"cuda:{local_rank()}"
     return device
-
-
-def gpu_share() -> list[int]:
-    """The GPUs this process may use with ``--device auto``: its contiguous share of the node's
-    GPUs (8 GPUs, 2 processes: process 0 gets 0-3, process 1 gets 4-7)."""
-    count = torch.cuda.device_count()
-    procs = max(1, local_world_size())
-    per = max(1, count // procs)
-    first = (local_rank() * per) % max(count, 1)
-    return list(range(first, min(first + per, count)))
-
-
-def auto_max_memory() -> dict | None:
-    """``max_memory`` for ``device_map='auto'`` so that this process fills only its GPU share."""
-    if world_size() <= 1 or not torch.cuda.is_available():
-        return None
-    mine = set(gpu_share())
-    out: dict = {}
-    for i in range(torch.cuda.device_count()):
-        out[i] = int(torch.cuda.get_device_properties(i).total_memory * 0.9) if i in mine else 0
-    out["cpu"] = 0
-    return out
 
 
 def broadcast_object(obj, src: int = 0):

@@ -76,6 +76,11 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", config=No
     path = os.path.expanduser(name)
     if device == "auto":
         kwargs["device_map"] = "auto"
+        from harness.model.placement import auto_max_memory
+
+        share = auto_max_memory()  # data-parallel launch: this process's GPUs only
+        if share:
+            kwargs["max_memory"] = share
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as exc:  # noqa: BLE001
