@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local benchmark files laid out like shared/data (tasks, wikitext-2, calibration)")
     p.add_argument("--limit", type=_int("--limit"), default=None, help="evaluate only the first N items per task")
     p.add_argument("--eval-batch-size", type=_int("--eval-batch-size"), default=defaults.EVAL_BATCH_SIZE)
+    p.add_argument("--stability-scores", choices=("sum", "mean"), default="sum",
+                   help="per-choice scores the stability weights come from: sum = lm-eval's summed "
+                   "log-likelihood (default), mean = per token (closer to the paper's perplexities); "
+                   "recorded in each run's stability block")
     p.add_argument("--ppl", action="store_true", help="also measure wikitext-2 test perplexity")
     p.add_argument("--ppl-seq-len", type=_int("--ppl-seq-len"), default=None,
                    help="perplexity window (default min(2048, model positions))")
@@ -388,6 +392,7 @@ def _run(args):
         opts.max_loss_growth = args.max_loss_growth
     opts.targets = targets if len(targets) > 1 else []
     opts.all_layer_stats = bool(args.plots)
+    opts.stability_scores = args.stability_scores
     if args.efficiency:
         opts.efficiency = _efficiency_config(args)
     sink = {}

@@ -29,6 +29,9 @@ from harness.evaluation.stability import (
     save_samples,
 )
 from harness.evaluation.stability import compare as stability_vs_dense
+from harness.evaluation.stability import DEFAULT_SCORES as DEFAULT_STABILITY_SCORES
+from harness.evaluation.stability import check_scores as check_stability_scores
+from harness.evaluation.stability import has_token_counts, rescored
 from harness.finite import DEFAULT_MAX_LOSS_GROWTH, FirstForwardGuard, first_nonfinite, training_failure
 from harness.io import write_json_atomic
 from harness.model.adapters import get_adapter
@@ -81,6 +84,7 @@ class RunOptions:
     targets: list = field(default_factory=list)  # a sweep (--ratio 0.1,0.2 / --layers 2,4): every method at each
     efficiency: Any = None  # an EfficiencyConfig: measure every model (harness.evaluation.efficiency)
     all_layer_stats: bool = False  # score every window length in the shared pass (plots); sweeps always do
+    stability_scores: str = DEFAULT_STABILITY_SCORES  # per-choice scores behind stability: sum | mean
 
     def sweep(self) -> list[Target]:
         return list(self.targets) or [self.target]
@@ -90,6 +94,7 @@ def prepare(opts: RunOptions):
     """Validate every input before anything runs; returns ``[(name, spec, cfg)]``."""
     resolve_dtype(opts.dtype)
     resolve_device(opts.device)
+    check_stability_scores(opts.stability_scores)
     for target in opts.sweep():
         target.validate()
     if opts.efficiency is not None:
@@ -328,7 +333,9 @@ def run_dense(s: Session, echo=print) -> dict:
     if not opts.force:
         cached = read_cached(path)
         samples = read_cached_gz(samples_path(path), lambda _p: load_samples(path)) if cached is not None else None
-        if cached is not None and samples is not None:
+        # --stability-scores mean needs the token counts (side files written before them lack them)
+        counts_ok = opts.stability_scores != "mean" or has_token_counts(samples)
+        if cached is not None and samples is not None and counts_ok:
             echo(f"dense: result exists, skipping ({path})")
             s.dense_samples = samples
             return cached
@@ -380,6 +387,11 @@ def run_method(s: Session, name: str, spec, cfg, echo=print) -> dict:
         else:
             state = " (failed: " + str(cached.get("failure")) + ")" if cached.get("status") == "failed" else ""
             echo(f"{name}: result exists{state}, skipping ({path})")
+            stored = cached.get("stability")
+            if stored and stored.get("scores", "sum") != opts.stability_scores:
+                # stored with other --stability-scores: recomputed from the side files
+                cached["stability"] = rescored(cached, s.dense_samples, load_samples(path), opts.stability_scores)
+                return _store(path, cached)
             return cached
     echo(f"{name}: pruning")
     timings = {}
@@ -440,7 +452,8 @@ def run_method(s: Session, name: str, spec, cfg, echo=print) -> dict:
                      eval=opts.eval.to_dict(), target=opts.target.to_dict() | {"num_remove": s.num_remove},
                      calibration=s.calibration.description, seed=opts.seed, manifest=manifest,
                      params=_params(s, pruned, result), metrics=metrics, perplexity=ppl, timings=timings,
-                     environment=environment(), stability=stability_vs_dense(s.dense_samples, samples))
+                     environment=environment(),
+                     stability=stability_vs_dense(s.dense_samples, samples, scores=opts.stability_scores))
     save_samples(path, samples)
     if opts.save_models and distributed.is_main():
         t = time.perf_counter()

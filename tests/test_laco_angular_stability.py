@@ -11,6 +11,7 @@ import torch
 from conftest import (
     SHARED_DATA,
     make_context,
+    opt_tokenizer,
     run_method,
     shared_data_or_skip,
     tiny_model,
@@ -20,7 +21,15 @@ LACO_CTX = dict(samples=6, seq=12, batch_size=3)  # small LaCo searches
 
 from harness import get_adapter
 from harness.errors import UsageError
-from harness.evaluation.stability import compact_samples, compare, stability
+from harness.evaluation.stability import (
+    annotate_token_counts,
+    compact_samples,
+    compare,
+    continuation_token_counts,
+    effective_items,
+    has_token_counts,
+    stability,
+)
 from harness.results.report import build_tables
 from harness.signals.activations import StatsAccumulator
 from methods.laco import merge_params, rdsc_merge, released_code_merge
@@ -215,7 +224,52 @@ def test_stability_from_lm_eval_samples_matches_items_by_doc_id():
     assert block["tasks"]["piqa"]["n"] == 3
     assert block["tasks"]["piqa"]["acc"] == pytest.approx(4 / 6)
     assert block["mean"]["acc"] == pytest.approx(4 / 6)
+    # weights 1/6, 2/6, 3/6 -> 1 / (1 + 4 + 9) * 36 items' worth
+    assert block["tasks"]["piqa"]["n_eff"] == pytest.approx(36 / 14)
+    assert block["scores"] == "sum"
     assert compare(dense, compact_samples({"arc_easy": _lm_eval_rows(scores, [1.0] * 3, [0, 1, 2])})) is None
+
+
+def test_effective_items_and_per_token_mean_scores():
+    assert effective_items([0.25] * 4) == pytest.approx(4.0)
+    assert effective_items([1.0, 0.0, 0.0]) == pytest.approx(1.0)
+    # summed log-likelihoods: item 0's long choices spread widely and take all the weight;
+    # per token (item 0: 40 and 20 tokens, item 1: 1 token each) the spreads are 0.25 and 0.5
+    lls = [[-40.0, -10.0], [-1.0, -2.0]]
+    rows = [{"doc_id": i, "filtered_resps": [(v, False) for v in ll], "acc": 1.0, "acc_norm": 1.0,
+             "continuation_tokens": nt} for i, (ll, nt) in enumerate(zip(lls, [[40, 20], [1, 1]]))]
+    dense = compact_samples({"piqa": rows})
+    assert dense["tasks"]["piqa"]["ntok"] == [[40, 20], [1, 1]]
+    pruned = compact_samples({"piqa": [{**r, "acc": float(i)} for i, r in enumerate(rows)]})  # item 0 flips
+    summed = compare(dense, pruned)["tasks"]["piqa"]
+    w1 = 1 / (1 + math.exp(15.0 - 0.5))  # softmax(15, 0.5)[1]
+    assert summed["acc"] == pytest.approx(w1) and summed["n_eff"] == pytest.approx(1 / (w1 ** 2 + (1 - w1) ** 2))
+    mean = compare(dense, pruned, scores="mean")
+    w1 = 1 / (1 + math.exp(0.25 - 0.5))
+    assert mean["scores"] == "mean" and mean["tasks"]["piqa"]["acc"] == pytest.approx(w1)
+    assert mean["tasks"]["piqa"]["n_eff"] > summed["n_eff"]
+    # side files without token counts: mean cannot be computed, and says so
+    old = compact_samples({"piqa": [{k: v for k, v in r.items() if k != "continuation_tokens"} for r in rows]})
+    assert not has_token_counts(old) and has_token_counts(dense)
+    assert compare(old, pruned, scores="mean") is None
+    with pytest.raises(UsageError, match="stability scores 'median'"):
+        compare(dense, pruned, scores="median")
+
+
+def test_continuation_token_counts_are_lm_evals_own():
+    """Counts come from lm-eval's own pair encoding (trailing context spaces move to the continuation)."""
+    from lm_eval.models.huggingface import HFLM
+
+    tok = opt_tokenizer()
+    lm = HFLM(pretrained=tiny_model("opt", vocab_size=len(tok), layers=1), tokenizer=tok, batch_size=1)
+    pairs = [("Question: why? Answer:", " because it is"), ("Goal: ", "cut bread"), ("", "hello there")]
+    counts = continuation_token_counts(lm, pairs)
+    assert counts[:2] == [len(lm._encode_pair(c, x)[1]) for c, x in pairs[:2]]
+    assert counts[0] == len(tok(" because it is", add_special_tokens=False).input_ids)
+    assert counts[2] == len(tok("hello there", add_special_tokens=False).input_ids)
+    rows = {"t": [{"doc_id": 0, "arguments": pairs[:2]}, {"doc_id": 1, "arguments": [("q", {"until": []})]}]}
+    annotate_token_counts(lm, rows)
+    assert rows["t"][0]["continuation_tokens"] == counts[:2] and "continuation_tokens" not in rows["t"][1]
 
 
 def _run_record(method, metrics, stability_tasks=None):
@@ -227,13 +281,17 @@ def _run_record(method, metrics, stability_tasks=None):
 def test_report_shows_stability_on_each_tasks_table_metric():
     metrics = {"piqa": {"acc": 0.6, "acc_norm": 0.7}, "winogrande": {"acc": 0.5}}
     runs = [_run_record("dense", metrics),
-            _run_record("laco", metrics, {"piqa": {"acc": 0.5, "acc_norm": 0.9, "n": 4},
-                                          "winogrande": {"acc": 0.75, "acc_norm": None, "n": 4}})]
+            _run_record("laco", metrics, {"piqa": {"acc": 0.5, "acc_norm": 0.9, "n": 4, "n_eff": 1.5},
+                                          "winogrande": {"acc": 0.75, "acc_norm": None, "n": 4, "n_eff": 2.5}})]
     (_title, df, notes), = build_tables(runs, "acc_norm")
     # piqa on acc_norm (0.9), winogrande has no acc_norm -> acc (0.75), as the score columns do
     assert df["Stab."].tolist()[1] == pytest.approx(100 * (0.9 + 0.75) / 2)
     assert pd.isna(df["Stab."].tolist()[0])  # the dense row: "-"
-    assert any(n.startswith("Stab. = stability") for n in notes)
+    assert list(df.columns).index("n_eff") == list(df.columns).index("Stab.") + 1
+    assert df["n_eff"].tolist()[1] == pytest.approx(2.0) and pd.isna(df["n_eff"].tolist()[0])
+    (note,) = [n for n in notes if n.startswith("Stab. = stability")]
+    assert "summed log-likelihoods" in note and "n_eff = effective number of items" in note
+    assert "out of 4 items per task" in note
     (_title, df, _notes), = build_tables([_run_record("dense", metrics), _run_record("x", metrics)], "acc")
     assert "Stab." not in df.columns  # only when present
 
@@ -249,7 +307,7 @@ def _independent_stability(dense, pruned):
         spreads.append(float(t.std(unbiased=False)))
         agree.append((dense["acc"][i] > 0.5) == (pruned["acc"][idx[d]] > 0.5))
     w = torch.softmax(torch.tensor(spreads, dtype=torch.float64), 0)
-    return float(sum(wi for wi, a in zip(w, agree) if a))
+    return float(sum(wi for wi, a in zip(w, agree) if a)), w
 
 
 def test_cli_laco_and_angular_report_stability(tiny_opt_dir, tmp_path, capsys):
@@ -263,7 +321,7 @@ def test_cli_laco_and_angular_report_stability(tiny_opt_dir, tmp_path, capsys):
     assert main(argv) == 0
     text = capsys.readouterr().out
     header = next(line for line in text.splitlines() if line.startswith("Method"))
-    assert header.split()[-1] == "Stab."
+    assert header.split()[-2:] == ["Stab.", "n_eff"]
     rows = {line.split()[0]: line.split() for line in text.splitlines() if line.split()[:1] in (["laco"], ["angular"])}
     assert set(rows) == {"laco", "angular"}
     runs = {}
@@ -281,16 +339,33 @@ def test_cli_laco_and_angular_report_stability(tiny_opt_dir, tmp_path, capsys):
     for method in ("laco", "angular"):
         rec, side = runs[method]
         assert rec["params"]["pruned_layers"] == 4 and len(rec["manifest"]["removed_layers"]) == 2
-        per_task = []
+        per_task, n_eff = [], []
         for task in ("piqa", "arc_easy"):
-            expect = _independent_stability(dense_side["tasks"][task], side["tasks"][task])
+            expect, weights = _independent_stability(dense_side["tasks"][task], side["tasks"][task])
             assert rec["stability"]["tasks"][task]["acc"] == pytest.approx(expect)
             assert rec["stability"]["tasks"][task]["n"] == 4
+            assert rec["stability"]["tasks"][task]["n_eff"] == pytest.approx(1 / float((weights ** 2).sum()))
             per_task.append(100 * expect)
-        assert float(rows[method][-1]) == pytest.approx(sum(per_task) / 2, abs=0.051)
+            n_eff.append(rec["stability"]["tasks"][task]["n_eff"])
+        assert rec["stability"]["scores"] == "sum"
+        assert float(rows[method][-2]) == pytest.approx(sum(per_task) / 2, abs=0.051)
+        assert float(rows[method][-1]) == pytest.approx(sum(n_eff) / 2, abs=0.051)
     assert runs["laco"][0]["manifest"]["laco"]["removed"] == 2
     # a second run finds every result (and the dense side file) and re-renders the same column
     assert main(argv) == 0
     again = capsys.readouterr().out
     assert len(re.findall(r"result exists, skipping", again)) == 3
-    assert next(line for line in again.splitlines() if line.startswith("Method")).split()[-1] == "Stab."
+    assert next(line for line in again.splitlines() if line.startswith("Method")).split()[-2:] == ["Stab.", "n_eff"]
+    # --stability-scores mean: the stored runs' stability is recomputed from the side files (no re-run)
+    assert main(argv + ["--stability-scores", "mean"]) == 0
+    assert len(re.findall(r"result exists, skipping", capsys.readouterr().out)) == 3
+    stored = [json.loads(path.read_text()) for path in (out / tiny_opt_dir.name).glob("*.json")]
+    for method in ("laco", "angular"):
+        (rec,) = [r for r in stored if r["method"] == method]
+        assert rec["stability"]["scores"] == "mean"
+        side = runs[method][1]
+        for task in ("piqa", "arc_easy"):
+            d = dense_side["tasks"][task]
+            per_token = {**d, "ll": [[v / c for v, c in zip(ll, nt)] for ll, nt in zip(d["ll"], d["ntok"])]}
+            expect, _w = _independent_stability(per_token, side["tasks"][task])
+            assert rec["stability"]["tasks"][task]["acc"] == pytest.approx(expect)

@@ -62,6 +62,23 @@ def stability_cell(run: dict, tasks: list[str], default: str, per_task: dict) ->
     return sum(values) / len(values) if values else None
 
 
+def stability_items_cell(run: dict, tasks: list[str]) -> float | None:
+    """Mean over tasks of the effective number of items behind each stability (``n_eff``)."""
+    block = (run.get("stability") or {}).get("tasks") or {}
+    values = [(block.get(t) or {}).get("n_eff") for t in tasks]
+    if not values or any(v is None for v in values):
+        return None
+    return sum(values) / len(values)
+
+
+def _items_note(runs: list[dict]) -> str:
+    ns = sorted({row["n"] for r in runs for row in ((r.get("stability") or {}).get("tasks") or {}).values()
+                 if row.get("n")})
+    if not ns:
+        return ""
+    return f"; out of {ns[0]} items per task" if len(ns) == 1 else f"; out of {ns[0]}-{ns[-1]} items per task"
+
+
 def eval_group_key(run: dict) -> str:
     """Runs are comparable when model, evaluation config and dtype agree."""
     return canonical({"model": run["model"]["name"], "eval": run["eval"], "dtype": run["model"].get("dtype")})
@@ -109,6 +126,7 @@ def build_tables(runs: list[dict], metric_spec: str | None = None, method_order:
             row["Per."] = (100.0 * avg / dense_avg) if (avg is not None and dense_avg) else None
             if any(r.get("stability") for r in group):
                 row["Stab."] = stability_cell(run, tasks, default, per_task)
+                row["n_eff"] = stability_items_cell(run, tasks)
             if any("perplexity" in r and r["perplexity"] for r in group):
                 ppl = (run.get("perplexity") or {}).get("ppl")
                 row["PPL"] = ppl
@@ -124,10 +142,14 @@ def build_tables(runs: list[dict], metric_spec: str | None = None, method_order:
             if r.get("status") == "failed":
                 notes.append(f"{r.get('label') or r['method']} [failed]: {r.get('failure')}")
         if any(r.get("stability") for r in group):
+            kinds = sorted({(r.get("stability") or {}).get("scores", "sum") for r in group if r.get("stability")})
+            what = {"sum": "summed log-likelihoods", "mean": "per-token mean log-likelihoods"}
             notes.append("Stab. = stability vs the dense model (LLM-Streamline, ICLR 2025): sum_k w_k*agree_k, "
                          "w = softmax over a task's items of the std of the dense model's per-choice lm-eval "
-                         "summed log-likelihoods; agree = both right or both wrong on the task's metric; "
-                         "mean over tasks, x100.")
+                         + " / ".join(what.get(k, k) for k in kinds)
+                         + "; agree = both right or both wrong on the task's metric; mean over tasks, x100. "
+                         "n_eff = effective number of items behind it, 1/sum_k w_k^2 (mean over tasks"
+                         + _items_note(group) + ").")
         ev = dense_run["eval"]
         if ev.get("limit"):
             notes.append(f"--limit {ev['limit']}: each task scored on its first {ev['limit']} items only.")
