@@ -109,6 +109,8 @@ CASES = {
     "ratio 0": (["--ratio", "0"], ["--ratio 0"]),
     "ratio 1": (["--ratio", "1"], ["--ratio 1"]),
     "ratio not a number": (["--ratio", "abc"], ["--ratio", "abc"]),
+    "ratio above 1": (["--ratio", "1.5"], ["--ratio 1.5"]),
+    "ratio negative": (["--ratio", "-0.1"], ["--ratio -0.1"]),
     "layers 0": (["--layers", "0"], ["--layers 0"]),
     "layers = model layers": (["--layers", "12"], ["12 layers", "12 decoder layers"]),
     "layers past model layers": (["--layers", "40"], ["40 layers"]),
@@ -144,6 +146,8 @@ CASES = {
     "no methods": (["--methods", ""], ["no methods"]),
     "unknown method": (["--methods", "nosuchmethod"], ["unknown method 'nosuchmethod'"]),
     "bad option syntax": (["-o", "remove-start-3"], ["remove-start-3"]),
+    "option without a method": (["-o", ".start=3"], [".start=3"]),
+    "option value of the wrong type": (["-o", "remove.start=abc"], ["remove.start", "abc"]),
     "unknown option key": (["-o", "remove.nosuchkey=1"], ["nosuchkey"]),
     "option of a method not run": (["-o", "streamline.epochs=1"], ["streamline"]),
     # the output folder
@@ -165,6 +169,8 @@ CASES = {
                                    ["not valid JSON"]),
     # task data files under --data-dir
     "task file missing": (["--tasks", "piqa,boolq", "--data-dir", _data_dir], ["boolq"]),
+    "unknown task": (["--tasks", "piqa,nosuchtask"], ["nosuchtask"]),
+    "unknown task with a data dir": (["--tasks", "piqa,nosuchtask", "--data-dir", _data_dir], ["nosuchtask"]),
     "task file empty": (["--tasks", "piqa", "--data-dir", lambda t: _data_dir(t, piqa=b"")], ["piqa", "empty"]),
     "task file truncated": (["--tasks", "piqa", "--data-dir",
                              lambda t: _data_dir(t, piqa=(json.dumps(PIQA_ROW) + "\n").encode() + b'{"goal": "x", "so')],
@@ -199,10 +205,17 @@ CASES = {
     "config file unknown key": (["--config", lambda t: str(_file(t, "run.yaml", b"nosuchkey: 1\n"))], ["nosuchkey"]),
     "check file missing": (["--check", "/nonexistent/golden.json"], ["/nonexistent/golden.json"]),
     "report dir missing": (["--report", "/nonexistent/runs"], ["/nonexistent/runs"]),
+    "report dir without results": (["--report", lambda t: str(_file(t, "empty/x.txt", b"x").parent)],
+                                   ["no complete result set"]),
 }
 NEEDS_WEIGHTS = {
     # a window start is checked against the loaded model's layers, before any run
     "window start does not fit": (["-o", "remove.start=12"], ["remove.start=12"]),
+    "streamline window start does not fit": (["--methods", "streamline", "-o", "streamline.start=12"],
+                                             ["streamline.start=12"]),
+    # shorter than one block: known once the tokenizer has read it
+    "calibration shorter than one block": (["--calib-data", lambda t: str(_file(t, "short.txt", b"only a few words"))],
+                                           ["fewer than one block"]),
 }
 
 
@@ -260,7 +273,7 @@ def test_entry_point_prints_one_line_and_no_traceback(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(REPO / "run_benchmarks.py"), "--model", MODEL, "--methods", "remove",
                            "--plugins", str(plugin), "--output-dir", str(tmp_path / "runs")],
-                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+                          check=False, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "plugin_under_test.py" in lines[0], proc.stderr

@@ -1,4 +1,4 @@
-"""The command line end to end on a tiny OPT and the real task files, every bad input, plugins,
+"""The command line end to end on a tiny OPT and the real task files, plugins,
 the report table and calibration sampling.
 
 ``harness.cli.main`` runs in-process; runs use ``--limit`` and a 4 x 32-token calibration set so
@@ -163,116 +163,7 @@ def _expect_usage_error(argv, out_dir, capsys, *needles):
     return err_lines[0]
 
 
-BAD_INPUTS = {
-    # name: (extra / replaced arguments, words the error line must contain)
-    "unknown method": (["--methods", "nosuchmethod"], ["unknown method 'nosuchmethod'"]),
-    "unknown task (local files)": (["--tasks", "piqa,nosuchtask"], ["nosuchtask"]),
-    "ratio 0": (["--ratio", "0"], ["--ratio 0"]),
-    "ratio 1": (["--ratio", "1"], ["--ratio 1"]),
-    "ratio 1.5": (["--ratio", "1.5"], ["--ratio 1.5"]),
-    "ratio -0.1": (["--ratio", "-0.1"], ["--ratio -0.1"]),
-    "ratio not a number": (["--ratio", "a"], ["--ratio"]),
-    "layers = model layers": (["--layers", "6"], ["6 layers", "6 decoder layers"]),
-    "layers > model layers": (["--layers", "7"], ["7 layers"]),
-    "layers 0": (["--layers", "0"], ["--layers 0"]),
-    "window start does not fit": (["-o", "remove.start=6"], ["remove.start=6"]),
-    "streamline start does not fit": (["--methods", "streamline", "-o", "streamline.start=9"],
-                                      ["streamline.start=9"]),
-    "missing model path": (["--model", "/nonexistent/model/dir"], ["/nonexistent/model/dir"]),
-    "non-integer limit": (["--limit", "four"], ["--limit", "four"]),
-    "limit 0": (["--limit", "0"], ["--limit 0"]),
-    "unknown device": (["--device", "tpu"], ["--device", "tpu"]),
-    "unknown dtype": (["--dtype", "float8"], ["--dtype", "float8"]),
-    "bad -o syntax": (["-o", "remove-start-3"], ["remove-start-3"]),
-    "-o without method": (["-o", ".start=3"], [".start=3"]),
-    "unknown option key": (["-o", "remove.nosuchkey=1"], ["nosuchkey"]),
-    "option value of the wrong type": (["-o", "remove.start=abc"], ["remove.start", "abc"]),
-    "options for a method not run": (["-o", "streamline.epochs=1"], ["streamline"]),
-    "missing calibration file": (["--calib-data", "/nonexistent/calib.txt"], ["/nonexistent/calib.txt"]),
-    "no methods": (["--methods", ""], ["no methods"]),
-    "unknown flag": (["--nosuchflag"], ["--nosuchflag"]),
-    "missing plugin file": (["--plugins", "/nonexistent/plugin.py"], ["/nonexistent/plugin.py"]),
-    "bad table metric": (["--table-metric", "f1"], ["f1"]),
-}
-
-
-def _with(argv, extra):
-    """``argv`` with each ``--flag value`` in ``extra`` replacing the same flag (or added)."""
-    argv = list(argv)
-    i = 0
-    while i < len(extra):
-        flag = extra[i]
-        has_value = i + 1 < len(extra) and not (extra[i + 1].startswith("--"))
-        value = extra[i + 1] if has_value else None
-        if flag in argv and flag != "-o":
-            j = argv.index(flag)
-            if has_value:
-                argv[j + 1] = value
-        else:
-            argv += [flag] + ([value] if has_value else [])
-        if flag == "--ratio" and "--layers" in argv:  # the two are mutually exclusive
-            j = argv.index("--layers")
-            del argv[j:j + 2]
-        i += 2 if has_value else 1
-    return argv
-
-
-@pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_is_one_error_line_and_exit_2(case, tiny_opt_dir, tmp_path, capsys):
-    data = shared_data_or_skip()
-    out = tmp_path / "runs"
-    extra, needles = BAD_INPUTS[case]
-    argv = _with(["--methods", "remove", *_small(tiny_opt_dir, data, out, tasks=["piqa"], limit=2)], extra)
-    _expect_usage_error(argv, out, capsys, *needles)
-
-
-def test_unknown_task_without_data_dir(tiny_opt_dir, tmp_path, capsys):
-    out = tmp_path / "runs"
-    argv = ["--methods", "remove", "--model", str(tiny_opt_dir), "--tasks", "piqa,nosuchtask", "--layers", "1",
-            "--calib-data", str(tmp_path / "c.txt"), "--output-dir", str(out), "--no-progress"]
-    (tmp_path / "c.txt").write_text("some calibration text " * 50)
-    _expect_usage_error(argv, out, capsys, "unknown task 'nosuchtask'")
-
-
-def test_missing_task_file_in_data_dir(tiny_opt_dir, tmp_path, capsys):
-    shared = shared_data_or_skip()
-    data = tmp_path / "data"  # links to the real files, except arc_easy's
-    for rel in ("piqa/validation.jsonl", "wikitext2/wikitext-2-v1-tokens/valid.txt"):
-        (data / rel).parent.mkdir(parents=True, exist_ok=True)
-        (data / rel).symlink_to(shared / rel)
-    out = tmp_path / "runs"
-    argv = ["--methods", "remove", *_small(tiny_opt_dir, data, out, tasks=["piqa", "arc_easy"], limit=2)]
-    _expect_usage_error(argv, out, capsys, "arc_easy", "arc_easy/test.jsonl")
-    # --ppl needs the wikitext-2 test file, which this data dir lacks too
-    argv = ["--methods", "remove", "--ppl", *_small(tiny_opt_dir, data, out, tasks=["piqa"], limit=2)]
-    _expect_usage_error(argv, out, capsys, "--ppl")
-
-
-@pytest.mark.parametrize("content", ["", "   \n\n  \n"])
-def test_empty_calibration_file(content, tiny_opt_dir, tmp_path, capsys):
-    data = shared_data_or_skip()
-    empty = tmp_path / "empty.txt"
-    empty.write_text(content)
-    out = tmp_path / "runs"
-    argv = ["--methods", "remove", "--calib-data", str(empty),
-            *_small(tiny_opt_dir, data, out, tasks=["piqa"], limit=2)]
-    _expect_usage_error(argv, out, capsys, "empty")
-
-
-def test_calibration_shorter_than_one_block(tiny_opt_dir, tmp_path, capsys):
-    data = shared_data_or_skip()
-    short = tmp_path / "short.txt"
-    short.write_text("only a few words")
-    out = tmp_path / "runs"
-    argv = ["--methods", "remove", "--calib-data", str(short),
-            *_small(tiny_opt_dir, data, out, tasks=["piqa"], limit=2)]
-    _expect_usage_error(argv, out, capsys, "fewer than one block")
-
-
-def test_report_of_a_missing_or_empty_directory(tmp_path, capsys):
-    _expect_usage_error(["--report", str(tmp_path / "nope")], tmp_path, capsys, "does not exist")
-    (tmp_path / "empty").mkdir()
-    _expect_usage_error(["--report", str(tmp_path / "empty")], tmp_path, capsys, "no complete result set")
+# The table of bad inputs (flags, lists, files, lengths, plugins) lives in tests/test_bad_inputs.py.
 
 
 # --- plugins ---------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ _DONE = False
 
 def _git_commit_hash_quietly():
     try:
-        out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "describe", "--always"], check=False, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None

@@ -69,7 +69,11 @@ def load_runs(directory: str) -> list[dict]:
     for path in sorted(Path(directory).rglob("*.json")):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError):  # a result cut short: say so, never drop it silently
+            import sys
+
+            print(f"warning: {path} does not parse (truncated?); left out of the tables; re-run the benchmark "
+                  "to recompute it", file=sys.stderr)
             continue
         if is_record(data):
             data["_path"] = str(path)
