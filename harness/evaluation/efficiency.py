@@ -13,10 +13,11 @@ For every model the same settings are used (recorded in the result JSON):
 - ``decode_tokens_per_s``: greedy decoding with the KV cache: a ``decode_prompt_len`` prompt,
   then ``new_tokens`` single-token steps for ``decode_batch_size`` sequences; tokens/s of the
   steps only (the prompt's prefill is not timed), median of ``repeats``.
-- ``peak_memory_bytes``: CUDA: ``torch.cuda.max_memory_allocated`` over one prefill + decode
-  (weights included). CPU: the bytes of the model's weights and buffers plus the peak of the
-  CPU allocator's live bytes during the same prefill + decode, tracked by the PyTorch profiler's
-  memory events (allocations minus frees, in order).
+- ``peak_memory_bytes``: the bytes of the model's weights and buffers plus the peak of the
+  allocator's extra live bytes over one prefill + decode: on CUDA ``max_memory_allocated`` minus
+  ``memory_allocated`` before the pass (so the dense model the runner keeps resident does not
+  count against a pruned one); on CPU the PyTorch profiler's memory events (allocations minus
+  frees, in order).
 
 Timed runs synchronise the device before reading the clock. Nothing here is derived from the
 parameter count; ``ideal_speedup`` (1 / (1 - removed FLOP share)) is the reference a measured
@@ -196,8 +197,9 @@ def _cpu_peak_bytes(fn) -> int:
     return peak
 
 
-def measure(model, cfg: EfficiencyConfig) -> dict:
-    """Absolute efficiency numbers of ``model`` (eval mode, no gradients) under ``cfg``."""
+def measure(model, cfg: EfficiencyConfig, timed: bool = True) -> dict:
+    """Absolute efficiency numbers of ``model`` (eval mode, no gradients) under ``cfg``
+    (``timed=False``: parameters, FLOPs and memory only)."""
     cfg.validate()
     cfg = cfg.fitted(model)
     model.eval()
@@ -209,35 +211,71 @@ def measure(model, cfg: EfficiencyConfig) -> dict:
            "params": count_params(model)}
     with torch.no_grad():
         out.update(flops_per_token(model, cfg.seq_len))
-        prefill = _timed(lambda: model(input_ids=prefill_ids, use_cache=False), device, cfg.warmup, cfg.repeats)
-        for _ in range(cfg.warmup):
-            _decode(model, prompt, cfg.new_tokens, device)
-        decode = [_decode(model, prompt, cfg.new_tokens, device) for _ in range(cfg.repeats)]
+        if timed:
+            prefill = _timed(lambda: model(input_ids=prefill_ids, use_cache=False), device, cfg.warmup, cfg.repeats)
+            for _ in range(cfg.warmup):
+                _decode(model, prompt, cfg.new_tokens, device)
+            decode = [_decode(model, prompt, cfg.new_tokens, device) for _ in range(cfg.repeats)]
 
         def one_pass():
             model(input_ids=prefill_ids, use_cache=False)
             _decode(model, prompt, cfg.new_tokens, device)
 
+        weights = _weight_bytes(model)
         if device.type == "cuda":
+            _sync(device)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
             one_pass()
             _sync(device)
-            peak = int(torch.cuda.max_memory_allocated(device))
-            how = "torch.cuda.max_memory_allocated over one prefill + decode (weights included)"
+            peak = weights + int(torch.cuda.max_memory_allocated(device)) - before
+            how = ("weights and buffers + (torch.cuda.max_memory_allocated - memory_allocated before) over one "
+                   "prefill + decode (other models resident on the device are not counted)")
         else:
-            weights = _weight_bytes(model)
             peak = weights + _cpu_peak_bytes(one_pass)
             how = ("weights and buffers + peak live CPU allocator bytes (torch profiler memory events) "
                    "over one prefill + decode")
-    tokens = cfg.decode_batch_size * cfg.new_tokens
-    out.update({
-        "prefill_latency_s": statistics.median(prefill), "prefill_latency_all_s": prefill,
-        "prefill_tokens_per_s": cfg.batch_size * cfg.seq_len / statistics.median(prefill),
-        "decode_tokens_per_s": tokens / statistics.median(decode), "decode_seconds_all": decode,
-        "peak_memory_bytes": peak, "peak_memory_method": how,
-    })
+    out.update({"weight_bytes": weights, "peak_memory_bytes": peak, "peak_memory_method": how})
+    if timed:
+        out.update(_timing_fields(cfg, prefill, decode))
     return out
+
+
+def _timing_fields(cfg: EfficiencyConfig, prefill: list[float], decode: list[float]) -> dict:
+    tokens = cfg.decode_batch_size * cfg.new_tokens
+    return {"prefill_latency_s": statistics.median(prefill), "prefill_latency_all_s": prefill,
+            "prefill_tokens_per_s": cfg.batch_size * cfg.seq_len / statistics.median(prefill),
+            "decode_tokens_per_s": tokens / statistics.median(decode), "decode_seconds_all": decode}
+
+
+def measure_pair(model, dense_model, cfg: EfficiencyConfig, dense: dict) -> tuple[dict, dict]:
+    """``model`` measured with its timed runs interleaved with the dense model's (dense, pruned,
+    then pruned, dense, ...), so both medians see the same machine load; returns the pruned
+    model's numbers and the dense numbers of this window (``dense``'s FLOPs and memory, fresh timings)."""
+    cfg.validate()
+    out = measure(model, cfg, timed=False)  # FLOPs, memory, settings; timings below
+    cfg = cfg.fitted(model)
+    device = model_device(model)
+    prefill_ids = _tokens(model, cfg.batch_size, cfg.seq_len, cfg.seed, device)
+    prompt = _tokens(model, cfg.decode_batch_size, cfg.decode_prompt_len, cfg.seed + 1, device)
+    pair = (dense_model, model)
+    times = {"prefill": ([], []), "decode": ([], [])}
+    with torch.no_grad():
+        for m in pair:
+            for _ in range(cfg.warmup):
+                m(input_ids=prefill_ids, use_cache=False)
+                _decode(m, prompt, cfg.new_tokens, device)
+        for r in range(cfg.repeats):
+            for k in ((0, 1) if r % 2 == 0 else (1, 0)):
+                times["prefill"][k].extend(_timed(lambda m=pair[k]: m(input_ids=prefill_ids, use_cache=False),
+                                                  device, 0, 1))
+            for k in ((1, 0) if r % 2 == 0 else (0, 1)):
+                times["decode"][k].append(_decode(pair[k], prompt, cfg.new_tokens, device))
+    out.update(_timing_fields(cfg, times["prefill"][1], times["decode"][1]))
+    out["timing"] = "interleaved with the dense model's timed runs"
+    dense_now = dict(dense) | _timing_fields(cfg, times["prefill"][0], times["decode"][0])
+    return out, dense_now
 
 
 def compare(pruned: dict, dense: dict) -> dict:

@@ -116,8 +116,7 @@ def _heatmap(payload: dict, which: str, marks, stem: Path) -> list[Path]:
     masked = np.ma.masked_invalid(grid)
     import matplotlib
 
-    cm = matplotlib.colormaps[cmap].copy()
-    cm.set_bad("#f2f2f2")
+    cm = matplotlib.colormaps[cmap].with_extremes(bad="#f2f2f2")
     extent = (-0.5, L - 0.5, rows[0] - 0.5, rows[-1] + 0.5)
     im = ax.imshow(masked, cmap=cm, origin="lower", aspect="auto", extent=extent, interpolation="nearest")
     cbar = fig.colorbar(im, ax=ax, shrink=0.95)
@@ -276,7 +275,8 @@ def accuracy_series(runs: list[dict], metric_spec: str | None = None) -> list[di
                 (100.0 * run["params"]["ratio"], avg, per, scores))
         for pts in lines.values():
             pts.sort(key=lambda p: p[0])
-        out.append({"model": d["model"]["name"], "tasks": tasks, "dense": (d_avg, d_scores), "lines": lines,
+        metrics = {t: pick_metric(d["metrics"].get(t, {}), t, default, per_task)[1] for t in tasks}
+        out.append({"model": d["model"]["name"], "tasks": tasks, "metrics": metrics, "dense": (d_avg, d_scores), "lines": lines,
                     "calibration": cal, "eval": d.get("eval") or {}})
     return out
 
@@ -284,7 +284,7 @@ def accuracy_series(runs: list[dict], metric_spec: str | None = None) -> list[di
 def accuracy_vs_ratio(series: dict, stem: Path) -> list[Path]:
     tasks = series["tasks"]
     panels = [("Average accuracy (Ave.)", "ave"), ("Retained performance (Per.)", "per")] + \
-        [(f"{TASK_LABELS.get(t, t)}", t) for t in tasks]
+        [(f"{TASK_LABELS.get(t, t)} ({series['metrics'].get(t, 'acc')})", t) for t in tasks]
     ncols = min(4, len(panels))
     nrows = math.ceil(len(panels) / ncols)
     fig = _figure((2.3 * ncols + 0.4, 2.1 * nrows + 0.9))
@@ -306,8 +306,7 @@ def accuracy_vs_ratio(series: dict, stem: Path) -> list[Path]:
         ax.set_xlim(-0.03 * max_x, max_x * 1.08)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3, linewidth=0.5)
-        if idx % ncols == 0:
-            ax.set_ylabel("Per. (% of dense)" if key == "per" and ncols == 1 else "accuracy / Per. (%)", fontsize=7)
+        ax.set_ylabel("% of dense Ave." if key == "per" else "accuracy (%)", fontsize=7)
         if idx // ncols == nrows - 1 or idx + ncols >= len(panels):
             ax.set_xlabel("measured pruning ratio (% of parameters)", fontsize=7)
     for idx in range(len(panels), nrows * ncols):
@@ -328,7 +327,7 @@ def accuracy_vs_ratio(series: dict, stem: Path) -> list[Path]:
 # --- everything at once -----------------------------------------------------------------------
 
 def render_plots(out_dir: Path, runs: list[dict] | None = None, scores: dict | None = None,
-                 metric_spec: str | None = None) -> list[Path]:
+                 metric_spec: str | None = None, accuracy: bool = True) -> list[Path]:
     """Every figure the inputs allow, written into ``out_dir``: heatmaps and BI from ``scores``
     (a layer-scores payload) with the runs of the same model marked, accuracy vs ratio from the runs."""
     out_dir = Path(out_dir)
@@ -341,7 +340,7 @@ def render_plots(out_dir: Path, runs: list[dict] | None = None, scores: dict | N
         paths += window_cos_heatmap(scores, marks, out_dir / "window_cos_heatmap")
         paths += angular_heatmap(scores, marks, out_dir / "angular_heatmap")
         paths += block_influence(scores, shortgpt_marks(mine), out_dir / "block_influence")
-    all_series = accuracy_series(runs, metric_spec) if runs else []
+    all_series = accuracy_series(runs, metric_spec) if runs and accuracy else []
     for k, series in enumerate(all_series):
         if not series["lines"]:
             continue

@@ -1,0 +1,210 @@
+"""Sweeps, layer scores, plots and the efficiency report (issue 12).
+
+Plots are checked as images: each PNG is opened, has the size its figure was made at, is not
+blank, and is drawn from the expected data (the marked window is the run's removed layers, read
+back from the pixels in the method's colour).
+"""
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_model
+from harness import get_adapter, remove_layers
+from harness.evaluation.efficiency import EfficiencyConfig, compare, flops_per_token, measure, measure_pair
+from harness.results import plots
+from harness.results.report import build_compact_table, build_target_tables, render_text
+from harness.results.scores import all_lags, choices, read_scores, scores_csv, scores_payload, write_scores
+from harness.signals.activations import LayerStats, collect_layer_stats
+from harness.signals.calibration import CalibrationConfig, CalibrationData
+
+CAL = {"source": "/data/calib.txt", "num_samples": 4, "seq_len": 16}
+
+
+def _calibration(vocab=128, n=4, t=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (n, t), generator=g)
+    return CalibrationData(ids, torch.ones_like(ids), CalibrationConfig(num_samples=n, seq_len=t, batch_size=2), CAL)
+
+
+def _payload(model):
+    adapter = get_adapter(model)
+    stats = collect_layer_stats(model, adapter, _calibration(), all_lags(adapter.num_layers), progress=False)
+    return scores_payload(stats, "tiny-opt", CAL)
+
+
+def _png(path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        return np.asarray(im.convert("RGB")).astype(int)
+
+
+def _check_image(path, size):
+    arr = _png(path)
+    w, h = size
+    assert arr.shape[:2] == (round(h * plots.DPI), round(w * plots.DPI))
+    assert arr.std() > 10 and len(np.unique(arr.reshape(-1, 3), axis=0)) > 50  # not blank
+    assert path.with_suffix(".pdf").read_bytes().startswith(b"%PDF")
+    return arr
+
+
+def _color_pixels(arr, hex_color, tol=40):
+    rgb = np.array([int(hex_color[i:i + 2], 16) for i in (1, 3, 5)])
+    return np.abs(arr - rgb).sum(-1) < tol
+
+
+def test_scores_payload_matches_stats_and_csv():
+    stats = LayerStats(num_layers=4, window_cos={1: [0.9, 0.95, 0.8, 0.7], 2: [0.85, 0.9, 0.6], 3: [0.8, 0.5]},
+                       angular={1: [0.1, 0.05, 0.2, 0.3], 2: [0.2, 0.1, 0.4], 3: [0.3, 0.4]}, tokens=10, sequences=2)
+    payload = scores_payload(stats, "m", CAL)
+    assert payload["block_influence"] == pytest.approx([0.1, 0.05, 0.2, 0.3])
+    assert payload["choices"]["streamline"] == {"1": 1, "2": 1, "3": 0}
+    assert payload["choices"]["angular"] == {"1": 1, "2": 1, "3": 0}
+    assert payload["choices"]["shortgpt"]["2"] == [0, 1]
+    rows = scores_csv(payload).strip().splitlines()
+    assert rows[0] == "score,n,start,end,value"
+    assert len(rows) == 1 + (4 + 3 + 2) * 2 + 4  # every (n, start) of both scores, and every BI
+    assert "window_cos,2,1,3,0.90000000" in rows
+
+
+def test_scores_choices_agree_with_the_methods(tmp_path):
+    """What the scores file says each method picks is what the methods pick from the same stats."""
+    model = tiny_model("opt", layers=6, hidden=32)
+    payload = _payload(model)
+    for n in (1, 2, 3):
+        stats = collect_layer_stats(model, get_adapter(model), _calibration(), (1, n), progress=False)
+        assert payload["choices"]["streamline"][str(n)] == stats.best_window(n)
+        assert payload["window_cos"][str(n)] == pytest.approx(stats.window_cos[n])
+    paths = write_scores(payload, tmp_path)
+    assert read_scores(tmp_path)["window_cos"] == json.loads(paths[0].read_text())["window_cos"]
+
+
+def _run(method, label, removed, n, acc, ratio):
+    return {"schema": 1, "method": method, "label": label, "status": "ok", "model": {"name": "tiny-opt"},
+            "eval": {"tasks": ["a", "b"]}, "target": {"layers": n, "ratio": None, "num_remove": n},
+            "calibration": CAL, "manifest": {"removed_layers": removed}, "params": {"ratio": ratio},
+            "metrics": {"a": {"acc": acc}, "b": {"acc": acc / 2}}, "environment": {"created": "x"}}
+
+
+def test_heatmaps_mark_each_runs_window(tmp_path):
+    model = tiny_model("opt", layers=6, hidden=32)
+    payload = _payload(model)
+    start = payload["choices"]["streamline"]["2"]
+    runs = [_run("remove", "remove", [start, start + 1], 2, 0.5, 0.3)]
+    marks = plots.window_marks(runs, 6)
+    assert marks == [("remove", start, 2)]
+    for fn in (plots.window_cos_heatmap, plots.angular_heatmap):
+        stem = tmp_path / fn.__name__
+        fn(payload, marks, stem)
+        arr = _check_image(stem.with_suffix(".png"), plots.HEATMAP_SIZE)
+        # the method's outline colour sits where the removed window's cell is: recover the cell from pixels
+        red = _color_pixels(arr, plots.MARK_COLORS[0])
+        ys, xs = np.nonzero(red)
+        assert len(xs) > 50
+        ax_box = _heatmap_axes_box(payload, marks)
+        col = (np.median(xs) - ax_box[0]) / (ax_box[2] - ax_box[0]) * 6 - 0.5
+        row = (ax_box[3] - np.median(ys)) / (ax_box[3] - ax_box[1]) * 5 + 0.5  # n = 1..5 bottom to top
+        assert round(col) == start and round(row) == 2
+
+
+def _heatmap_axes_box(payload, marks):
+    """Pixel box (x0, y0 top, x1, y1 bottom) of the heatmap's data area, from a redraw."""
+    import io
+
+    from harness.results import plots as P
+
+    saved = P._save
+    box = {}
+
+    def grab(fig, stem):
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        bb = ax.get_window_extent()
+        h = fig.bbox.height
+        box["b"] = (bb.x0, h - bb.y1, bb.x1, h - bb.y0)
+        return []
+
+    P._save = grab
+    try:
+        P._heatmap(payload, "window_cos", marks, io.StringIO())
+    finally:
+        P._save = saved
+    return box["b"]
+
+
+def test_block_influence_marks_shortgpt_layers(tmp_path):
+    model = tiny_model("opt", layers=6, hidden=32)
+    payload = _payload(model)
+    removed = payload["choices"]["shortgpt"]["2"]
+    runs = [_run("shortgpt", "shortgpt", removed, 2, 0.5, 0.3)]
+    marks = plots.shortgpt_marks(runs)
+    assert marks == [("shortgpt, n=2", removed)]
+    plots.block_influence(payload, marks, tmp_path / "bi")
+    arr = _check_image(tmp_path / "bi.png", plots.BI_SIZE)
+    # removed layers' bars are red, the others grey: count red bar columns
+    red_cols = np.nonzero(_color_pixels(arr, "#d62728", tol=30).sum(0) > 20)[0]
+    groups = np.split(red_cols, np.nonzero(np.diff(red_cols) > 1)[0] + 1)
+    assert len([g for g in groups if len(g) > 10]) == len(removed)
+
+
+def test_accuracy_vs_ratio_from_runs(tmp_path):
+    dense = _run("dense", "Dense", [], None, 0.8, 0.0) | {"target": None}
+    runs = [dense, _run("remove", "remove", [2], 1, 0.7, 0.1), _run("remove", "remove", [2, 3], 2, 0.6, 0.2),
+            _run("shortgpt", "shortgpt", [1], 1, 0.75, 0.1)]
+    (series,) = plots.accuracy_series(runs)
+    assert series["dense"][0] == pytest.approx(60.0)
+    assert [p[0] for p in series["lines"]["remove"]] == pytest.approx([10.0, 20.0])
+    assert series["lines"]["remove"][1][2] == pytest.approx(100 * 45 / 60)  # Per.
+    paths = plots.render_plots(tmp_path, runs)
+    assert [p.name for p in paths] == ["accuracy_vs_ratio.png", "accuracy_vs_ratio.pdf"]
+    arr = _png(paths[0])
+    assert arr.std() > 10
+    assert _color_pixels(arr, plots.LINE_COLORS[0]).sum() > 100 and _color_pixels(arr, plots.LINE_COLORS[1]).sum() > 100
+    # grouped table: dense once, then one block per target; compact: methods x targets of Per.
+    (title, df, _notes), = build_target_tables(runs)
+    assert list(df["Target"]) == ["-", "n=1", "n=1", "n=2"]
+    (_t, compact, _n), = build_compact_table(runs)
+    assert list(compact.columns) == ["Method", "n=1", "n=2"]
+    assert compact.set_index("Method").loc["remove", "n=2"] == pytest.approx(75.0)
+    assert "n=2" in render_text(build_compact_table(runs))
+
+
+def test_flops_count_replacement_and_removal():
+    model = tiny_model("opt", layers=6, hidden=32)
+    dense = flops_per_token(model, 16)
+    pruned = copy.deepcopy(model)
+    remove_layers(get_adapter(pruned), [1, 2])
+    after = flops_per_token(pruned, 16)
+    per_layer = (dense["matmul_flops_per_token"] - after["matmul_flops_per_token"]) / 2
+    # an OPT layer: q, k, v, o (d x d) and fc1, fc2 (d x 4d): 2 x 12 d^2 FLOPs per token
+    assert per_layer == pytest.approx(2 * 12 * 32 * 32)
+    assert dense["attention_calls"] == 6 and after["attention_calls"] == 4
+    from harness import MLPReplacement, insert_replacement
+
+    insert_replacement(get_adapter(pruned), 1, MLPReplacement(32, 64))
+    with_mlp = flops_per_token(pruned, 16)
+    assert with_mlp["matmul_flops_per_token"] - after["matmul_flops_per_token"] == pytest.approx(2 * 2 * 32 * 64)
+
+
+def test_efficiency_measures_and_compares():
+    torch.manual_seed(0)
+    model = tiny_model("llama", layers=4, hidden=32)
+    cfg = EfficiencyConfig(batch_size=1, seq_len=16, decode_prompt_len=4, new_tokens=4, warmup=0, repeats=2)
+    dense = measure(model, cfg)
+    pruned = copy.deepcopy(model)
+    remove_layers(get_adapter(pruned), [1])
+    eff, dense_now = measure_pair(pruned, model, cfg, dense)
+    for rec in (dense, eff, dense_now):
+        assert rec["prefill_latency_s"] > 0 and rec["decode_tokens_per_s"] > 0 and rec["peak_memory_bytes"] > 0
+    assert len(eff["prefill_latency_all_s"]) == 2 and eff["settings"]["new_tokens"] == 4
+    assert eff["weight_bytes"] < dense["weight_bytes"]
+    ratios = compare(eff, dense_now)
+    assert 0 < ratios["removed_flop_share"] < 0.5 and ratios["ideal_speedup"] == pytest.approx(
+        dense["flops_per_token"] / eff["flops_per_token"])
+    assert ratios["memory_ratio"] < 1.0
+    with pytest.raises(Exception, match="efficiency"):
+        EfficiencyConfig(repeats=0).validate()
