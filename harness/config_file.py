@@ -16,7 +16,7 @@ from pathlib import Path
 
 from harness.errors import UsageError
 
-LIST_FLAGS = ("methods", "tasks", "plugins")
+LIST_FLAGS = ("methods", "tasks", "plugins", "ratio", "layers")  # ratio/layers: a list sweeps
 OPTION_KEYS = ("method_opt", "options")
 EXCLUSIVE = (("ratio", "layers"),)
 

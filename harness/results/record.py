@@ -58,6 +58,7 @@ class RunRecord(TypedDict, total=False):
     metrics: dict  # task -> {metric: value, metric_stderr: value, n}
     perplexity: Optional[dict]  # with --ppl: ppl, nll_per_token, window, stride, ...; else None
     stability: Optional[dict]  # agreement with the dense model per task (None for dense)
+    efficiency: Optional[dict]  # with --efficiency: params, FLOPs/token, prefill latency, decode tokens/s, peak memory, settings; pruned runs add dense and vs_dense ratios
     timings: dict  # stage -> seconds
     environment: dict  # package versions, git commit, threads, device, platform, creation time
     saved_model: Optional[str]  # with --save-models: the folder of the saved pruned model

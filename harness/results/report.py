@@ -163,9 +163,10 @@ def build_tables(runs: list[dict], metric_spec: str | None = None, method_order:
 def _fmt(df: pd.DataFrame) -> pd.DataFrame:
     out = df.copy()
     for col in out.columns:
-        if col == "Method":
+        if col in TEXT_COLUMNS:
             continue
-        out[col] = out[col].map(lambda v: "-" if v is None or pd.isna(v) else (f"{v:.2f}" if col == "PPL" else f"{v:.1f}"))
+        digits = 2 if col == "PPL" or col in RATIO_COLUMNS else 1
+        out[col] = out[col].map(lambda v: "-" if v is None or pd.isna(v) else f"{v:.{digits}f}")
     return out
 
 
@@ -224,3 +225,122 @@ def write_reports(tables, out_dir: Path, stem: str = "table") -> list[Path]:
         write_text_atomic(p, render(tables))
         paths.append(p)
     return paths
+
+
+# --- sweeps: rows grouped by target, a methods x targets table of Per., efficiency columns (issue 12) ---
+
+TEXT_COLUMNS = ("Method", "Target")
+RATIO_COLUMNS = ("Speedup", "Dec. Speedup", "Ideal", "Mem.")
+
+
+def target_key(run: dict) -> tuple:
+    """Sort key and identity of a run's target as asked: layers first (by n), then ratios."""
+    t = run.get("target") or {}
+    if t.get("layers") is not None:
+        return (0, float(t["layers"]))
+    if t.get("ratio") is not None:
+        return (1, float(t["ratio"]))
+    return (-1, 0.0)
+
+
+def target_label(run: dict) -> str:
+    t = run.get("target") or {}
+    n = t.get("num_remove")
+    if t.get("layers") is not None:
+        return f"n={t['layers']}"
+    if t.get("ratio") is not None:
+        return f"ratio {t['ratio']:g}" + (f" (n={n})" if n is not None else "")
+    return "-"
+
+
+def efficiency_cells(run: dict) -> dict:
+    """Speedup (prefill latency), Dec. Speedup (decode tokens/s), Ideal (1 / (1 - removed FLOP
+    share)) and Mem. (peak memory), each as a ratio to the dense model measured in the same process."""
+    eff = run.get("efficiency") or {}
+    if run.get("method") == "dense":
+        return {c: (1.0 if eff else None) for c in RATIO_COLUMNS}
+    vs = eff.get("vs_dense") or {}
+    return {"Speedup": vs.get("prefill_speedup"), "Dec. Speedup": vs.get("decode_speedup"),
+            "Ideal": vs.get("ideal_speedup"), "Mem.": vs.get("memory_ratio")}
+
+
+def efficiency_note(runs: list[dict]) -> str | None:
+    eff = next((r["efficiency"] for r in runs if r.get("efficiency")), None)
+    if not eff:
+        return None
+    st = eff.get("settings", {})
+    return ("Efficiency, ratios to the dense model measured in the same process on "
+            f"{st.get('device', '?')} ({st.get('dtype', '?')}, {st.get('torch_threads', '?')} threads), median of "
+            f"{st.get('repeats', '?')} runs after {st.get('warmup', '?')} warm-up: Speedup = dense / pruned prefill "
+            f"latency ({st.get('batch_size', '?')}x{st.get('seq_len', '?')} tokens); Dec. Speedup = pruned / dense "
+            f"decode tokens/s with KV cache ({st.get('decode_batch_size', '?')}x{st.get('new_tokens', '?')} new "
+            f"tokens after {st.get('decode_prompt_len', '?')}); Ideal = 1 / (1 - removed share of forward FLOPs/token "
+            f"at context {st.get('seq_len', '?')}, replacement networks counted); Mem. = pruned / dense peak memory "
+            "(weights + peak activations and KV cache). Absolute values are in each run's JSON (efficiency).")
+
+
+def build_target_tables(runs: list[dict], metric_spec: str | None = None, method_order: list[str] | None = None,
+                        efficiency: bool = False, **options):
+    """Like ``build_tables``, with a ``Target`` column and the rows grouped by target (dense once,
+    first), plus the efficiency ratios when asked. Returns ``(title, DataFrame, notes)`` tables."""
+    groups: "OrderedDict[str, list[dict]]" = OrderedDict()
+    for run in runs:
+        groups.setdefault(eval_group_key(run), []).append(run)
+    tables = []
+    for group in groups.values():
+        dense = [r for r in group if r["method"] == "dense"]
+        if not dense:
+            continue
+        dense_run = max(dense, key=lambda r: r["environment"].get("created", ""))
+        by_target: "OrderedDict[tuple, list[dict]]" = OrderedDict()
+        for run in sorted((r for r in group if r["method"] != "dense"), key=target_key):
+            by_target.setdefault(target_key(run), []).append(run)
+        frames, notes, title = [], [], None
+        for i, subset in enumerate(by_target.values() or [[]]):
+            built = build_tables([dense_run, *subset], metric_spec, method_order, **options)
+            if not built:
+                continue
+            title, df, sub_notes = built[0]
+            custom = options.get("labels") or {}
+            labels = {(custom.get(r["method"]) or r.get("label") or r["method"]): r for r in subset}
+            df = df.copy()
+            rows_runs = [dense_run] + [labels.get(str(m).replace(" [failed]", "")) for m in df["Method"].iloc[1:]]
+            df.insert(1, "Target", ["-"] + [target_label(r) if r else "-" for r in rows_runs[1:]])
+            if efficiency:
+                cells = [efficiency_cells(r) if r else {} for r in rows_runs]
+                for col in RATIO_COLUMNS:
+                    df[col] = [c.get(col) for c in cells]
+            frames.append(df if i == 0 else df.iloc[1:])
+            notes += [n for n in sub_notes if n not in notes]
+        if not frames:
+            continue
+        if efficiency:
+            note = efficiency_note(group)
+            if note:
+                notes.append(note)
+        tables.append((title, pd.concat(frames, ignore_index=True), notes))
+    return tables
+
+
+def build_compact_table(runs: list[dict], metric_spec: str | None = None, method_order: list[str] | None = None,
+                        **options):
+    """Methods x targets: each method's Per. at each target (one table per comparable group)."""
+    out = []
+    for title, df, _notes in build_target_tables(runs, metric_spec, method_order, **options):
+        body = df.iloc[1:]
+        if body.empty:
+            continue
+        targets = list(OrderedDict.fromkeys(body["Target"]))
+        rows = OrderedDict()
+        for _, r in body.iterrows():
+            rows.setdefault(r["Method"], {"Method": r["Method"]})[r["Target"]] = r["Per."]
+        compact = pd.DataFrame([{"Method": m, **{t: v.get(t) for t in targets}} for m, v in rows.items()],
+                               columns=["Method", *targets])
+        out.append((f"{title}: Per. by target", compact,
+                    ["Per. (retained performance, Ave. / dense Ave. x 100) of each method at each target "
+                     "(n = layers removed; measured ratios in the table above)."]))
+    return out
+
+
+def spans_targets(runs: list[dict]) -> bool:
+    return len({target_key(r) for r in runs if r.get("method") != "dense"}) > 1
