@@ -232,27 +232,33 @@ def run_benchmark(opts: RunOptions, echo=print, on_session=None) -> list[dict]:
     session = open_session(opts, plan, echo)
     if on_session is not None:  # the caller keeps it (plots read its cached layer statistics)
         on_session(session)
-    sessions = target_sessions(session, plan, echo)  # every target resolved and checked before any run
+    targets = resolve_targets(session, plan, echo)  # every target resolved and checked before any run
     records = [run_dense(session, echo)]
     if opts.efficiency is not None:
         records[0] = dense_efficiency_record(session, records[0], echo)
-    for s in sessions:  # a sweep: dense evaluated once, layer statistics computed once for all targets
+    for s in target_sessions(session, targets):  # a sweep: dense evaluated once, layer statistics computed once for all targets
         for name, spec, cfg in plan:
             records.append(run_method(s, name, spec, cfg, echo))
     return records
 
 
-def target_sessions(s: Session, plan, echo=print) -> list[Session]:
-    """One session per target of the sweep, sharing the dense model, calibration, stats cache and
-    dense samples; the first is ``s`` itself."""
-    out = [s]
+def resolve_targets(s: Session, plan, echo=print) -> list[tuple[Target, int]]:
+    """``(target, n)`` for the sweep's further targets, each checked against every method's options."""
+    out = []
     for target in s.opts.sweep()[1:]:
         n = resolve_num_remove(target, s.model, s.adapter)
         for _name, _spec, cfg in plan:
             cfg.validate(s.adapter.num_layers, n)
-        out.append(dataclasses.replace(s, opts=dataclasses.replace(s.opts, target=target), num_remove=n))
+        out.append((target, n))
         echo(f"target {target.to_dict()}: removing n={n} layers")
     return out
+
+
+def target_sessions(s: Session, targets: list[tuple[Target, int]]) -> list[Session]:
+    """One session per target of the sweep, sharing the dense model, calibration, stats cache,
+    dense samples and dense efficiency (taken after the dense run); the first is ``s`` itself."""
+    return [s] + [dataclasses.replace(s, opts=dataclasses.replace(s.opts, target=t), num_remove=n)
+                  for t, n in targets]
 
 
 def shared_layer_stats(s: Session, timings: dict | None = None):
@@ -313,13 +319,14 @@ def dense_efficiency_record(s: Session, rec: dict, echo=print) -> dict:
 
 def pruned_efficiency(s: Session, pruned) -> dict:
     """A pruned model's measurements, with its ratios to the dense model measured in this process."""
-    from harness.evaluation.efficiency import compare, measure
+    from harness.evaluation.efficiency import compare, measure_pair
 
     dense = dense_efficiency(s)
-    eff = measure(pruned, s.opts.efficiency) | {"requested": dataclasses.asdict(s.opts.efficiency)}
+    eff, dense_now = measure_pair(pruned, s.model, s.opts.efficiency, dense)
+    eff["requested"] = dataclasses.asdict(s.opts.efficiency)
     keys = ("params", "flops_per_token", "prefill_latency_s", "decode_tokens_per_s", "peak_memory_bytes")
-    eff["dense"] = {k: dense[k] for k in keys}
-    eff["vs_dense"] = compare(eff, dense)
+    eff["dense"] = {k: dense_now[k] for k in keys}
+    eff["vs_dense"] = compare(eff, dense_now)
     return eff
 
 
