@@ -80,10 +80,16 @@ def test_replacement_runs_in_place_of_the_window_with_a_kv_cache(family, start):
 
 
 def test_unsupported_architecture_names_the_supported_ones():
-    from transformers import GPT2Config, GPT2LMHeadModel
+    # GPT-2 is not in the adapter table but its structure is found (transformer.h, transformer.ln_f);
+    # a causal LM without a final norm after its layer list (BERT as a decoder) is unsupported
+    from transformers import BertConfig, BertLMHeadModel, GPT2Config, GPT2LMHeadModel
 
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
-    with pytest.raises(UsageError, match="unsupported architecture 'gpt2'.*llama.*opt"):
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+    a = get_adapter(gpt2)
+    assert a.layers is gpt2.transformer.h and a.final_norm is gpt2.transformer.ln_f
+    model = BertLMHeadModel(BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2,
+                                       intermediate_size=64, vocab_size=64, is_decoder=True))
+    with pytest.raises(UsageError, match="unsupported architecture 'bert'.*llama.*opt"):
         get_adapter(model)
 
 

@@ -45,10 +45,7 @@ def snapshot_layers(adapter: ModelAdapter) -> dict:
     Holds references to the layer modules, not copies: trying a removal and rolling it back
     costs no memory for the layers themselves.
     """
-    n = adapter.num_layers
-    per_layer = {k: v for k, v in vars(adapter.config).items()
-                 if isinstance(v, (list, tuple)) and len(v) == n and k.startswith("layer_")}
-    return {"layers": list(adapter.layers), "config": per_layer}
+    return {"layers": list(adapter.layers), "config": adapter.per_layer_config()}
 
 
 def restore_layers(adapter: ModelAdapter, snapshot: dict) -> None:
@@ -101,11 +98,6 @@ def restore_replacements(adapter: ModelAdapter, found: list[dict]) -> None:
 
 # --- decoder-layer replacements (a trained layer in the window's place, optionally shared) ---
 
-def _per_layer_lists(adapter: ModelAdapter, count: int) -> dict:
-    return {k: v for k, v in vars(adapter.config).items()
-            if isinstance(v, (list, tuple)) and len(v) == count and k.startswith("layer_")}
-
-
 def insert_layer_replacement(adapter: ModelAdapter, start: int, n: int, layer: nn.Module, repeat: int = 1) -> list[int]:
     """Put ``layer`` where the window ``start..start+n-1`` (current positions) was.
 
@@ -120,8 +112,7 @@ def insert_layer_replacement(adapter: ModelAdapter, start: int, n: int, layer: n
     ref = next(adapter.layers[0].parameters())
     layer.to(device=ref.device, dtype=ref.dtype)
     old = list(adapter.layers)
-    for key, value in _per_layer_lists(adapter, count).items():
-        setattr(adapter.config, key, type(value)(list(value[:start]) + [value[start]] * repeat + list(value[start + n:])))
+    adapter.remap_layer_config(list(range(start)) + [start] * repeat + list(range(start + n, count)), count)
     entries = [ReplacementLayer(layer)] + [ReplacementLayer(layer, shared=True) for _ in range(repeat - 1)]
     adapter.set_layers(old[:start] + entries + old[start + n:])
     return list(range(start, start + repeat))
@@ -174,6 +165,5 @@ def restore_layer_replacements(adapter: ModelAdapter, plan: list[dict] | None) -
         pos += 1
     if pos != len(plain):
         raise ValueError(f"replacement layer plan does not match a model with {len(plain)} layers")
-    for key, value in _per_layer_lists(adapter, len(plain)).items():
-        setattr(adapter.config, key, type(value)(value[j] for j in source))
+    adapter.remap_layer_config(source, len(plain))
     adapter.set_layers(layers)
