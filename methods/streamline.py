@@ -14,8 +14,9 @@ Replacement variants, one method name each (paper Tables 5 and 6, "Lightweight M
   streamline               MLP w/o params sharing (Table 5) = MLP (Table 6): Linear(d,h)-act-Linear(h,d)
   streamline-mlp-shared    MLP w/ params sharing: one MLP applied n times
   streamline-layer         Transformer Layer w/o params sharing: one decoder layer, initialised
-                           from the first pruned layer (the ICLR 2025 version; ``init=random``
-                           for a fresh one), trained with the causal mask
+                           from the first pruned layer (``init=random`` for a fresh one), trained
+                           with the causal mask; net n-1 layers removed (the ICLR 2025 method,
+                           n+1 layers replaced by one, is ``streamline-iclr``)
   streamline-layer-shared  Transformer Layer w/ params sharing: one decoder layer applied n times
   streamline-multi-mlp     Multiple MLP (Table 6): one MLP per removed layer, MLP k fit to layer
                            i*+k's own input -> output
@@ -37,6 +38,8 @@ import torch
 
 from harness import (
     ACTIVATIONS,
+    CACHE_CHOICES,
+    CHECKPOINT_CHOICES,
     DEFAULT_HIDDEN_MULT,
     MethodContext,
     MLPReplacement,
@@ -57,6 +60,7 @@ from harness import (
     steps_for,
     train_lm,
     unwrap_layer,
+    use_checkpointing,
 )
 
 LOSSES = ("mse", "lm")
@@ -86,9 +90,18 @@ class _TrainedConfig(StreamlineNoneConfig):
     post_train_text: str | None = option(None, ".txt/.jsonl file or Hub dataset id[:config]; None = calibration source")
     post_train_split: str = option("train", "with post_train_text")
     post_train_field: str = option("text", "with post_train_text")
+    grad_checkpointing: str = option("auto", "auto|on|off: recompute decoder layers in the backward pass of the "
+                                     "layer fit, LM-loss fit and post-training (auto: above 2B parameters)")
+    activation_cache: str = option("ram", "none|ram|disk: keep the first epoch's streamed (input, target) "
+                                   "activations for epochs 2..E (MSE fit), within activation_cache_gb")
+    activation_cache_gb: float = option(2.0, "size limit of the activation cache (GiB); over it, every epoch streams")
 
     def validate(self, num_layers: int, num_remove: int) -> None:
         name = self.method_name
+        if self.grad_checkpointing not in CHECKPOINT_CHOICES:
+            raise UsageError(f"{name}.grad_checkpointing={self.grad_checkpointing} is unknown; use auto, on or off")
+        if self.activation_cache not in CACHE_CHOICES or not self.activation_cache_gb >= 0:
+            raise UsageError(f"{name}.activation_cache must be none, ram or disk and activation_cache_gb >= 0")
         if self.epochs < 0 or self.lr <= 0 or self.batch_size < 1:
             raise UsageError(f"{name} needs epochs >= 0, lr > 0 and batch_size >= 1")
         if (self.train_samples is not None and self.train_samples < 1) or \
@@ -133,7 +146,7 @@ class StreamlineMultiMLPConfig(StreamlineConfig):
 
 @dataclass
 class StreamlineLayerConfig(_TrainedConfig):
-    init: str = option("first", "first: a copy of the first pruned layer (ICLR 2025); random: a fresh layer")
+    init: str = option("first", "first: a copy of the first pruned layer; random: a fresh layer")
 
     method_name: ClassVar[str] = "streamline-layer"
 
@@ -179,7 +192,9 @@ def run_streamline(ctx: MethodContext, cfg, kind: str) -> PruneResult:
     train_n = cfg.train_samples or len(ctx.calibration)
     data = ctx.training_data(train_n, cfg.train_seq_len)
     fit = dict(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
-               seed=ctx.seed, progress=ctx.progress)
+               seed=ctx.seed, progress=ctx.progress, activation_cache=cfg.activation_cache,
+               activation_cache_gb=cfg.activation_cache_gb)
+    checkpoint = use_checkpointing(cfg.grad_checkpointing, ctx.model)
     training: dict = {}
     if kind in ("mlp", "mlp-shared", "multi-mlp"):
         d = ctx.adapter.hidden_size
@@ -208,7 +223,8 @@ def run_streamline(ctx: MethodContext, cfg, kind: str) -> PruneResult:
         else:
             module = _fresh_layer(ctx, start)
         if cfg.loss == "mse":
-            training = fit_layer_to_boundaries(ctx, module, data, start, start + n, repeat=repeat, **fit)
+            training = fit_layer_to_boundaries(ctx, module, data, start, start + n, repeat=repeat,
+                                               grad_checkpointing=checkpoint, **fit)
         positions = insert_layer_replacement(ctx.adapter, start, n, module, repeat=repeat)
         replacement = {**describe_layer(module, repeat, cfg.init), "position": start, "positions": positions,
                        "init_from_layer": start if cfg.init == "first" else None}
@@ -217,7 +233,7 @@ def run_streamline(ctx: MethodContext, cfg, kind: str) -> PruneResult:
         steps = steps_for(len(data), cfg.batch_size, cfg.epochs)
         training = train_lm(ctx.model, trainable, data, steps=steps, lr=cfg.lr, batch_size=cfg.batch_size,
                             weight_decay=cfg.weight_decay, seed=ctx.seed, progress=ctx.progress, train_mode=False,
-                            desc="fit replacement (LM loss)")
+                            desc="fit replacement (LM loss)", grad_checkpointing=checkpoint)
         training["epochs"] = cfg.epochs
     extra = {"streamline": info, "training": {**training, "data": data.description}}
     if cfg.post_train_steps > 0:
@@ -227,7 +243,7 @@ def run_streamline(ctx: MethodContext, cfg, kind: str) -> PruneResult:
                                   field=cfg.post_train_field if cfg.post_train_text else None)
         post = train_lm(ctx.model, trainable, pdata, steps=cfg.post_train_steps, lr=cfg.post_train_lr,
                         batch_size=cfg.post_train_batch_size, seed=ctx.seed + 1, progress=ctx.progress,
-                        train_mode=False, desc="post-train replacement")
+                        train_mode=False, desc="post-train replacement", grad_checkpointing=checkpoint)
         extra["post_training"] = {**post, "trained": "replacement only", "data": pdata.description}
     return PruneResult(model=ctx.model, removed_layers=drop, scores=scores, replacement=replacement, extra=extra)
 
@@ -242,7 +258,7 @@ VARIANTS = [
      "LLM-Streamline with one MLP per removed layer, each fit to its own layer (Table 6 'Multiple MLP')"),
     ("streamline-layer", "layer", StreamlineLayerConfig,
      "LLM-Streamline with one decoder layer, init from the first pruned layer "
-     "(Table 5 'Transformer Layer w/o params sharing'; ICLR 2025 version)"),
+     "(Table 5 'Transformer Layer w/o params sharing'; net n-1 removed; the ICLR 2025 method is streamline-iclr)"),
     ("streamline-layer-shared", "layer-shared", StreamlineSharedLayerConfig,
      "LLM-Streamline with one decoder layer applied n times (Table 5 'Transformer Layer w/ params sharing')"),
     ("streamline-none", "none", StreamlineNoneConfig,
