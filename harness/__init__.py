@@ -10,6 +10,7 @@ The stages behind it, in pipeline order: ``model`` (loading, adapters, surgery, 
 """
 from harness.errors import UsageError
 from harness.fitting.fit import fit_layer_to_boundaries, fit_to_boundaries
+from harness.fitting.scale import CACHE_CHOICES, CHECKPOINT_CHOICES, use_checkpointing
 from harness.fitting.training import steps_for, train_lm
 from harness.model.adapters import (
                                     ModelAdapter,
@@ -60,6 +61,7 @@ __all__ = [
     # replacement networks and their training
     "MLPReplacement", "MultiMLPReplacement", "ACTIVATIONS", "DEFAULT_HIDDEN_MULT", "mlp_width", "mlp_params",
     "describe", "describe_layer", "fit_to_boundaries", "fit_layer_to_boundaries", "train_lm", "steps_for",
+    "use_checkpointing", "CHECKPOINT_CHOICES", "CACHE_CHOICES",
     # data and saved models
     "CalibrationData", "save_pruned", "load_pruned",
 ]

@@ -323,10 +323,9 @@ def _reference_defaults(args) -> None:
 
 
 def _run(args):
-    from harness.results import report
-
     from harness import progress, validation
     from harness.evaluation.quiet import quiet_lm_eval
+    from harness.results import report
 
     if args.progress and args.no_progress:
         raise UsageError("give either --progress or --no-progress, not both")

@@ -128,3 +128,12 @@ def file_sha256(path, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: fh.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def apply_umask(folder) -> None:
+    """Give every file directly in ``folder`` the umask's mode (files that libraries write through
+    temp files, e.g. transformers' ``model.safetensors``, come out 0600 otherwise)."""
+    mode = file_mode()
+    for p in Path(folder).iterdir():
+        if p.is_file() and not p.is_symlink():
+            os.chmod(p, mode)

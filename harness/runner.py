@@ -32,7 +32,12 @@ from harness.evaluation.stability import compare as stability_vs_dense
 from harness.evaluation.stability import DEFAULT_SCORES as DEFAULT_STABILITY_SCORES
 from harness.evaluation.stability import check_scores as check_stability_scores
 from harness.evaluation.stability import has_token_counts, rescored
-from harness.finite import DEFAULT_MAX_LOSS_GROWTH, FirstForwardGuard, first_nonfinite, training_failure
+from harness.finite import (
+    DEFAULT_MAX_LOSS_GROWTH,
+    FirstForwardGuard,
+    first_nonfinite,
+    training_failure,
+)
 from harness.io import write_json_atomic
 from harness.model.adapters import get_adapter
 from harness.model.loading import (
@@ -414,9 +419,9 @@ def run_method(s: Session, name: str, spec, cfg, echo=print) -> dict:
     torch.manual_seed(opts.seed)
     t = time.perf_counter()
     guard = WeightGuard(s.model)
-    base = dict(method=name, label=cfg.label(name), method_config=cfg_dict, model=s.dense_info,
-                eval=opts.eval.to_dict(), target=opts.target.to_dict() | {"num_remove": s.num_remove},
-                calibration=s.calibration.description, seed=opts.seed, timings=timings)
+    base = {"method": name, "label": cfg.label(name), "method_config": cfg_dict, "model": s.dense_info,
+            "eval": opts.eval.to_dict(), "target": opts.target.to_dict() | {"num_remove": s.num_remove},
+            "calibration": s.calibration.description, "seed": opts.seed, "timings": timings}
     try:
         result = spec.fn(ctx, cfg)
     except MethodFailed as exc:

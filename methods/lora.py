@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from harness import (
+    CHECKPOINT_CHOICES,
     MethodConfig,
     MethodContext,
     PruneResult,
@@ -35,6 +36,7 @@ from harness import (
     register_post_step,
     steps_for,
     train_lm,
+    use_checkpointing,
 )
 
 SEED_OFFSET = 3  # the training draw differs from calibration (0), streamline's fit (1) and post-training (2)
@@ -59,8 +61,12 @@ class LoRAConfig(MethodConfig):
     text: str | None = option(None, ".txt/.jsonl file or Hub dataset id[:config]; None = the calibration source")
     text_split: str = option("train", "with text")
     text_field: str = option("text", "with text")
+    grad_checkpointing: str = option("auto", "auto|on|off: recompute decoder layers in the backward pass "
+                                     "(auto: above 2B parameters)")
 
     def validate(self, num_layers: int = 0, num_remove: int = 0) -> None:
+        if self.grad_checkpointing not in CHECKPOINT_CHOICES:
+            raise UsageError(f"lora.grad_checkpointing={self.grad_checkpointing} is unknown; use auto, on or off")
         if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
             raise UsageError("lora needs r >= 1, alpha > 0 and 0 <= dropout < 1")
         if self.lr <= 0 or self.batch_size < 1 or self.epochs < 1 or (self.steps is not None and self.steps < 1):
@@ -176,7 +182,8 @@ def lora(ctx: MethodContext, cfg: LoRAConfig, result: PruneResult) -> PruneResul
         raise RuntimeError(f"LoRA has {trainable} parameters, expected r * {per_rank} = {r * per_rank}")
     log = train_lm(peft_model, lora_params, data, steps=steps, lr=cfg.lr, batch_size=cfg.batch_size,
                    weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm or None, seed=ctx.seed + SEED_OFFSET,
-                   progress=ctx.progress, train_mode=True, desc="LoRA healing")
+                   progress=ctx.progress, train_mode=True, desc="LoRA healing",
+                   grad_checkpointing=use_checkpointing(cfg.grad_checkpointing, model))
     merged = peft_model.merge_and_unload()
     merged.eval()
     for name, p in merged.named_parameters():

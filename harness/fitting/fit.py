@@ -14,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from harness.errors import MethodFailed
+from harness.fitting.scale import ActivationCache, autocast_for, checkpointing
 
 
 def check_loss(loss: float, what: str, epoch: int, step: int) -> None:
@@ -24,11 +25,15 @@ def check_loss(loss: float, what: str, epoch: int, step: int) -> None:
 
 
 def fit_to_boundaries(ctx, module: nn.Module, data, start: int, end: int, *, epochs: int, lr: float,
-                      batch_size: int, weight_decay: float = 0.0, seed: int = 0, progress: bool = True) -> dict:
+                      batch_size: int, weight_decay: float = 0.0, seed: int = 0, progress: bool = True,
+                      activation_cache: str = "none", activation_cache_gb: float = 2.0) -> dict:
     """Train ``module`` with MSE so that module(X_start) ~ X_end over real tokens.
 
     Each epoch re-runs the model's forward pass up to X_end on ``batch_size`` sequences at a
     time (the pass stops there), then takes one optimiser step on that batch's real tokens.
+    With ``activation_cache`` (ram/disk, within ``activation_cache_gb``) the first epoch's
+    (X_start, X_end) pairs are kept and epochs 2..E replay them instead of the forward pass
+    (harness.fitting.scale). On CUDA the step runs under bf16 autocast.
     Returns a small training log (loss per epoch, steps, tokens, wall time).
     """
     torch.manual_seed(seed)
@@ -40,14 +45,24 @@ def fit_to_boundaries(ctx, module: nn.Module, data, start: int, end: int, *, epo
            "weight_decay": weight_decay, "epochs": epochs, "batch_size": batch_size, "loss": "mse"}
     t0 = time.perf_counter()
     n_batches = math.ceil(len(data) / batch_size)
+    model_ref = next(ctx.model.parameters())
+    expect = 2 * int(data.attention_mask.sum()) * ctx.adapter.hidden_size * model_ref.element_size()
+    cache = ActivationCache(activation_cache if epochs > 1 else "none", activation_cache_gb, n_batches, expect)
+
+    def streamed():
+        for states, mask in ctx.boundary_pairs(data, start, end, batch_size=batch_size):
+            pair = (states[start][mask.to(states[start].device)], states[end][mask.to(states[end].device)])
+            cache.add(pair)
+            yield pair
+
     for epoch in range(epochs):
         total, tokens = 0.0, 0
-        pairs = ctx.boundary_pairs(data, start, end, batch_size=batch_size)
-        for states, mask in tqdm(pairs, total=n_batches, desc=f"fit replacement (epoch {epoch + 1}/{epochs})",
-                                 disable=not progress):
-            x = states[start][mask.to(states[start].device)].to(device=ref.device, dtype=ref.dtype)
-            y = states[end][mask.to(states[end].device)].to(device=ref.device, dtype=ref.dtype)
-            with torch.enable_grad():
+        pairs = cache.replay(model_ref.device) if cache.ready else streamed()
+        for x, y in tqdm(pairs, total=n_batches, desc=f"fit replacement (epoch {epoch + 1}/{epochs})",
+                         disable=not progress):
+            x = x.to(device=ref.device, dtype=ref.dtype)
+            y = y.to(device=ref.device, dtype=ref.dtype)
+            with torch.enable_grad(), autocast_for(ref.device):
                 pred = module(x)
                 loss = nn.functional.mse_loss(pred.float(), y.float())
                 opt.zero_grad(set_to_none=True)
@@ -62,19 +77,25 @@ def fit_to_boundaries(ctx, module: nn.Module, data, start: int, end: int, *, epo
         log["epoch_loss"].append(total / max(tokens, 1))
         log["tokens_per_epoch"] = tokens
     module.eval()
+    log["activation_cache"] = cache.describe()
+    cache.close()
     log["seconds"] = time.perf_counter() - t0
     return log
 
 
 def fit_layer_to_boundaries(ctx, layer: nn.Module, data, start: int, end: int, *, repeat: int = 1, epochs: int,
                             lr: float, batch_size: int, weight_decay: float = 0.0, seed: int = 0,
-                            progress: bool = True) -> dict:
+                            progress: bool = True, grad_checkpointing: bool = False,
+                            activation_cache: str = "none", activation_cache_gb: float = 2.0) -> dict:
     """Train a decoder layer (not part of the model) with MSE so that ``layer`` applied
     ``repeat`` times to X_start ~ X_end over real tokens.
 
     The layer is called with the very arguments the model passes to its layer ``start`` in the
     same forward pass (captured by a pre-hook): the causal attention mask, position ids and
     embeddings, with the cache left out. It trains in eval mode (no dropout), like the MLP fit.
+    ``grad_checkpointing`` recomputes each application of the layer in the backward pass;
+    ``activation_cache`` replays the first epoch's (X_start, X_end, mask, layer arguments) in
+    epochs 2..E (harness.fitting.scale); on CUDA the step runs under bf16 autocast.
     """
     from harness.model.adapters import first_tensor
 
@@ -98,18 +119,26 @@ def fit_layer_to_boundaries(ctx, layer: nn.Module, data, start: int, end: int, *
     t0 = time.perf_counter()
     n_batches = math.ceil(len(data) / batch_size)
     handle = ctx.adapter.layers[start].register_forward_pre_hook(grab, with_kwargs=True)
+    device = next(layer.parameters()).device
+    cache = ActivationCache(activation_cache if epochs > 1 else "none", activation_cache_gb, n_batches)
+
+    def streamed():
+        for states, mask in ctx.boundary_pairs(data, start, end, batch_size=batch_size):
+            item = (states[start], states[end], mask, captured["args"], captured["kwargs"])
+            cache.add(item)
+            yield item
+
     try:
         for epoch in range(epochs):
             total, tokens = 0.0, 0
-            pairs = ctx.boundary_pairs(data, start, end, batch_size=batch_size)
-            for states, mask in tqdm(pairs, total=n_batches, desc=f"fit layer (epoch {epoch + 1}/{epochs})",
-                                     disable=not progress):
-                x, y = states[start], states[end]
+            items = cache.replay(device) if cache.ready else streamed()
+            for x, y, mask, args, kwargs in tqdm(items, total=n_batches, desc=f"fit layer (epoch {epoch + 1}/{epochs})",
+                                                 disable=not progress):
                 mask = mask.to(x.device)
-                with torch.enable_grad():
+                with torch.enable_grad(), autocast_for(device), checkpointing([layer], grad_checkpointing):
                     h = x
                     for _ in range(repeat):
-                        h = first_tensor(layer(h, *captured["args"], use_cache=False, **captured["kwargs"]))
+                        h = first_tensor(layer(h, *args, use_cache=False, **kwargs))
                     loss = nn.functional.mse_loss(h[mask].float(), y[mask].float())
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
@@ -128,5 +157,8 @@ def fit_layer_to_boundaries(ctx, layer: nn.Module, data, start: int, end: int, *
         for p, flag in flags:
             p.requires_grad_(flag)
         opt.zero_grad(set_to_none=True)
+        log["activation_cache"] = cache.describe()
+        log["grad_checkpointing"] = bool(grad_checkpointing)
+        cache.close()
     log["seconds"] = time.perf_counter() - t0
     return log

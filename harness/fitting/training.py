@@ -13,6 +13,8 @@ import torch
 from tqdm.auto import tqdm
 
 from harness.errors import MethodFailed
+from harness.fitting.scale import autocast_for, checkpointing
+from harness.model.adapters import get_adapter
 from harness.model.loading import model_device
 
 
@@ -31,13 +33,15 @@ def steps_for(num_samples: int, batch_size: int, epochs: int) -> int:
 
 def train_lm(model, params, data, *, steps: int, lr: float, batch_size: int, weight_decay: float = 0.0,
              max_grad_norm: float | None = 1.0, seed: int = 0, progress: bool = True, train_mode: bool = True,
-             desc: str = "LM training") -> dict:
+             desc: str = "LM training", grad_checkpointing: bool = False) -> dict:
     """AdamW on the LM loss for ``steps`` steps; only ``params`` change.
 
     Each step takes the next ``batch_size`` blocks of ``data`` in a seeded random order,
     reshuffled after every pass. ``train_mode`` puts the model in train mode (dropout on, e.g.
     LoRA's); otherwise it stays in eval mode. Every parameter's ``requires_grad`` and the
-    model's mode are restored afterwards. Returns a log (loss curve, tokens, wall time).
+    model's mode are restored afterwards. ``grad_checkpointing`` recomputes each decoder layer
+    in the backward pass (harness.fitting.scale); on CUDA the steps run under bf16 autocast.
+    Returns a log (loss curve, tokens, wall time).
     """
     params = list(params)
     ids = {id(p) for p in params}
@@ -55,8 +59,10 @@ def train_lm(model, params, data, *, steps: int, lr: float, batch_size: int, wei
     tokens = 0
     t0 = time.perf_counter()
     model.train(train_mode)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the HF model
+    layers = list(get_adapter(base).layers) if grad_checkpointing else []
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), autocast_for(model_device(model)), checkpointing(layers, grad_checkpointing):
             for _ in tqdm(range(steps), desc=desc, disable=not progress):
                 if len(order) < min(batch_size, n):
                     order += torch.randperm(n, generator=gen).tolist()
@@ -85,7 +91,8 @@ def train_lm(model, params, data, *, steps: int, lr: float, batch_size: int, wei
     return {
         "loss": "lm", "optimizer": "AdamW", "lr": lr, "weight_decay": weight_decay, "schedule": "constant",
         "max_grad_norm": max_grad_norm, "steps": steps, "batch_size": batch_size, "samples": n,
-        "tokens": tokens, "train_mode": train_mode, "trainable_params": sum(p.numel() for p in params),
+        "tokens": tokens, "train_mode": train_mode, "grad_checkpointing": bool(grad_checkpointing),
+        "trainable_params": sum(p.numel() for p in params),
         "loss_first": sum(losses[:k]) / k if losses else None,
         "loss_last": sum(losses[-k:]) / k if losses else None,
         "loss_curve": curve, "loss_curve_every": every, "seconds": time.perf_counter() - t0,

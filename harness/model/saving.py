@@ -32,7 +32,7 @@ import logging
 from pathlib import Path
 
 from harness.errors import UsageError
-from harness.io import write_json_atomic, write_text_atomic
+from harness.io import apply_umask, write_json_atomic, write_text_atomic
 from harness.model.adapters import ReplacementLayer, get_adapter
 from harness.model.replacement import build_from_description, describe
 from harness.model.surgery import (
@@ -155,6 +155,7 @@ def save_pruned(model, tokenizer, out_dir, manifest: dict) -> Path:
                                            "replacement_layers": layer_plan,
                                            "shared_layers_saved_as": "copies",
                                            "load_with": load_with})
+        apply_umask(out)  # transformers writes the weights 0600; colleagues must be able to read them
     finally:
         if attached:
             delattr(model, REMOTE_PREFIX)
