@@ -10,6 +10,17 @@ import math
 import numbers
 
 
+def first_tensor(output):
+    """The hidden states in a decoder layer's output (a tensor, or a tuple starting with one)."""
+    import torch
+
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"no hidden states in a layer output of type {type(output)}")
+
+
 def _bad(value) -> bool:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return False
@@ -57,9 +68,6 @@ def first_nonfinite_layer(model, adapter, input_ids, attention_mask=None) -> str
     NaN or infinity (``"decoder layer 3"``), or None when everything is finite."""
     import torch
 
-    from harness.model.adapters import first_tensor
-    from harness.model.loading import model_device
-
     found: list[str] = []
     handles = []
 
@@ -81,7 +89,7 @@ def first_nonfinite_layer(model, adapter, input_ids, attention_mask=None) -> str
     for i, layer in enumerate(adapter.layers):
         handles.append(layer.register_forward_hook(hook(f"decoder layer {i}")))
     try:
-        device = model_device(model)
+        device = next(model.parameters()).device
         with torch.no_grad():
             out = model(input_ids=input_ids.to(device),
                         attention_mask=None if attention_mask is None else attention_mask.to(device),
@@ -144,8 +152,6 @@ class FirstForwardGuard:
 
     def __enter__(self):
         import torch
-
-        from harness.model.adapters import first_tensor
 
         def layer_hook(label):
             def fn(_m, _i, output):

@@ -5,12 +5,15 @@ Written files honour the umask (0644 under the usual 022), like any file ``open`
 results are strict JSON (a NaN or infinity is a bug upstream, never a stored value)."""
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
 import re
 import tempfile
 from pathlib import Path
+
+from harness.errors import UsageError
 
 TMP_SUFFIX = ".tmp"
 _TMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # .NAME.XXXXXXXX.tmp, as mkstemp names them here
@@ -137,3 +140,87 @@ def apply_umask(folder) -> None:
     for p in Path(folder).iterdir():
         if p.is_file() and not p.is_symlink():
             os.chmod(p, mode)
+
+
+# --- reading checks: a file the run will read, opened and its records checked --------------------
+
+_PROBE_BYTES = 1 << 16
+
+
+def _open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+
+
+def _check_not_binary(path: Path, what: str) -> None:
+    with open(path, "rb") as fh:
+        head = fh.read(_PROBE_BYTES)
+    if path.suffix == ".gz":
+        if head[:2] != b"\x1f\x8b":
+            raise UsageError(f"{what} '{path}' is not a gzip file; re-create it (see shared/data/SOURCES.md)")
+        try:
+            with gzip.open(path, "rb") as fh:
+                head = fh.read(_PROBE_BYTES)
+        except (OSError, EOFError) as exc:
+            raise UsageError(f"{what} '{path}' is a damaged or truncated gzip file ({exc}); re-create it") from None
+    if b"\x00" in head:
+        raise UsageError(f"{what} '{path}' is a binary file, not text; pass a UTF-8 text or JSON-lines file")
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 4:  # not just a multi-byte character cut by the probe
+            raise UsageError(f"{what} '{path}' is not UTF-8 text (byte {exc.start}); pass a UTF-8 file") from None
+
+
+def check_jsonl_file(path, what: str, fields: tuple[str, ...] = (), head: int = 3) -> int:
+    """A JSON-lines file whose every line is a JSON object (the first ``head`` ones holding
+    ``fields``); missing, empty, binary, truncated or wrong-schema files are errors. Returns
+    the number of records."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{what} '{path}' does not exist")
+    if path.stat().st_size == 0:
+        raise UsageError(f"{what} '{path}' is empty")
+    _check_not_binary(path, what)
+    n = 0
+    try:
+        with _open_text(path) as fh:
+            for line_no, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    last = "the last line" if not line.endswith("\n") else f"line {line_no}"
+                    hint = " (the file looks truncated)" if not line.endswith("\n") else ""
+                    raise UsageError(f"{what} '{path}' {last} is not valid JSON{hint}; "
+                                     "re-create the file (one JSON object per line)") from None
+                if not isinstance(row, dict):
+                    raise UsageError(f"{what} '{path}' line {line_no} is not a JSON object")
+                if n < head:
+                    missing = [f for f in fields if f not in row]
+                    if missing:
+                        raise UsageError(f"{what} '{path}' line {line_no} lacks field(s) {', '.join(missing)} "
+                                         f"(has {', '.join(list(row)[:8])}); is it the right file?")
+                n += 1
+    except (OSError, EOFError) as exc:  # a truncated gzip stream
+        raise UsageError(f"{what} '{path}' cannot be read to the end ({type(exc).__name__}: {exc}); "
+                         "the file looks truncated") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{what} '{path}' is not UTF-8 text ({exc.reason}); pass a UTF-8 file") from None
+    if n == 0:
+        raise UsageError(f"{what} '{path}' holds no records")
+    return n
+
+
+def check_text_file(path, what: str) -> None:
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{what} '{path}' does not exist")
+    _check_not_binary(path, what)
+    try:
+        with _open_text(path) as fh:
+            text = fh.read(_PROBE_BYTES * 16)
+    except (OSError, EOFError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{what} '{path}' cannot be read as text ({type(exc).__name__})") from None
+    if not text.strip():
+        raise UsageError(f"{what} '{path}' is empty; pass a file with text in it")

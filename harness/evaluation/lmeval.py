@@ -517,7 +517,7 @@ def check_fewshot_keys(cfg: EvalConfig, res: Resolution) -> None:
 def check_task_files(cfg: EvalConfig) -> list[Path]:
     """Open every local file the evaluation reads and check its records (missing, empty,
     binary, truncated, wrong fields: one UsageError naming the file); returns the files."""
-    from harness.validation import check_jsonl_file
+    from harness.io import check_jsonl_file
 
     files: list[Path] = []
     if cfg.suite:
