@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, make_context, run_method
+from conftest import REPO, make_context, run_method, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from harness import ReplacedBlock, count_params, get_adapter, load_pruned, save_pruned
@@ -83,6 +83,20 @@ def test_stock_from_pretrained_with_remote_code_gives_the_pruned_model_exactly(r
     # the in-memory model is unchanged by saving
     assert sum(isinstance(layer, ReplacedBlock) for layer in get_adapter(model).layers) == 1
     assert not hasattr(model, "streamline_replacements")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt_neox", "gemma2", "phi3", "mixtral", "gptj"])
+def test_remote_code_for_other_families(family, tmp_path):
+    """The remote code subclasses each architecture's own *ForCausalLM (Mixtral: experts stored in
+    transformers' current layout); gptj is not in the adapter table (structural fallback)."""
+    dense = tiny_model(family, layers=4)
+    res = run_method("streamline-multi-mlp", make_context(dense, 2), epochs=1)
+    out = save_pruned(res.model, tiny_tokenizer(), tmp_path / family, res.manifest())
+    back = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert isinstance(back, type(res.model)) and back.config.model_type == f"streamline_{dense.config.model_type}"
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, res.model(ids).logits)
 
 
 def test_stock_loading_without_trust_remote_code_fails(ref, tmp_path):

@@ -98,14 +98,22 @@ def _remote_config(config_path: Path, base_model_type: str, layers_path: str, en
     write_json_atomic(config_path, cfg)
 
 
-def remote_code_text(model) -> str:
-    """``modeling_streamline.py`` with its base-architecture lines naming ``model``'s classes."""
+def _remote_code_possible(model) -> bool:
+    """The remote code imports the model's and its config's classes from ``transformers``, and
+    saves with transformers' current key layout (``save_original_format=False``)."""
+    import inspect
+
     import transformers
 
+    return all(getattr(transformers, type(obj).__name__, None) is type(obj) for obj in (model, model.config)) \
+        and "save_original_format" in inspect.signature(model.save_pretrained).parameters
+
+
+def remote_code_text(model) -> str:
+    """``modeling_streamline.py`` with its base-architecture lines naming ``model``'s classes."""
     base_cls, cfg_cls = type(model).__name__, type(model.config).__name__
-    for name in (base_cls, cfg_cls):
-        if getattr(transformers, name, None) is None:
-            raise ValueError(f"transformers has no top-level class {name}; cannot write remote code for it")
+    if not _remote_code_possible(model):
+        raise ValueError(f"cannot write remote code for {base_cls} ({cfg_cls})")
     src = (Path(__file__).with_name(REMOTE_FILE)).read_text()
     lines = [line for line in src.splitlines() if line.endswith("# STREAMLINE-BASE")]
     if len(lines) != 2:
@@ -126,14 +134,17 @@ def save_pruned(model, tokenizer, out_dir, manifest: dict) -> Path:
     found = strip_replacements(adapter)
     layer_plan, original_layers = _unshare_layer_replacements(adapter)
     entries = [{"index": item["index"], "where": item["where"], **describe(item["module"])} for item in found]
-    remote = bool(found) and all(e["class"] in REMOTE_CLASSES for e in entries)
+    remote = bool(found) and all(e["class"] in REMOTE_CLASSES for e in entries) and _remote_code_possible(model)
     attached = False
     try:
         layers_path = _module_path(model, adapter.layers)
         if remote:  # saved inside the checkpoint, where the remote code's modules expect them
             model.add_module(REMOTE_PREFIX, nn.ModuleList(item["module"] for item in found))
             attached = True
-        model.save_pretrained(out)
+        # with remote code: transformers' own (current) key layout, not the "original" one it converts to
+        # on save. The remote class gets no conversion on load (custom code), and the conversion would
+        # also rename the MLPs' keys (e.g. Mixtral's mlp -> block_sparse_moe)
+        model.save_pretrained(out, **({"save_original_format": False} if remote else {}))
         if attached:
             delattr(model, REMOTE_PREFIX)
             attached = False
