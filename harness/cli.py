@@ -39,6 +39,22 @@ def _float(name):
     return parse
 
 
+def _eval_batch_size(value):
+    from harness.validation import check_batch_size
+
+    return check_batch_size(value)
+
+
+def _labels(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        method, eq, text = str(item).partition("=")
+        if not eq or not method.strip() or not text.strip():
+            raise UsageError(f"bad --label '{item}'; write METHOD=TEXT, e.g. shortgpt=ShortGPT")
+        out[method.strip()] = text.strip()
+    return out
+
+
 def _list_of(parse_one, name):
     """A comma-separated list (a sweep): ``--ratio 0.1,0.2,0.3``; repeated values are an error."""
     one = parse_one(name)
@@ -81,7 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None,
                    help="local benchmark files laid out like shared/data (tasks, wikitext-2, calibration)")
     p.add_argument("--limit", type=_int("--limit"), default=None, help="evaluate only the first N items per task")
-    p.add_argument("--eval-batch-size", type=_int("--eval-batch-size"), default=defaults.EVAL_BATCH_SIZE)
+    p.add_argument("--eval-batch-size", type=_eval_batch_size, default=defaults.EVAL_BATCH_SIZE, metavar="N|auto|auto:K",
+                   help=f"lm-eval batch size: N, auto (lm-eval's detection) or auto:K (re-detected K times; "
+                   f"default {defaults.EVAL_BATCH_SIZE})")
+    p.add_argument("--num-fewshot", "--num_fewshot", dest="num_fewshot", default=None, metavar="N|TASK=N,...",
+                   help="few-shot examples per task, lm-eval's semantics (its few-shot split, sampler and seed); "
+                   "per task: mmlu=5,default=0 (default: each task's own, 0 for most)")
+    p.add_argument("--include-path", "--include_path", dest="include_path", default=None, metavar="DIR",
+                   help="a folder of your own lm-eval task YAMLs (as lm_eval --include_path); --tasks can name them")
+    p.add_argument("--model-args", "--model_args", dest="model_args", default=None, metavar="KEY=VALUE,...",
+                   help="passed to from_pretrained in lm-eval's syntax, e.g. revision=main,trust_remote_code=True,"
+                   "attn_implementation=sdpa (recorded in the result)")
+    p.add_argument("--log-samples", "--log_samples", dest="log_samples", action="store_true",
+                   help="also write lm-eval's per-sample JSONL (samples_<task>_<time>.jsonl) beside each run")
     p.add_argument("--stability-scores", choices=("sum", "mean"), default="sum",
                    help="per-choice scores the stability weights come from: sum = lm-eval's summed "
                    "log-likelihood (default), mean = per token (closer to the paper's perplexities); "
@@ -126,8 +154,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens generated with the KV cache per decode measurement")
     p.add_argument("--eff-warmup", type=_int("--eff-warmup"), default=2, help="untimed warm-up runs")
     p.add_argument("--eff-repeats", type=_int("--eff-repeats"), default=5, help="timed runs (the median is reported)")
-    p.add_argument("--table-metric", default="acc",
-                   help="acc | acc_norm | per task, e.g. acc,hellaswag=acc_norm (printed with the table)")
+    p.add_argument("--table-metric", default=None,
+                   help="the metric shown per task: any metric lm-eval reports (acc, acc_norm, exact_match, f1, "
+                   "mcc, word_perplexity, ...), per task e.g. acc,hellaswag=acc_norm (default acc; printed with "
+                   "the table)")
+    p.add_argument("--table-preset", default=None, choices=("streamline", "shortgpt", "llm-pruner"),
+                   help="the metric each paper reports per task (README: Reproducing a paper's protocol); "
+                   "--table-metric entries override it")
+    p.add_argument("--per-task-retained", action="store_true",
+                   help="add a table of each score / the dense score x 100")
+    p.add_argument("--stderr", action="store_true", help="show lm-eval's standard error with each score")
+    p.add_argument("--label", action="append", default=[], metavar="METHOD=TEXT",
+                   help="the row label of a method (repeatable), e.g. --label shortgpt=ShortGPT --label dense=Dense")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars (lm-eval's too)")
     p.add_argument("--progress", action="store_true",
                    help="draw progress bars even when stderr is not a terminal (default: bars only on a terminal)")
@@ -215,7 +253,8 @@ def _main(argv) -> int:
         if not Path(args.report).is_dir():
             raise UsageError(f"--report directory '{args.report}' does not exist")
         runs = load_runs(args.report)
-        tables = _tables(runs, args, None)
+        report.check_metric_spec(args.table_metric, report.run_column_metrics(runs))
+        tables = _tables(runs, args, _split(args.methods, "--methods") or None)
         if not tables:
             raise UsageError(f"no complete result set (dense + methods) under '{args.report}'")
         print(report.render_text(tables))
@@ -340,7 +379,8 @@ def _run(args):
         args.calib_seq_len = defaults.CALIB_SEQ_LEN
     if args.suite and args.tasks:
         raise UsageError("give either --tasks or --suite, not both")
-    report.parse_metric_spec(args.table_metric)
+    report.parse_metric_spec(args.table_metric, args.table_preset)
+    _labels(args.label)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.no_progress:  # lm-eval and datasets draw their own tqdm bars
@@ -352,7 +392,7 @@ def _run(args):
     if not args.verbose:  # lm-eval warns about every task's fewshot default and every in-memory model
         for name in ("lm_eval", "lm-eval", "datasets", "transformers"):
             logging.getLogger(name).setLevel(logging.ERROR)
-    from harness.evaluation.lmeval import DEFAULT_TASKS, EvalConfig
+    from harness.evaluation.lmeval import DEFAULT_TASKS, EvalConfig, parse_model_args
     from harness.model.target import Target
     from harness.runner import RunOptions, run_benchmark
     from harness.signals.calibration import LOCAL_DEFAULT, CalibrationConfig
@@ -380,7 +420,9 @@ def _run(args):
         target=target,
         eval=EvalConfig(tasks=tasks or list(DEFAULT_TASKS), data_dir=args.data_dir, limit=args.limit,
                         batch_size=args.eval_batch_size, ppl=args.ppl, ppl_seq_len=args.ppl_seq_len,
-                        ppl_stride=args.ppl_stride, ppl_max_windows=args.ppl_max_windows, suite=args.suite),
+                        ppl_stride=args.ppl_stride, ppl_max_windows=args.ppl_max_windows, suite=args.suite,
+                        num_fewshot=args.num_fewshot, include_path=args.include_path,
+                        model_args=parse_model_args(args.model_args)),
         calibration=CalibrationConfig(source=calib_source, split=args.calib_split, field=args.calib_field,
                                       num_samples=args.calib_samples, seq_len=args.calib_seq_len,
                                       seed=args.seed, batch_size=args.calib_batch_size),
@@ -397,8 +439,12 @@ def _run(args):
     sink = {}
     records = run_benchmark(opts, on_session=(lambda s: sink.setdefault("session", s)) if args.plots else None)
     tables = _tables(records, args, opts.methods)
+    opts.log_samples = bool(args.log_samples)
     print()
     print(report.render_text(tables))
+    from harness.evaluation.lmeval import static_column_metrics
+
+    report.check_metric_spec(args.table_metric, static_column_metrics(opts.eval))  # names checked, no model yet
     from harness.results.store import slug
 
     out = Path(args.output_dir) / slug(args.model)
@@ -433,12 +479,18 @@ def _tables(records, args, method_order):
 
     efficiency = bool(getattr(args, "efficiency", False)) or any(r.get("efficiency") for r in records)
     if not report.spans_targets(records) and not efficiency:
-        return report.build_tables(records, args.table_metric, method_order=method_order)
-    tables = report.build_target_tables(records, args.table_metric, method_order, efficiency=efficiency)
-    if report.spans_targets(records):
-        tables += report.build_compact_table(records, args.table_metric, method_order)
+        tables = report.build_tables(records, args.table_metric, method_order=method_order, **options)
+    else:
+        tables = report.build_target_tables(records, args.table_metric, method_order, efficiency=efficiency,
+                                            **options)
+        if report.spans_targets(records):
+            tables += report.build_compact_table(records, args.table_metric, method_order, **options)
+    if getattr(args, "per_task_retained", False):
+        tables += report.retained_tables([t for t in tables if not t[0].endswith("Per. by target")])
     return tables
 
+    options = {"preset": getattr(args, "table_preset", None), "labels": _labels(getattr(args, "label", [])),
+               "stderr": bool(getattr(args, "stderr", False))}
 
 def _report_plots(runs, args, out: Path) -> None:
     """--report: the accuracy plot from the runs; the heatmaps and BI from every layer_scores.json

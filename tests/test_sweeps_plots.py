@@ -208,3 +208,60 @@ def test_efficiency_measures_and_compares():
     assert ratios["memory_ratio"] < 1.0
     with pytest.raises(Exception, match="efficiency"):
         EfficiencyConfig(repeats=0).validate()
+
+
+EFF = ["--eff-batch-size", "1", "--eff-seq-len", "16", "--eff-prompt-len", "4", "--eff-new-tokens", "4",
+       "--eff-warmup", "0", "--eff-repeats", "1"]
+
+
+def test_cli_sweep_plots_efficiency_then_rerun_skips(tmp_path, capsys):
+    """One command sweeps two targets with plots and efficiency; the re-run skips every run and
+    only re-renders; the marked windows are the manifests' removed layers; `scores` and
+    `--report` draw the same figures without evaluating."""
+    from harness.cli import main
+
+    out = tmp_path / "runs"
+    argv = ["--model", "ref-opt-12l", "--methods", "remove,shortgpt", "--layers", "1,2", "--limit", "3",
+            "--calib-samples", "8", "--output-dir", str(out), "--no-progress", "--plots", "--efficiency", *EFF]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert first.count("pruning") == 4 and "dense: evaluating" in first
+    folder = out / "ref-opt-12l"
+    runs = [json.loads(p.read_text()) for p in folder.glob("*.json") if p.name.split("__")[0] in ("remove", "shortgpt")]
+    assert len(runs) == 4 and all(r["efficiency"]["vs_dense"]["ideal_speedup"] > 1 for r in runs)
+    assert sum("score_shared" in r["timings"] for r in runs) == 1  # one pass of statistics for both targets
+    payload = read_scores(folder)
+    for r in runs:  # each run's removed layers are what the shared scores say its method picks
+        n = str(r["target"]["num_remove"])
+        want = payload["choices"]["shortgpt"][n] if r["method"] == "shortgpt" else \
+            list(range(payload["choices"]["streamline"][n], payload["choices"]["streamline"][n] + int(n)))
+        assert r["manifest"]["removed_layers"] == want
+    assert {m[1:] for m in plots.window_marks(runs, 12) if m[0] == "remove"} == \
+        {(r["manifest"]["removed_layers"][0], len(r["manifest"]["removed_layers"])) for r in runs
+         if r["method"] == "remove"}
+    for stem, size in (("window_cos_heatmap", plots.HEATMAP_SIZE), ("angular_heatmap", plots.HEATMAP_SIZE),
+                       ("block_influence", plots.BI_SIZE)):
+        _check_image(folder / f"{stem}.png", size)
+    assert _png(folder / "accuracy_vs_ratio.png").std() > 10
+    table = (folder / "table.md").read_text()
+    assert "Target" in table and "Dec. Speedup" in table and "Per. by target" in table
+    mtime = (folder / "window_cos_heatmap.png").stat().st_mtime_ns
+
+    assert main(argv) == 0
+    second = capsys.readouterr().out
+    assert "pruning" not in second and "evaluating" not in second and "measuring" not in second
+    assert second.count("skipping") == 5
+    assert (folder / "window_cos_heatmap.png").stat().st_mtime_ns > mtime  # re-rendered
+
+    assert main(["scores", "--model", "ref-opt-12l", "--calib-samples", "8", "--output-dir",
+                 str(tmp_path / "scores"), "--no-progress"]) == 0
+    again = read_scores(tmp_path / "scores" / "ref-opt-12l")
+    for n, values in payload["window_cos"].items():  # same calibration: the same scores as the run's shared pass
+        assert again["window_cos"][n] == pytest.approx(values, abs=1e-6)
+    assert (tmp_path / "scores" / "ref-opt-12l" / "layer_scores.csv").is_file()
+    _check_image(tmp_path / "scores" / "ref-opt-12l" / "block_influence.png", plots.BI_SIZE)
+    assert not list((tmp_path / "scores").rglob("table.md"))
+
+    (folder / "accuracy_vs_ratio.png").unlink()
+    assert main(["--report", str(out)]) == 0
+    assert (out / "accuracy_vs_ratio.png").is_file() and "Per. by target" in capsys.readouterr().out
