@@ -7,7 +7,9 @@ lists. Method options go under ``method_opt`` (or ``options``), either as a list
 ``a/b/c``. The file's values are defaults: flags given on the command line win (``--ratio`` on
 the command line replaces the file's ``layers`` and vice versa), and command-line ``-o`` options
 are added after the file's, so they override them. Relative paths are taken from the current
-directory, as on the command line.
+directory, as on the command line. ``num_fewshot`` takes a number or a mapping per task
+(``{mmlu: 5, default: 0}``); ``labels`` maps method names to row labels (``{shortgpt: ShortGPT}``,
+as ``--label``; labels given on the command line win).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from harness.errors import UsageError
 LIST_FLAGS = ("methods", "tasks", "plugins", "ratio", "layers")  # ratio/layers: a list sweeps
 OPTION_KEYS = ("method_opt", "options")
 EXCLUSIVE = (("ratio", "layers"),)
+MAPPING_FLAGS = ("num_fewshot",)  # a YAML mapping becomes the flag's TASK=N,... form
 
 
 def _actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
@@ -51,6 +54,14 @@ def _options(value, path: str) -> list[str]:
     raise UsageError(f"config file {path}: method_opt must be a list of 'METHOD.KEY=VALUE' or a mapping")
 
 
+def _labels(value, path: str) -> list[str]:
+    if isinstance(value, dict):
+        return [f"{method}={_scalar(text)}" for method, text in value.items()]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise UsageError(f"config file {path}: labels maps method names to row labels, e.g. {{shortgpt: ShortGPT}}")
+
+
 def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
     """The file's values as parser defaults (``{dest: value}``)."""
     import yaml
@@ -72,6 +83,15 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
         key = str(raw_key).lstrip("-").replace("-", "_")
         if key in OPTION_KEYS:
             out.setdefault("method_opt", []).extend(_options(value, path))
+            continue
+        if key in ("labels", "label"):  # {method: row label}: as --label METHOD=TEXT (the command line's win)
+            out["label"] = _labels(value, path)
+            continue
+        if key in MAPPING_FLAGS and isinstance(value, dict):  # num_fewshot: {mmlu: 5, default: 0}
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in value.values()):
+                raise UsageError(f"config file {path}: {raw_key} maps task names to numbers of examples, "
+                                 "e.g. {mmlu: 5, default: 0}")
+            out[key] = ",".join(f"{k}={v}" for k, v in value.items())
             continue
         action = actions.get(key)
         if action is None:

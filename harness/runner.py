@@ -89,6 +89,7 @@ class RunOptions:
     targets: list = field(default_factory=list)  # a sweep (--ratio 0.1,0.2 / --layers 2,4): every method at each
     efficiency: Any = None  # an EfficiencyConfig: measure every model (harness.evaluation.efficiency)
     all_layer_stats: bool = False  # score every window length in the shared pass (plots); sweeps always do
+    log_samples: bool = False  # also write lm-eval's per-sample JSONL beside each run (--log-samples)
     stability_scores: str = DEFAULT_STABILITY_SCORES  # per-choice scores behind stability: sum | mean
 
     def sweep(self) -> list[Target]:
@@ -116,7 +117,7 @@ def prepare(opts: RunOptions):
     for target in opts.sweep():  # from the config alone: no weights are loaded for a bad --layers
         if target.layers is None:
             continue
-        total = getattr(load_config(opts.model), "num_hidden_layers", None)
+        total = getattr(load_config(opts.model, opts.eval.model_args), "num_hidden_layers", None)
         if isinstance(total, int) and target.layers >= total:
             raise UsageError(f"removing {target.layers} layers does not fit a model with {total} decoder "
                              f"layers; ask for fewer (--layers < {total})")
@@ -134,7 +135,7 @@ def validate_inputs(opts: RunOptions) -> None:
     from harness import validation
 
     validation.check_batch_size(opts.eval.batch_size)
-    config = load_config(opts.model)
+    config = load_config(opts.model, opts.eval.model_args)
     cal = opts.calibration
     validation.check_lengths(config, ppl=opts.eval.ppl, ppl_seq_len=opts.eval.ppl_seq_len,
                              ppl_stride=opts.eval.ppl_stride, calib_seq_len=cal.seq_len)
@@ -169,11 +170,15 @@ def _model_record(opts: RunOptions, model, adapter) -> dict:
 
 
 def _evaluate(model, tokenizer, opts: RunOptions, timings: dict,
-              samples_out: dict | None = None) -> tuple[dict, dict | None]:
-    """lm-eval metrics and perplexity; per-item data (compact, for stability) into ``samples_out``."""
+              samples_out: dict | None = None, extra: dict | None = None) -> tuple[dict, dict | None]:
+    """lm-eval metrics and perplexity; per-item data (compact, for stability) into ``samples_out``;
+    lm-eval's details, its results dict and (with --log-samples) its samples into ``extra``."""
     t = time.perf_counter()
-    out = run_lm_eval(model, tokenizer, opts.eval, log_samples=samples_out is not None)
+    out = run_lm_eval(model, tokenizer, opts.eval, log_samples=samples_out is not None or opts.log_samples)
     metrics = out["metrics"]
+    if extra is not None:
+        extra.update(details=out.get("details"), lm_eval=out.get("lm_eval"),
+                     samples=out.get("samples") if opts.log_samples else None)
     if samples_out is not None:
         samples_out.update(compact_samples(out.get("samples", {})))
     timings["eval"] = time.perf_counter() - t
@@ -209,7 +214,7 @@ class Session:
 def open_session(opts: RunOptions, plan, echo=print) -> Session:
     """Load the dense model and calibration data; check model-dependent options first."""
     t = time.perf_counter()
-    model, tokenizer = load_model(opts.model, opts.dtype, opts.device)
+    model, tokenizer = load_model(opts.model, opts.dtype, opts.device, model_args=opts.eval.model_args)
     load_seconds = time.perf_counter() - t
     adapter = get_adapter(model)
     n = resolve_num_remove(opts.target, model, adapter)
@@ -347,7 +352,7 @@ def run_dense(s: Session, echo=print) -> dict:
         samples = read_cached_gz(samples_path(path), lambda _p: load_samples(path)) if cached is not None else None
         # --stability-scores mean needs the token counts (side files written before them lack them)
         counts_ok = opts.stability_scores != "mean" or has_token_counts(samples)
-        if cached is not None and samples is not None and counts_ok:
+        if cached is not None and samples is not None and counts_ok and not _layout_missing(path, opts):
             echo(f"dense: result exists, skipping ({path})")
             s.dense_samples = samples
             return cached
@@ -355,9 +360,10 @@ def run_dense(s: Session, echo=print) -> dict:
     timings = {"load": s.timings["load"]}
     torch.manual_seed(opts.seed)
     s.dense_samples = {}
+    extra: dict = {}
     try:
         with FirstForwardGuard(s.model, s.adapter):
-            metrics, ppl = _evaluate(s.model, s.tokenizer, opts, timings, samples_out=s.dense_samples)
+            metrics, ppl = _evaluate(s.model, s.tokenizer, opts, timings, samples_out=s.dense_samples, extra=extra)
     except NonFiniteOutput as exc:
         raise UsageError(f"model '{opts.model}' produces non-finite values (NaN or inf) in {exc.where} on the first "
                          "evaluation batch; its weights are broken or the dtype overflows (try --dtype float32)") from None
@@ -370,8 +376,11 @@ def run_dense(s: Session, echo=print) -> dict:
     rec = new_record(method="dense", label="Dense", method_config={}, model=s.dense_info, eval=eval_dict,
                      seed=opts.seed, manifest={"removed_layers": []},
                      params={"dense": p, "pruned": p, "removed": 0, "added": 0, "ratio": 0.0},
-                     metrics=metrics, perplexity=ppl, timings=timings, environment=environment())
-    return _store(path, rec)
+                     metrics=metrics, eval_details=extra.get("details"), perplexity=ppl, timings=timings,
+                     environment=environment())
+    _store(path, rec)
+    _write_lm_eval_layout(path, rec, extra, opts)
+    return rec
 
 
 def run_method(s: Session, name: str, spec, cfg, echo=print) -> dict:
@@ -396,6 +405,8 @@ def run_method(s: Session, name: str, spec, cfg, echo=print) -> dict:
                 and not _efficiency_settings_match(cached.get("efficiency"), opts.efficiency):
             echo(f"{name}: result exists without efficiency numbers; pruning again to measure them (no re-evaluation)")
             measure_only = True
+        elif cached.get("status") != "failed" and _layout_missing(path, opts):
+            echo(f"{name}: result exists without lm-eval's per-sample files; running it again (--log-samples)")
         else:
             state = " (failed: " + str(cached.get("failure")) + ")" if cached.get("status") == "failed" else ""
             echo(f"{name}: result exists{state}, skipping ({path})")
@@ -451,9 +462,10 @@ def run_method(s: Session, name: str, spec, cfg, echo=print) -> dict:
         return _store(path, cached)
     torch.manual_seed(opts.seed)
     samples = {}
+    extra: dict = {}
     try:
         with FirstForwardGuard(pruned, get_adapter(pruned)):
-            metrics, ppl = _evaluate(pruned, s.tokenizer, opts, timings, samples_out=samples)
+            metrics, ppl = _evaluate(pruned, s.tokenizer, opts, timings, samples_out=samples, extra=extra)
     except NonFiniteOutput as exc:
         return _fail(s, path, base, f"the pruned model produces non-finite values in {exc.where} on the first "
                      "evaluation batch", manifest, echo)
@@ -463,8 +475,8 @@ def run_method(s: Session, name: str, spec, cfg, echo=print) -> dict:
     rec = new_record(method=name, label=cfg.label(name), method_config=cfg_dict, model=s.dense_info,
                      eval=opts.eval.to_dict(), target=opts.target.to_dict() | {"num_remove": s.num_remove},
                      calibration=s.calibration.description, seed=opts.seed, manifest=manifest,
-                     params=_params(s, pruned, result), metrics=metrics, perplexity=ppl, timings=timings,
-                     environment=environment(),
+                     params=_params(s, pruned, result), metrics=metrics, eval_details=extra.get("details"),
+                     perplexity=ppl, timings=timings, environment=environment(),
                      stability=stability_vs_dense(s.dense_samples, samples, scores=opts.stability_scores))
     save_samples(path, samples)
     if opts.save_models and distributed.is_main():
@@ -478,10 +490,31 @@ def run_method(s: Session, name: str, spec, cfg, echo=print) -> dict:
         rec["efficiency"] = pruned_efficiency(s, pruned)
         timings["efficiency"] = time.perf_counter() - t
     _store(path, rec)
+    _write_lm_eval_layout(path, rec, extra, opts)
     echo(f"{name}: removed layers {manifest['removed_layers']}, measured ratio {100 * rec['params']['ratio']:.1f}%")
     del work_model, pruned, result, ctx
     gc.collect()
     return rec
+
+
+def _layout_missing(path: Path, opts: RunOptions) -> bool:
+    """--log-samples asked for, but the stored run has no lm-eval per-sample files beside it."""
+    from harness.results.lmeval_files import layout_dir
+
+    return opts.log_samples and not any(layout_dir(path).glob("samples_*.jsonl"))
+
+
+def _write_lm_eval_layout(path: Path, rec: dict, extra: dict, opts: RunOptions) -> None:
+    """lm-eval's results file (and with --log-samples its samples) beside the run's JSON."""
+    if not extra.get("lm_eval") or not distributed.is_main():
+        return
+    from harness.results.lmeval_files import write_lm_eval_layout
+    from harness.results.report import model_display_name
+
+    write_lm_eval_layout(path, extra["lm_eval"], model_name=model_display_name(opts.model), method=rec["method"],
+                         label=rec.get("label") or rec["method"], model_args=opts.eval.model_args,
+                         dtype=opts.dtype, batch_size=opts.eval.batch_size, device=opts.device,
+                         samples=extra.get("samples"))
 
 
 def _fail(s: Session, path: Path, base: dict, reason: str, manifest: dict, echo=print) -> dict:

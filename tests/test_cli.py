@@ -279,8 +279,8 @@ def test_report_per_is_ratio_of_averages_and_ratio_column():
     other = _record("dense", "Dense", 0.0, {"piqa": 0.5, "boolq": 0.5})
     other["eval"]["limit"] = 10
     assert len(report.build_tables(runs + [other], "acc")) == 2
-    with pytest.raises(UsageError):
-        report.build_tables(runs, "f1")
+    with pytest.raises(UsageError):  # a metric no task reports (checked before a run and by --report)
+        report.check_metric_spec("f1", report.run_column_metrics(runs))
 
 
 # --- calibration -----------------------------------------------------------------------------

@@ -117,6 +117,32 @@ def parse_num_fewshot(value) -> int | dict | None:
     return out
 
 
+RESERVED_MODEL_ARGS = {"pretrained": "--model", "dtype": "--dtype", "torch_dtype": "--dtype",
+                       "device": "--device", "device_map": "--device auto", "batch_size": "--eval-batch-size",
+                       "tokenizer": "the model folder's tokenizer"}
+
+
+def parse_model_args(value) -> dict | None:
+    """``revision=main,trust_remote_code=True,...`` (lm-eval's syntax and value parsing) -> dict."""
+    if value is None or value == "" or value == {}:
+        return None
+    if isinstance(value, dict):
+        args = dict(value)
+    else:
+        from lm_eval.utils import simple_parse_args_string
+
+        text = str(value).strip()
+        for part in text.split(","):
+            if part.strip() and "=" not in part:
+                raise UsageError(f"--model-args item '{part.strip()}' is not KEY=VALUE; write e.g. "
+                                 "revision=main,trust_remote_code=True")
+        args = simple_parse_args_string(text)
+    for key in args:
+        if key in RESERVED_MODEL_ARGS:
+            raise UsageError(f"--model-args {key}=...: use {RESERVED_MODEL_ARGS[key]} instead")
+    return args or None
+
+
 def parse_batch_size(value):
     """lm-eval's batch size: a positive integer, ``auto`` or ``auto:K`` (re-detected K times)."""
     text = str(value).strip()
@@ -144,6 +170,7 @@ class EvalConfig:
     batch_size: int | str = defaults.EVAL_BATCH_SIZE  # N | "auto" | "auto:K" (lm-eval's HFLM)
     num_fewshot: int | dict | None = None  # None: each task's own default (lm-eval); dict: per task + "default"
     include_path: str | None = None  # a folder of the user's own lm-eval task YAMLs
+    model_args: dict | None = None  # from_pretrained keyword arguments (--model-args, lm-eval's syntax)
     ppl: bool = False
     ppl_seq_len: int | None = None  # default: min(2048, model max positions)
     ppl_stride: int | None = None  # default: = seq_len (non-overlapping windows)
@@ -208,6 +235,39 @@ def task_manager():
 
         _TASK_MANAGER = TaskManager()
     return _TASK_MANAGER
+
+
+_TEXT = None
+
+
+def _yaml_text() -> tuple[str, list[str]]:
+    """Every YAML file of lm-eval's task tree as one text, and the task/group/tag names written in
+    it (read, not parsed: < 1 s). Every name lm-eval can resolve is written in some file, so a name
+    absent from this text is unknown without building the whole index."""
+    global _TEXT
+    if _TEXT is None:
+        import os
+        import re
+
+        parts = []
+        for dirpath, _dirs, files in os.walk(lm_eval_tasks_dir()):
+            for f in files:
+                if f.endswith((".yaml", ".yml")) or (f.startswith("_") and "." not in f):
+                    try:
+                        parts.append(Path(dirpath, f).read_text(encoding="utf-8", errors="replace"))
+                    except OSError:
+                        continue
+        blob = "\n".join(parts)
+        pattern = re.compile(r'^\s*-?\s*["\']?(?:task|group|tag)["\']?\s*:\s*["\']?([A-Za-z0-9_.\-]+)', re.M)
+        _TEXT = (blob, sorted(set(pattern.findall(blob))))
+    return _TEXT
+
+
+def _certainly_unknown(name: str) -> bool:
+    import re
+
+    blob, _names = _yaml_text()
+    return re.search(r"(?<![A-Za-z0-9_.\-])" + re.escape(name) + r"(?![A-Za-z0-9_.\-])", blob) is None
 
 
 def _dir_index(rel: str) -> dict:
@@ -320,9 +380,20 @@ def _index_for(names: list[str], include: str | None) -> tuple[dict, bool]:
             return index, False
         except _Missing:
             pass
+    for n in names:  # a name no task file mentions: unknown, without indexing ~15k files
+        if n not in inc and _certainly_unknown(n):
+            _unknown(n, _yaml_text()[1] + list(inc), include)
     index = dict(full_index())
     index.update(inc)  # as lm-eval's include_path: later folders override the built-in tasks
     return index, True
+
+
+def _unknown(name: str, known: list[str], include: str | None):
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else \
+        "; see `lm_eval ls tasks` (lm-eval's list of tasks, groups and tags) for the names"
+    where = f" or in --include-path {include}" if include else ""
+    raise UsageError(f"unknown task '{name}': not an lm-eval task, group or tag{where}{hint}")
 
 
 def resolve_tasks(cfg: EvalConfig) -> Resolution:
@@ -334,11 +405,7 @@ def resolve_tasks(cfg: EvalConfig) -> Resolution:
     index, full = _index_for(names, include)
     for n in names:
         if n not in index:
-            close = difflib.get_close_matches(n, list(index), n=3, cutoff=0.6)
-            hint = f"; did you mean {', '.join(close)}?" if close else \
-                "; see `python -m lm_eval ls tasks` (or lm_eval --tasks list) for the names"
-            where = f" or in --include-path {include}" if include else ""
-            raise UsageError(f"unknown task '{n}': not an lm-eval task, group or tag{where}{hint}")
+            _unknown(n, list(index), include)
     user = set(_build_index([Path(include)])) if include else set()
     columns, kinds, leaves, ancestors = [], {}, {}, {}
 
@@ -412,8 +479,9 @@ class LocalData:
     note: str | None = None
 
 
-def local_data(name: str, task_cfg: dict, root: Path) -> LocalData | None:
-    """The local files of a leaf task (None: the task reads its own files); UsageError if missing."""
+def local_data(name: str, task_cfg: dict, root: Path, shots: int | None = None) -> LocalData | None:
+    """The local files of a leaf task (None: the task reads its own files); UsageError if the
+    evaluated split is missing, or the few-shot split its config names when ``shots`` > 0."""
     path = task_cfg.get("dataset_path")
     if path in LOCAL_LOADERS or (isinstance(path, str) and Path(path).expanduser().is_dir()):
         return None
@@ -434,6 +502,10 @@ def local_data(name: str, task_cfg: dict, root: Path) -> LocalData | None:
     if eval_split not in files:
         raise UsageError(f"missing data file for task '{name}': {root / stem.format(split=eval_split)}.jsonl "
                          f"(its {eval_split} split); check --data-dir (see shared/data/SOURCES.md)")
+    fs = task_cfg.get("fewshot_split")
+    if shots and fs and fs not in files:
+        raise UsageError(f"missing data file for task '{name}': {root / stem.format(split=fs)}.jsonl (its {fs} "
+                         f"split, where its {shots} few-shot examples come from); check --data-dir")
     if splits["fewshot_split"]:
         shots = splits["fewshot_split"]
     elif splits["training_split"]:
@@ -458,6 +530,7 @@ def data_plan(cfg: EvalConfig, res: Resolution) -> dict:
     """leaf -> LocalData for every leaf that --data-dir relocates."""
     if not cfg.data_dir:
         return {}
+    spec = parse_num_fewshot(cfg.num_fewshot)
     root = Path(cfg.data_dir)
     if not root.is_dir():
         raise UsageError(f"--data-dir '{cfg.data_dir}' is not a directory; point it at a folder laid out like "
@@ -467,7 +540,11 @@ def data_plan(cfg: EvalConfig, res: Resolution) -> dict:
         for leaf in res.leaves[col]:
             if leaf in res.user_tasks or leaf not in res.index:  # the user's own / inline tasks
                 continue
-            ld = local_data(leaf, _leaf_cfg(res, leaf), root)
+            leaf_cfg = _leaf_cfg(res, leaf)
+            shots = fewshot_for(leaf, res.ancestors.get(leaf, ()), spec)
+            if shots is None or leaf_cfg.get("num_fewshot") == 0:  # lm-eval: a config's 0 is never overridden
+                shots = leaf_cfg.get("num_fewshot")
+            ld = local_data(leaf, leaf_cfg, root, shots)
             if ld is not None:
                 plan[leaf] = ld
     return plan
@@ -482,6 +559,7 @@ def validate_tasks(cfg: EvalConfig) -> Resolution | None:
         raise UsageError(f"--limit {cfg.limit} is out of range; use a positive integer")
     cfg.batch_size = parse_batch_size(cfg.batch_size)
     cfg.num_fewshot = parse_num_fewshot(cfg.num_fewshot)
+    cfg.model_args = parse_model_args(cfg.model_args)
     if cfg.suite:
         suite_tasks(cfg.suite)  # raises on a bad suite
         return None
@@ -493,6 +571,29 @@ def validate_tasks(cfg: EvalConfig) -> Resolution | None:
     if cfg.ppl and cfg.data_dir and not (Path(cfg.data_dir) / WIKITEXT_LOCAL).is_file():
         raise UsageError(f"missing data file for --ppl: {Path(cfg.data_dir) / WIKITEXT_LOCAL}; check --data-dir")
     return res
+
+
+def static_column_metrics(cfg: EvalConfig) -> dict[str, list[str] | None]:
+    """{column: metrics its config declares} without loading any data (a group: its aggregate
+    metrics; None where only the task's code knows them). Validates the task names first."""
+    res = validate_tasks(cfg)
+    if res is None:  # a suite: multiple choice, acc and acc_norm
+        return {name: ["acc", "acc_norm"] for name in suite_tasks(cfg.suite)["tasks"]}
+    out = {}
+    for col in res.columns:
+        entry = res.index.get(col)
+        cfg_col = _entry_cfg(entry) if entry is not None else {}
+        if res.kinds[col] == "group":
+            items = cfg_col.get("aggregate_metric_list") or []
+        else:
+            items = cfg_col.get("metric_list")
+        if items is None or "class" in cfg_col:
+            out[col] = None
+            continue
+        items = items if isinstance(items, list) else [items]
+        out[col] = [m["metric"] if isinstance(m, dict) else str(m) for m in items
+                    if not isinstance(m, dict) or isinstance(m.get("metric"), str)] or None
+    return out
 
 
 def check_fewshot_keys(cfg: EvalConfig, res: Resolution) -> None:
@@ -507,7 +608,7 @@ def check_fewshot_keys(cfg: EvalConfig, res: Resolution) -> None:
     for key in cfg.num_fewshot:
         if key == "default" or key in in_run:
             continue
-        if key in res.index or key in full_index():
+        if key in res.index or not _certainly_unknown(key):  # an lm-eval name (not built: it is not run)
             continue
         close = difflib.get_close_matches(key, sorted(in_run | {"default"}), n=3, cutoff=0.6)
         raise UsageError(f"--num-fewshot names '{key}', which is no lm-eval task"

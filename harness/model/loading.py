@@ -41,12 +41,20 @@ def check_model_source(name: str) -> None:
         raise UsageError(f"model path '{name}' does not exist; pass a local model folder or a Hub id")
 
 
-def load_config(name: str):
+# --model-args keys that also apply to the config and tokenizer (the rest go to the model only)
+HUB_ARGS = ("revision", "trust_remote_code", "subfolder", "cache_dir", "token", "local_files_only")
+
+
+def _hub_args(model_args: dict | None) -> dict:
+    return {k: v for k, v in (model_args or {}).items() if k in HUB_ARGS}
+
+
+def load_config(name: str, model_args: dict | None = None):
     from transformers import AutoConfig
 
     check_model_source(name)
     try:
-        return AutoConfig.from_pretrained(os.path.expanduser(name))
+        return AutoConfig.from_pretrained(os.path.expanduser(name), **_hub_args(model_args))
     except Exception as exc:  # noqa: BLE001 - any loader failure is a usage problem here
         raise UsageError(
             f"could not load a model config from '{name}' ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
@@ -54,12 +62,14 @@ def load_config(name: str):
         ) from exc
 
 
-def load_model(name: str, dtype: str = "float32", device: str = "cpu", config=None):
+def load_model(name: str, dtype: str = "float32", device: str = "cpu", config=None, model_args: dict | None = None):
     """Return ``(model, tokenizer)`` in eval mode.
 
     ``device='auto'`` uses accelerate's ``device_map='auto'`` so models larger than one device
     are spread over the available devices (and CPU). ``config``: use this config instead of the
     folder's (``load_pruned`` passes the base architecture's for a remote-code folder).
+    ``model_args``: more ``from_pretrained`` keywords (--model-args: revision, trust_remote_code,
+    attn_implementation, ...).
     """
     from transformers import AutoModelForCausalLM
 
@@ -67,9 +77,9 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", config=No
 
     torch_dtype = resolve_dtype(dtype)
     device = resolve_device(device)
-    kwargs = {"dtype": torch_dtype}
+    kwargs = {"dtype": torch_dtype, **(model_args or {})}
     if config is None:
-        config = load_config(name)
+        config = load_config(name, model_args)
     else:
         kwargs["config"] = config
     check_supported_config(config)
@@ -90,15 +100,16 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", config=No
     if device != "auto":
         model.to(device)
     model.eval()
-    tokenizer = load_tokenizer(name, config=kwargs.get("config"))
+    tokenizer = load_tokenizer(name, config=kwargs.get("config"), model_args=model_args)
     return model, tokenizer
 
 
-def load_tokenizer(name: str, config=None):
+def load_tokenizer(name: str, config=None, model_args: dict | None = None):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(os.path.expanduser(name), **({"config": config} if config else {}))
+        tok = AutoTokenizer.from_pretrained(os.path.expanduser(name), **({"config": config} if config else {}),
+                                            **_hub_args(model_args))
     except Exception as exc:  # noqa: BLE001
         raise UsageError(
             f"could not load a tokenizer from '{name}' ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "

@@ -55,7 +55,8 @@ class RunRecord(TypedDict, total=False):
     seed: int
     manifest: dict  # removed_layers, scores, replacement, method extras (training log, ...)
     params: ParamsInfo  # parameter counts and the measured pruning ratio
-    metrics: dict  # task -> {metric: value, metric_stderr: value, n}
+    metrics: dict  # table column (task or scored group) -> {metric: value, metric_stderr: value, n}
+    eval_details: Optional[dict]  # lm-eval: subtasks' metrics, groups, n-shot, higher_is_better, versions, batch sizes, notes
     perplexity: Optional[dict]  # with --ppl: ppl, nll_per_token, window, stride, ...; else None
     stability: Optional[dict]  # agreement with the dense model per task (None for dense)
     efficiency: Optional[dict]  # with --efficiency: params, FLOPs/token, prefill latency, decode tokens/s, peak memory, settings; pruned runs add dense and vs_dense ratios

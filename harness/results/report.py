@@ -17,35 +17,126 @@ from harness.io import canonical, write_text_atomic
 
 TASK_LABELS = {
     "piqa": "PIQA", "hellaswag": "HellaSwag", "winogrande": "WinoGrande", "arc_easy": "ARC-e",
-    "arc_challenge": "ARC-c", "openbookqa": "OBQA", "boolq": "BoolQ",
+    "arc_challenge": "ARC-c", "openbookqa": "OBQA", "boolq": "BoolQ", "mmlu": "MMLU", "cmmlu": "CMMLU",
+    "commonsense_qa": "CoQA", "race": "Race-H", "wsc": "WSC",
 }
 
 
-def parse_metric_spec(spec: str | None) -> tuple[str, dict[str, str]]:
-    """``acc`` | ``acc_norm`` | ``acc,hellaswag=acc_norm,...`` -> (default, per-task)."""
-    default, per_task = "acc", {}
-    for part in (spec or "acc").split(","):
+# Metrics lm-eval reports as fractions: shown x100 (every other metric as lm-eval reports it).
+PERCENT_METRICS = {"acc", "acc_norm", "acc_mutual_info", "exact_match", "em", "f1", "mcc", "brier_score",
+                   "contains", "prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc",
+                   "inst_level_loose_acc"}
+ROW_KEYS = ("n", "n_shot")  # per-column bookkeeping in a metrics row, not metrics
+
+# --table-preset: the metric each paper reports per task (default, {task: metric}); see README
+# "Reproducing a paper's protocol" for where each choice comes from.
+PRESETS = {
+    # LLM-Streamline Table 3 (OPT-1.3B dense row = lm-eval acc_norm for PIQA/HellaSwag/ARC; WinoGrande,
+    # OpenBookQA, BoolQ, MMLU as acc); configs/streamline_table3_opt-1.3b.yaml
+    "streamline": ("acc", {"piqa": "acc_norm", "hellaswag": "acc_norm", "arc_easy": "acc_norm",
+                           "arc_challenge": "acc_norm"}),
+    # ShortGPT (OpenCompass PPL mode): acc everywhere, HellaSwag length-normalised (configs/shortgpt_main_*.yaml)
+    "shortgpt": ("acc", {"hellaswag": "acc_norm"}),
+    # LLM-Pruner Table 1 (LLaMA-7B dense row: HellaSwag 73.0 and OBQA 42.4 are only reachable as acc_norm;
+    # BoolQ, PIQA, WinoGrande as acc); the lm-eval convention of its evaluation script
+    "llm-pruner": ("acc", {"hellaswag": "acc_norm", "arc_easy": "acc_norm", "arc_challenge": "acc_norm",
+                           "openbookqa": "acc_norm"}),
+}
+
+
+def parse_metric_spec(spec: str | None, preset: str | None = None) -> tuple[str, dict[str, str]]:
+    """``acc`` | ``acc_norm`` | ``acc,hellaswag=acc_norm,...`` (any metric lm-eval reports) ->
+    (default, per-task). A preset's choices come first; the spec's own entries override them."""
+    if preset is not None and preset not in PRESETS:
+        raise UsageError(f"unknown --table-preset '{preset}'; choose one of: {', '.join(PRESETS)}")
+    default, per_task = PRESETS[preset][0] if preset else "acc", dict(PRESETS[preset][1]) if preset else {}
+    for part in (spec or "").split(","):
         part = part.strip()
         if not part:
             continue
         if "=" in part:
-            task, metric = part.split("=", 1)
-            per_task[task.strip()] = metric.strip()
+            task, metric = (x.strip() for x in part.split("=", 1))
+            if not task or not metric:
+                raise UsageError(f"--table-metric item '{part}': write TASK=METRIC, e.g. hellaswag=acc_norm")
+            per_task[task] = metric
         else:
             default = part
-    for m in [default, *per_task.values()]:
-        if m not in ("acc", "acc_norm"):
-            raise UsageError(f"unknown table metric '{m}'; use acc or acc_norm (optionally per task: hellaswag=acc_norm)")
     return default, per_task
 
 
+def check_metric_spec(spec: str | None, column_metrics: dict[str, list[str] | None]) -> None:
+    """--table-metric against the run's columns (``{column: metrics it reports}``, None = not known
+    before it runs): a per-task entry must name a column of this run and a metric that column
+    reports; the default must be reported by some column."""
+    import difflib
+
+    default, per_task = parse_metric_spec(spec)
+    for task, metric in per_task.items():
+        if task not in column_metrics:
+            close = difflib.get_close_matches(task, list(column_metrics), n=3, cutoff=0.6)
+            raise UsageError(f"--table-metric names '{task}', which is not a task of this run"
+                             + (f"; did you mean {', '.join(close)}?" if close else
+                                f"; the run's tasks: {', '.join(column_metrics)}"))
+        known = column_metrics[task]
+        if known is not None and metric.split("/")[0] not in known:
+            raise UsageError(f"--table-metric {task}={metric}: '{task}' does not report {metric}; "
+                             f"it reports {', '.join(known)}")
+    known_all = [m for ms in column_metrics.values() if ms is not None for m in ms]
+    if known_all and all(ms is not None for ms in column_metrics.values()) \
+            and default.split("/")[0] not in known_all:
+        raise UsageError(f"--table-metric '{default}' is reported by no task of this run; "
+                         f"they report {', '.join(sorted(set(known_all)))}")
+
+
+def run_column_metrics(runs: list[dict]) -> dict[str, list[str]]:
+    """{column: metrics reported} over the stored runs (for --report's --table-metric check)."""
+    out: dict[str, list[str]] = {}
+    for run in runs:
+        for task, row in (run.get("metrics") or {}).items():
+            known = out.setdefault(task, [])
+            known.extend(m for m in _metrics_of(row) if m not in known)
+    return out
+
+
+def _metrics_of(row: dict) -> list[str]:
+    return [k for k in row if k not in ROW_KEYS and not k.endswith("_stderr") and row[k] is not None]
+
+
 def pick_metric(row: dict, task: str, default: str, per_task: dict) -> tuple[float | None, str]:
+    """The table value of one column: the per-task metric (as asked; checked before the run), else
+    the default, else ``acc`` (winogrande/boolq have no acc_norm), else the task's first metric."""
     want = per_task.get(task, default)
     if row.get(want) is not None:
         return row[want], want
-    if row.get("acc") is not None:  # e.g. winogrande/boolq have no acc_norm in lm-eval
-        return row["acc"], "acc"
+    if task in per_task:
+        return None, want
+    for m in ("acc", *_metrics_of(row)):
+        if row.get(m) is not None:
+            return row[m], m
     return None, want
+
+
+def scale(metric: str) -> float:
+    """x100 for fractions (accuracy, F1, MCC, exact match), 1 for everything else (perplexities, BLEU)."""
+    return 100.0 if metric.split("/")[0] in PERCENT_METRICS else 1.0
+
+
+def higher_is_better(run: dict, task: str, metric: str) -> bool:
+    hib = ((run.get("eval_details") or {}).get("higher_is_better") or {}).get(task) or {}
+    value = hib.get(metric.split("/")[0])
+    if value is None:
+        return not any(w in metric for w in ("perplexity", "bits_per_byte", "ppl"))
+    return bool(value)
+
+
+def model_display_name(name: str) -> str:
+    """The model's name for tables: ``ref-opt-16l``, ``opt-1.3b`` (a Hub id's or a folder's last part)."""
+    text = str(name).rstrip("/\\")
+    return text.replace("\\", "/").rsplit("/", 1)[-1] or text
+
+
+def column_label(task: str) -> str:
+    return TASK_LABELS.get(task, task)
 
 
 def stability_cell(run: dict, tasks: list[str], default: str, per_task: dict) -> float | None:
@@ -84,9 +175,39 @@ def eval_group_key(run: dict) -> str:
     return canonical({"model": run["model"]["name"], "eval": run["eval"], "dtype": run["model"].get("dtype")})
 
 
-def build_tables(runs: list[dict], metric_spec: str | None = None, method_order: list[str] | None = None):
-    """Return a list of ``(title, DataFrame, notes)``, one per comparable group of runs."""
-    default, per_task = parse_metric_spec(metric_spec)
+def _leaf_count(details: dict, name: str) -> int:
+    groups = (details or {}).get("groups") or {}
+    if name not in groups:
+        return 1
+    return sum(_leaf_count(details, c) for c in groups[name])
+
+
+def _shots(run: dict, task: str):
+    details = run.get("eval_details") or {}
+    n_shot = details.get("n_shot") or {}
+    if task in n_shot:
+        return n_shot[task]
+    groups = details.get("groups") or {}
+    values = set()
+    stack = [task]
+    while stack:
+        name = stack.pop()
+        if name in groups:
+            stack.extend(groups[name])
+        elif name in n_shot:
+            values.add(n_shot[name])
+    return values.pop() if len(values) == 1 else None
+
+
+def build_tables(runs: list[dict], metric_spec: str | None = None, method_order: list[str] | None = None, *,
+                 preset: str | None = None, labels: dict | None = None, stderr: bool = False):
+    """Return a list of ``(title, DataFrame, notes)``, one per comparable group of runs.
+
+    Rows: dense first, then the methods in ``method_order`` (e.g. the order of --methods), then
+    any others by name. ``labels`` ({method: text}) replaces row labels; ``stderr`` adds lm-eval's
+    standard error of each score (shown as ``value ± stderr``; CSV: its own column)."""
+    default, per_task = parse_metric_spec(metric_spec, preset)
+    labels = labels or {}
     groups: "OrderedDict[str, list[dict]]" = OrderedDict()
     for run in runs:
         groups.setdefault(eval_group_key(run), []).append(run)
@@ -109,17 +230,27 @@ def build_tables(runs: list[dict], metric_spec: str | None = None, method_order:
         for run in [dense_run, *others]:
             row = OrderedDict()
             failed = run.get("status") == "failed"  # shown as failed: no number in any column, Per. included
-            row["Method"] = (run.get("label") or run["method"]) + (" [failed]" if failed else "")
+            label = labels.get(run["method"]) or run.get("label") or run["method"]
+            row["Method"] = label + (" [failed]" if failed else "")
             ratio = None if failed else (run.get("params") or {}).get("ratio", 0.0)
             row["Ratio"] = None if ratio is None else 100.0 * ratio
-            scores = []
+            scores, averaged = [], 0
             for t in tasks:
-                value, used_metric = pick_metric(run["metrics"].get(t, {}), t, default, per_task)
+                metrics = run["metrics"].get(t, {})
+                value, used_metric = pick_metric(metrics, t, default, per_task)
                 used[t] = used_metric
-                row[TASK_LABELS.get(t, t)] = None if value is None else 100.0 * value
-                if value is not None:
-                    scores.append(100.0 * value)
-            avg = sum(scores) / len(scores) if scores and len(scores) == len(tasks) else None
+                k = scale(used_metric)
+                hib = higher_is_better(dense_run, t, used_metric)
+                header = column_label(t) + ("" if hib else " \u2193")
+                row[header] = None if value is None else k * value
+                if stderr:
+                    se = metrics.get(f"{used_metric}_stderr")
+                    row[header + " \u00b1"] = None if se is None else k * se
+                if hib:  # Ave. is over the higher-is-better columns (a perplexity column is not averaged)
+                    averaged += 1
+                    if value is not None:
+                        scores.append(k * value)
+            avg = sum(scores) / len(scores) if scores and len(scores) == averaged else None
             if run is dense_run:
                 dense_avg = avg
             row["Ave."] = avg
@@ -132,15 +263,35 @@ def build_tables(runs: list[dict], metric_spec: str | None = None, method_order:
                 row["PPL"] = ppl
             rows.append(row)
         df = pd.DataFrame(rows)
-        model = dense_run["model"]["name"]
+        model = model_display_name(dense_run["model"]["name"])
+        shown = ", ".join(f"{column_label(t)}={used[t]}" + ("" if scale(used[t]) == 100.0 else " (as reported)")
+                          for t in tasks)
         notes = [
-            "Metric per task: " + ", ".join(f"{TASK_LABELS.get(t, t)}={used[t]}" for t in tasks)
-            + " (lm-eval, x100). Ratio: measured from parameter counts (removed - added) / dense.",
-            "Per. = Ave. / dense Ave. x 100.",
+            "Metric per task: " + shown + " (lm-eval; fractions x100)"
+            + (f", preset {preset}" if preset else "")
+            + ". Ratio: measured from parameter counts (removed - added) / dense.",
+            "Per. = Ave. / dense Ave. x 100."
+            + ("" if all(higher_is_better(dense_run, t, used[t]) for t in tasks) else
+               " Ave. is over the higher-is-better columns (\u2193: lower is better, not averaged)."),
         ]
+        shots = {t: _shots(dense_run, t) for t in tasks}
+        if any(v not in (None, 0) for v in shots.values()):
+            notes.append("Few-shot examples per task: "
+                         + ", ".join(f"{column_label(t)} {'?' if v is None else v}" for t, v in shots.items())
+                         + " (lm-eval's sampler and seed).")
+        details = dense_run.get("eval_details") or {}
+        for t in tasks:
+            if t in (details.get("groups") or {}):
+                notes.append(f"{column_label(t)} = lm-eval's '{t}' group score ({used[t]} aggregated as its group "
+                             f"config says over {_leaf_count(details, t)} subtasks); each subtask's metrics are in "
+                             "the run JSON (eval_details.subtasks).")
+        notes.extend(details.get("notes") or [])
+        if stderr:
+            notes.append("\u00b1: lm-eval's standard error of each score (same scale).")
         for r in others:
             if r.get("status") == "failed":
-                notes.append(f"{r.get('label') or r['method']} [failed]: {r.get('failure')}")
+                notes.append(f"{labels.get(r['method']) or r.get('label') or r['method']} [failed]: "
+                             f"{r.get('failure')}")
         if any(r.get("stability") for r in group):
             kinds = sorted({(r.get("stability") or {}).get("scores", "sum") for r in group if r.get("stability")})
             what = {"sum": "summed log-likelihoods", "mean": "per-token mean log-likelihoods"}
@@ -160,13 +311,52 @@ def build_tables(runs: list[dict], metric_spec: str | None = None, method_order:
     return tables
 
 
+def _is_score_column(df: pd.DataFrame, col: str) -> bool:
+    cols = list(df.columns)
+    if "Ave." not in cols or col in TEXT_COLUMNS or col.endswith("\u00b1"):
+        return False
+    first = cols.index("Ratio") + 1 if "Ratio" in cols else 1
+    return first <= cols.index(col) < cols.index("Ave.")
+
+
+def retained_tables(tables) -> list:
+    """Per-task retained performance: each score / the dense score x 100 (a lower-is-better
+    column, marked \u2193: dense / score x 100), and Per. as in the main table."""
+    out = []
+    for title, df, _notes in tables:
+        body = OrderedDict((c, df[c]) for c in df.columns if c in TEXT_COLUMNS or c == "Ratio")
+        dense = df.iloc[0]
+        for col in df.columns:
+            if not _is_score_column(df, col):
+                continue
+            d = dense[col]
+            lower = col.endswith("\u2193")
+
+            def ratio(v, d=d, lower=lower):
+                if v is None or pd.isna(v) or d is None or pd.isna(d) or d == 0 or (lower and v == 0):
+                    return None
+                return 100.0 * (d / v if lower else v / d)
+            body[col] = df[col].map(ratio)
+        body["Per."] = df["Per."]
+        out.append((f"{title}: retained performance per task (% of dense)", pd.DataFrame(body),
+                    ["Each score / the dense model's score x 100 (a lower-is-better column: dense / score x 100); "
+                     "Per. = Ave. / dense Ave. x 100 (a ratio of means, as in the main table)."]))
+    return out
+
+
 def _fmt(df: pd.DataFrame) -> pd.DataFrame:
     out = df.copy()
     for col in out.columns:
         if col in TEXT_COLUMNS:
             continue
-        digits = 2 if col == "PPL" or col in RATIO_COLUMNS else 1
-        out[col] = out[col].map(lambda v: "-" if v is None or pd.isna(v) else f"{v:.{digits}f}")
+        digits = 2 if col == "PPL" or col in RATIO_COLUMNS or col.startswith("PPL") else 1
+        out[col] = out[col].map(lambda v, d=digits: "-" if v is None or pd.isna(v) else
+                                (v if isinstance(v, str) else f"{v:.{d}f}"))
+    for col in list(out.columns):  # "score ± stderr" in one cell
+        if col.endswith(" \u00b1") and col[:-2] in out.columns:
+            base = col[:-2]
+            out[base] = [v if e == "-" or v == "-" else f"{v} \u00b1 {e}" for v, e in zip(out[base], out[col])]
+            out = out.drop(columns=[col])
     return out
 
 
