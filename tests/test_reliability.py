@@ -63,6 +63,24 @@ def test_nan_weights_are_an_error_naming_the_layer(tmp_path, capsys):
     assert list(out.rglob("*.json")) == []
 
 
+NAN_SCORE_PLUGIN = """
+from dataclasses import dataclass
+
+from harness import MethodConfig, PruneResult, register_method, remove_layers
+
+
+@dataclass
+class C(MethodConfig):
+    pass
+
+
+@register_method("nanscore_test", C, "test: scores with a NaN")
+def nanscore(ctx, cfg):
+    remove_layers(ctx.adapter, [0])
+    return PruneResult(model=ctx.model, removed_layers=[0], scores={"bi": [0.1, float("nan"), 0.3]})
+"""
+
+
 def test_diverging_training_fails_that_method_only(tmp_path, capsys, monkeypatch):
     """streamline at lr=1e6 diverges: its JSON says status failed with the reason, the table shows
     it as failed with no numbers (no Per.), --check reports FAILED; the other method is unaffected.
@@ -71,10 +89,16 @@ def test_diverging_training_fails_that_method_only(tmp_path, capsys, monkeypatch
     from harness.results.report import build_tables
 
     out = tmp_path / "runs"
-    rc = main(_args(REF, out, CALIB, "--methods", "streamline,remove", "-o", "streamline.lr=1e6",
-                    "-o", "streamline.train_samples=8", "-o", "streamline.epochs=3", "--progress"))
+    plugin = tmp_path / "nan_scores.py"  # a method whose score vector holds NaN: it fails, never prunes by it
+    plugin.write_text(NAN_SCORE_PLUGIN)
+    rc = main(_args(REF, out, CALIB, "--methods", "streamline,remove,nanscore_test", "-o", "streamline.lr=1e6",
+                    "-o", "streamline.train_samples=8", "-o", "streamline.epochs=3", "--progress",
+                    "--plugins", str(plugin)))
     captured = capsys.readouterr()
     assert rc == 0, captured.err[-3000:]
+    (ns,) = _records(out)["nanscore_test"]
+    assert ns["status"] == "failed" and "non-finite layer score" in ns["failure"] and ns["metrics"] == {}
+    assert ns["manifest"]["scores"]["bi"][1] is None  # stored, as strict JSON
     assert "Running loglikelihood requests" in captured.err  # --progress forces lm-eval's bars too
     recs = _records(out)
     (sl,) = recs["streamline"]
@@ -246,3 +270,48 @@ def test_strict_json_writer_refuses_nan(tmp_path):
     with pytest.raises(ValueError, match=r"metrics\.acc"):
         write_json_atomic(tmp_path / "x.json", {"metrics": {"acc": float("nan")}})
     assert not (tmp_path / "x.json").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_kill_9_resumes_without_loss_and_runs_are_deterministic(tmp_path, capsys):
+    """kill -9 right after the first method's result is written: the re-run skips every finished
+    run, computes the rest, leaves no temp file; a second sweep elsewhere gives identical records
+    (everything but timings and the environment) under identical file names."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "runs"
+    argv = _args(REF, out, CALIB, "--methods", "shortgpt,remove", "--no-progress")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(REPO / "run_benchmarks.py"), *argv], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not list(out.rglob("shortgpt__*.json")) and proc.poll() is None:
+            time.sleep(0.02)
+        assert proc.poll() is None, "the sweep ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not list(out.rglob("remove__*.json"))
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert sorted(line.split(":")[0] for line in text.splitlines() if "skipping" in line) == ["dense", "shortgpt"]
+    assert [p for p in out.rglob("*.tmp")] == []
+    first = {f.name: _strict(f) for f in out.rglob("*__*.json")}
+    assert sorted(n.split("__")[0] for n in first) == ["dense", "remove", "shortgpt"]
+
+    out2 = tmp_path / "runs2"
+    assert main(_args(REF, out2, CALIB, "--methods", "shortgpt,remove", "--no-progress")) == 0
+    capsys.readouterr()
+    second = {f.name: _strict(f) for f in out2.rglob("*__*.json")}
+    assert sorted(second) == sorted(first)
+
+    def strip(rec):
+        return {k: v for k, v in rec.items() if k not in ("timings", "environment", "saved_model")}
+
+    for name in first:
+        assert strip(first[name]) == strip(second[name]), name
