@@ -11,14 +11,13 @@ import functools
 
 import pytest
 import torch
-from conftest import tiny_config, tiny_model, tiny_tokenizer
+from conftest import run_method, tiny_config, tiny_model, tiny_tokenizer
 from torch import nn
 
 from harness import get_adapter, load_pruned, save_pruned
 from harness.errors import UsageError
 from harness.model.adapters import ADAPTERS, StructuralAdapter, check_supported_config, is_norm, unwrap_layer
 from harness.model.surgery import count_params, remove_layers
-from harness.plugins.pipeline import resolve_method
 from harness.plugins.registry import available_methods, available_post_steps
 
 UNKNOWN = "gptj"  # not in the adapter table: the structural fallback
@@ -28,7 +27,7 @@ LAYERS, N_REMOVE = 4, 2
 
 # small options so every case runs in a fraction of a second
 FAST = {"epochs": "1", "train_samples": "8", "batch_size": "4", "post_train_steps": "0",
-        "r": "2", "samples": "4", "steps": "1"}
+        "r": "2", "samples": "4", "steps": "1", "threshold": "-1"}  # laco: accept merges (rollback has its own test)
 
 
 def _runs() -> list[str]:
@@ -160,6 +159,9 @@ def test_family_quirks():
             assert f"mlp.experts.{e}.{kind}" in proj
     assert torch.equal(proj["mlp.experts.3.down_proj"], layer.mlp.experts.down_proj[3])
     assert a.experts_of(layer) is layer.mlp.experts
+    assert a.expert_parameter_paths() == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    assert all(a.layer_weights(layer)[p] is not None for p in a.expert_parameter_paths())
+    assert get_adapter(_dense("llama")).expert_parameter_paths() == []
 
 
 def test_config_check_and_the_fallback_failure():
@@ -183,9 +185,8 @@ def test_config_check_and_the_fallback_failure():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_method_save_reload_and_cached_generation(family, name, method_context, tmp_path):
     dense = _dense(family)
-    spec, cfg = resolve_method(name, _options(name))
-    torch.manual_seed(0)
-    res = spec.fn(method_context(copy.deepcopy(dense), N_REMOVE), cfg)
+    opts = _options(name)
+    res = run_method(name, method_context(copy.deepcopy(dense), N_REMOVE), **(opts if "+" in name else opts[name]))
     model = res.model
     a = get_adapter(model)
     assert len(res.removed_layers) >= N_REMOVE  # (streamline-iclr replaces n + 1 layers with one)

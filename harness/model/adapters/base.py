@@ -57,6 +57,8 @@ class ModelAdapter(ABC):
     projections: tuple[str, ...] = ()
     per_layer_config_prefixes: tuple[str, ...] = ("layer_",)
     norm_offset: float = 0.0
+    experts_attr: str | None = None  # a sparse-MoE layer's experts module (dotted path), e.g. "mlp.experts"
+    expert_parameters: tuple[str, ...] = ()  # its stacked (E, out, in) parameters, e.g. ("gate_up_proj", "down_proj")
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -234,6 +236,12 @@ class ModelAdapter(ABC):
                 for e in range(p.shape[0]):
                     out.update(self._split_fused(f"{module}.{e}.{leaf}" if module else f"{e}.{leaf}", p[e]))
         return out
+
+    def expert_parameter_paths(self) -> list[str]:
+        """Dotted paths (relative to a layer) of the stacked expert tensors, e.g.
+        ``["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]``; empty for dense MLPs.
+        PEFT's ``LoraConfig(target_parameters=...)`` takes these to adapt every expert."""
+        return [f"{self.experts_attr}.{p}" for p in self.expert_parameters] if self.experts_attr else []
 
     def _split_fused(self, name: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         return {name: weight}
