@@ -124,11 +124,11 @@ def prepare(opts: RunOptions):
     cal = opts.calibration
     if cal.num_samples < 1 or cal.seq_len < 2 or cal.batch_size < 1:
         raise UsageError("calibration needs --calib-samples >= 1, --calib-seq-len >= 2, --calib-batch-size >= 1")
-    validate_inputs(opts)
+    validate_inputs(opts, plan)
     return plan
 
 
-def validate_inputs(opts: RunOptions) -> None:
+def validate_inputs(opts: RunOptions, plan=()) -> None:
     """The rest of the validation phase (harness.validation), before any weights load: files the
     run reads, lengths against the model's positions, the output folder; then the run keys'
     content identity of model, calibration text and task data."""
@@ -139,6 +139,8 @@ def validate_inputs(opts: RunOptions) -> None:
     cal = opts.calibration
     validation.check_lengths(config, ppl=opts.eval.ppl, ppl_seq_len=opts.eval.ppl_seq_len,
                              ppl_stride=opts.eval.ppl_stride, calib_seq_len=cal.seq_len)
+    for name, _spec, cfg in plan:  # a method's own lengths (e.g. streamline.train_seq_len)
+        validation.check_option_lengths(config, name, cfg.to_dict())
     validation.check_calibration_source(cal.source, cal.field)
     files = validation.check_task_data(opts.eval)
     validation.check_output_dir(opts.output_dir)
@@ -213,6 +215,12 @@ class Session:
 
 def open_session(opts: RunOptions, plan, echo=print) -> Session:
     """Load the dense model and calibration data; check model-dependent options first."""
+    from harness.model.loading import load_tokenizer
+
+    # calibration first, with the tokenizer alone: a text shorter than one block fails before the weights load
+    t = time.perf_counter()
+    calibration = load_calibration(opts.calibration, load_tokenizer(opts.model, model_args=opts.eval.model_args))
+    calibration_seconds = time.perf_counter() - t
     t = time.perf_counter()
     model, tokenizer = load_model(opts.model, opts.dtype, opts.device, model_args=opts.eval.model_args)
     load_seconds = time.perf_counter() - t
@@ -220,14 +228,11 @@ def open_session(opts: RunOptions, plan, echo=print) -> Session:
     n = resolve_num_remove(opts.target, model, adapter)
     for _name, _spec, cfg in plan:  # model-dependent options (a window start) fail before any run
         cfg.validate(adapter.num_layers, n)
-    # bad calibration input (missing, empty, shorter than one block) fails before any result is written
-    t = time.perf_counter()
-    calibration = load_calibration(opts.calibration, tokenizer)
     from harness.validation import check_dense_finite
 
     check_dense_finite(model, adapter, calibration, opts.model)
     session = Session(opts, model, tokenizer, adapter, calibration, n, _model_record(opts, model, adapter),
-                      timings={"load": load_seconds, "calibration_load": time.perf_counter() - t})
+                      timings={"load": load_seconds, "calibration_load": calibration_seconds})
     echo(f"model {opts.model}: {adapter.num_layers} layers, {session.dense_params:,} parameters; "
          f"removing n={n} layers ({opts.target.to_dict()})")
     return session

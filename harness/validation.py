@@ -248,6 +248,21 @@ def check_lengths(config, *, ppl: bool, ppl_seq_len: int | None, ppl_stride: int
                          f"use --calib-seq-len <= {limit}")
 
 
+def check_option_lengths(config, method: str, options: dict) -> None:
+    """Every method option named ``*seq_len`` fits the model's positions (a pipeline's nested
+    options too), so ``-o streamline.train_seq_len=4096`` fails here, not inside training."""
+    limit = max_positions(config)
+    if limit is None:
+        return
+    for key, value in options.items():
+        if isinstance(value, dict):  # a pipeline's component: its options are -o COMPONENT.KEY=VALUE
+            check_option_lengths(config, str(key), value)
+        elif str(key).endswith("seq_len") and isinstance(value, int) and not isinstance(value, bool) \
+                and value > limit:
+            raise UsageError(f"-o {method}.{key}={value} exceeds the model's {limit} positions; "
+                             f"use at most {limit}")
+
+
 # --- the output folder ---------------------------------------------------------------------------
 
 

@@ -134,6 +134,10 @@ CASES = {
     "bad table metric": (["--table-metric", "f1"], ["f1"]),
     # each length against the model's 256 positions
     "calib seq len past positions": (["--calib-seq-len", "4096"], ["--calib-seq-len 4096", "256"]),
+    "method option length past positions": (["--methods", "streamline", "-o", "streamline.train_seq_len=4096"],
+                                            ["streamline.train_seq_len=4096", "256"]),
+    "post-step option length past positions": (["--methods", "remove+lora", "-o", "lora.seq_len=999"],
+                                               ["lora.seq_len=999", "256"]),
     "ppl seq len past positions": (["--ppl", "--ppl-seq-len", "4096", "--data-dir", _data_dir],
                                    ["--ppl-seq-len 4096", "256"]),
     # lists: empty and repeated items
@@ -165,6 +169,9 @@ CASES = {
                                       ["lacks field", "text"]),
     "calibration jsonl truncated": (["--calib-data", lambda t: str(_file(t, "c.jsonl", b'{"text": "a b"}\n{"text": "a'))],
                                     ["truncated"]),
+    # shorter than one block: read with the tokenizer alone, before any weights
+    "calibration shorter than one block": (["--calib-data", lambda t: str(_file(t, "short.txt", b"only a few words"))],
+                                           ["fewer than one block"]),
     "calibration jsonl not json": (["--calib-data", lambda t: str(_file(t, "c.jsonl", b"just words\n"))],
                                    ["not valid JSON"]),
     # task data files under --data-dir
@@ -213,9 +220,6 @@ NEEDS_WEIGHTS = {
     "window start does not fit": (["-o", "remove.start=12"], ["remove.start=12"]),
     "streamline window start does not fit": (["--methods", "streamline", "-o", "streamline.start=12"],
                                              ["streamline.start=12"]),
-    # shorter than one block: known once the tokenizer has read it
-    "calibration shorter than one block": (["--calib-data", lambda t: str(_file(t, "short.txt", b"only a few words"))],
-                                           ["fewer than one block"]),
 }
 
 
