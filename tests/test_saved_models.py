@@ -19,7 +19,14 @@ import torch
 from conftest import REPO, make_context, run_method, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from harness import ReplacedBlock, count_params, get_adapter, load_pruned, save_pruned
+from harness import (
+    ReplacedBlock,
+    count_params,
+    describe,
+    get_adapter,
+    load_pruned,
+    save_pruned,
+)
 from harness.model.adapters import ReplacementLayer
 from harness.model.loading import load_model
 from harness.model.saving import REMOTE_FILE
@@ -179,3 +186,63 @@ def test_lm_eval_cli_on_a_saved_streamline_model_gives_the_harness_numbers(ref, 
     cli = {r["doc_id"]: [float(x[0]) for x in r["filtered_resps"]] for r in rows}
     mine = compact_samples(ours["samples"])["tasks"][task]
     assert len(cli) == 4 and {d: cli[d] for d in mine["doc_id"]} == dict(zip(mine["doc_id"], mine["ll"]))
+
+
+class TanhBridge(torch.nn.Module):
+    """A replacement the saved remote code does not define (as a plugin might insert)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.init_kwargs = {"hidden_size": hidden_size}
+        self.proj = torch.nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x):
+        return torch.tanh(self.proj(x))
+
+
+def test_other_replacement_modules_need_load_pruned_and_stock_loading_fails(tmp_path):
+    from harness import insert_replacement, remove_layers
+
+    model = tiny_model("opt", layers=4)
+    a = get_adapter(model)
+    remove_layers(a, [1, 2])
+    insert_replacement(a, 1, TanhBridge(32))
+    out = save_pruned(model, tiny_tokenizer(), tmp_path / "m", {"method": "plugin"})
+    assert (out / "replacements.safetensors").is_file() and not (out / REMOTE_FILE).exists()
+    with pytest.raises(ValueError, match="streamline_opt"):
+        AutoModelForCausalLM.from_pretrained(out)  # a model type transformers does not know
+    back, _tok, manifest = load_pruned(out)
+    assert manifest["load_with"] == "harness.load_pruned"
+    ids = torch.randint(3, 128, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, model(ids).logits)
+
+
+def test_folders_in_the_earlier_layout_still_load(tmp_path):
+    """Before remote code: base model_type, the MLP in replacements.safetensors, a shared layer once."""
+    from safetensors.torch import save_file
+
+    from harness.model.surgery import strip_layer_replacements, strip_replacements
+
+    ids = torch.randint(3, 128, (2, 9))
+    for name in ("streamline", "streamline-layer-shared"):
+        res = run_method(name, make_context(tiny_model("opt", layers=5), 2), epochs=1)
+        model, out = res.model, tmp_path / name
+        with torch.no_grad():
+            expect = model(ids).logits
+        params = count_params(model)
+        a = get_adapter(model)
+        found, plan = strip_replacements(a), strip_layer_replacements(a)  # what save_pruned used to do
+        model.save_pretrained(out)
+        tiny_tokenizer().save_pretrained(out)
+        entries = [{"index": f["index"], "where": f["where"], **describe(f["module"])} for f in found]
+        if found:
+            save_file({f"{k}.{n}": t.contiguous() for k, f in enumerate(found) for n, t in f["module"].state_dict().items()},
+                      str(out / "replacements.safetensors"))
+        (out / "pruning_manifest.json").write_text(json.dumps({**res.manifest(), "saved_replacements": entries,
+                                                               "replacement_layers": plan,
+                                                               "load_with": "harness.load_pruned"}))
+        back, _tok, _manifest = load_pruned(out)
+        with torch.no_grad():
+            assert torch.equal(back(ids).logits, expect)
+        assert count_params(back) == params

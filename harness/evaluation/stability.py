@@ -39,8 +39,8 @@ result JSON.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from harness.io import read_json_gz, write_json_gz_atomic
 

@@ -22,6 +22,7 @@ list), ``streamline_layers_path`` where the decoder layers live. The config's ``
 
 The modules mirror ``harness.model.replacement`` (same parameter names and arithmetic).
 """
+# ruff: noqa: I001 - the marked import line is rewritten by save_pruned and must stay one line
 from __future__ import annotations
 
 import torch

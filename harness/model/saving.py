@@ -185,7 +185,7 @@ def _checkpoint_tensors(folder: Path, prefix: str) -> dict:
         if f.name == REPLACEMENTS:
             continue
         with safe_open(str(f), framework="pt") as fh:
-            for key in fh.keys():
+            for key in fh.keys():  # noqa: SIM118 - a safetensors handle, not a dict
                 if key.startswith(prefix):
                     out[key[len(prefix):]] = fh.get_tensor(key)
     return out
