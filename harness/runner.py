@@ -125,6 +125,10 @@ def prepare(opts: RunOptions):
     if cal.num_samples < 1 or cal.seq_len < 2 or cal.batch_size < 1:
         raise UsageError("calibration needs --calib-samples >= 1, --calib-seq-len >= 2, --calib-batch-size >= 1")
     validate_inputs(opts, plan)
+    if not (opts.eval.data_dir or opts.eval.suite):  # Hub datasets: fetched (or refused offline) before any model
+        from harness.evaluation.lmeval import preload_tasks
+
+        preload_tasks(opts.eval)
     return plan
 
 

@@ -269,3 +269,97 @@ def test_broken_mmlu_subject_file_found_before_evaluation(problem, tmp_path, cap
             "--data-dir", str(root), "--limit", "2", "--output-dir", str(out), "--no-progress"]
     needle = {"missing": "virology.jsonl", "empty": "empty", "truncated": "truncated", "wrong fields": "lacks"}
     _expect_error(argv, out, capsys, ["mmlu_virology", needle[problem]], monkeypatch)
+
+
+# --- tables: metrics, presets, retained, stderr, labels, names (no model) ----------------------
+
+def _rec(method, label, ratio, metrics, *, model="/abs/path/to/ref-opt-12l", details=None):
+    return {"schema": 1, "method": method, "label": label, "model": {"name": model, "dtype": "float32"},
+            "eval": {"tasks": list(metrics), "limit": None}, "params": {"ratio": ratio},
+            "metrics": metrics, "environment": {"created": "2026"}, "eval_details": details}
+
+
+def _runs():
+    hib = {"wikitext": {"word_perplexity": False}}
+    dense = _rec("dense", "Dense", 0.0, {
+        "arc_easy": {"acc": 0.5, "acc_stderr": 0.05, "acc_norm": 0.4, "n": 100},
+        "boolq": {"acc": 0.8, "acc_stderr": 0.04, "n": 100},
+        "wikitext": {"word_perplexity": 20.0, "n": 10}}, details={"higher_is_better": hib})
+    pruned = _rec("shortgpt", "shortgpt", 0.25, {
+        "arc_easy": {"acc": 0.4, "acc_stderr": 0.05, "acc_norm": 0.3, "n": 100},
+        "boolq": {"acc": 0.6, "acc_stderr": 0.05, "n": 100},
+        "wikitext": {"word_perplexity": 40.0, "n": 10}}, details={"higher_is_better": hib})
+    return [dense, pruned]
+
+
+def test_tables_any_metric_presets_retained_stderr_labels():
+    from harness.errors import UsageError
+    from harness.results import report
+
+    runs = _runs()
+    (title, df, notes), = report.build_tables(runs, None, preset="llm-pruner", labels={"shortgpt": "ShortGPT"},
+                                              stderr=True)
+    assert title == "ref-opt-12l"  # the model's name, never its path
+    rows = {r["Method"]: r for r in df.to_dict("records")}
+    assert rows["Dense"]["ARC-e"] == pytest.approx(40.0)  # llm-pruner: arc_easy acc_norm
+    assert rows["ShortGPT"]["BoolQ"] == pytest.approx(60.0) and rows["ShortGPT"]["BoolQ ±"] == pytest.approx(5.0)
+    assert rows["Dense"]["wikitext \u2193"] == pytest.approx(20.0)  # perplexity as reported, not x100
+    assert rows["ShortGPT"]["Ave."] == pytest.approx(45.0)  # perplexity not averaged with accuracies
+    assert rows["ShortGPT"]["Per."] == pytest.approx(100 * 45.0 / 60.0)
+    assert "ARC-e=acc_norm" in notes[0] and "llm-pruner" in notes[0]
+    text = report.render_text([(title, df, notes)])
+    assert "60.0 \u00b1 5.0" in text and "ShortGPT" in text  # BoolQ acc ± its stderr
+
+    (_t, ret, _n), = report.retained_tables([(title, df, notes)])
+    r = {x["Method"]: x for x in ret.to_dict("records")}
+    assert r["ShortGPT"]["ARC-e"] == pytest.approx(75.0) and r["ShortGPT"]["BoolQ"] == pytest.approx(75.0)
+    assert r["ShortGPT"]["wikitext \u2193"] == pytest.approx(50.0)  # lower is better: dense / score
+    assert "BoolQ \u00b1" not in ret.columns
+
+    # --table-metric: any metric a task reports; a typo'd task or a metric it lacks is an error
+    cols = report.run_column_metrics(runs)
+    report.check_metric_spec("acc,arc_easy=acc_norm,wikitext=word_perplexity", cols)
+    for bad, needle in (("acc,arc_eas=acc_norm", "arc_easy"), ("boolq=acc_norm", "boolq"), ("f1", "f1")):
+        with pytest.raises(UsageError, match=needle):
+            report.check_metric_spec(bad, cols)
+    with pytest.raises(UsageError, match="sparsegpt"):
+        report.parse_metric_spec("acc", "sparsegpt")
+
+
+def test_config_file_per_task_shots_and_labels(tmp_path):
+    from harness.cli import build_parser
+    from harness.config_file import parse_args_with_config
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("tasks: [mmlu, piqa]\nnum_fewshot: {mmlu: 5, default: 0}\n"
+                   "labels: {shortgpt: ShortGPT, dense: Dense model}\ntable_metric: acc\n")
+    args = parse_args_with_config(build_parser(), ["--config", str(cfg), "--label", "shortgpt=Ours"])
+    assert args.num_fewshot == "mmlu=5,default=0"
+    assert args.label == ["shortgpt=ShortGPT", "dense=Dense model", "shortgpt=Ours"]  # the command line wins
+
+    from harness.evaluation.lmeval import fewshot_for, parse_num_fewshot
+
+    spec = parse_num_fewshot(args.num_fewshot)
+    assert spec == {"mmlu": 5, "default": 0}
+    assert fewshot_for("mmlu_anatomy", ("mmlu", "mmlu_stem"), spec) == 5  # a group's key reaches its subtasks
+    assert fewshot_for("piqa", (), spec) == 0 and fewshot_for("piqa", (), {"mmlu": 5}) is None
+
+
+def test_include_path_is_part_of_the_run_key(tmp_path):
+    from harness.evaluation.lmeval import EvalConfig
+
+    (tmp_path / "t.yaml").write_text("task: t\n")
+    a = EvalConfig(tasks=["t"], include_path=str(tmp_path)).to_dict()
+    (tmp_path / "t.yaml").write_text("task: t\nnum_fewshot: 1\n")
+    b = EvalConfig(tasks=["t"], include_path=str(tmp_path)).to_dict()
+    assert a["include_hash"] != b["include_hash"]  # an edited task YAML is a new run, not a cached one
+
+
+def test_hub_task_offline_is_one_error_before_the_model(tmp_path, capsys, monkeypatch):
+    """Without --data-dir the datasets come from the Hub; offline, that is found before any model loads."""
+    _model_dir()
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    out = tmp_path / "runs"
+    argv = ["--model", MODEL, "--methods", "remove", "--layers", "3", "--tasks", "arc_easy", "--limit", "2",
+            "--output-dir", str(out), "--no-progress"]
+    _expect_error(argv, out, capsys, ["could not load task 'arc_easy'", "--data-dir"], monkeypatch)

@@ -831,6 +831,13 @@ class TaskCache:
 _DEFAULT_CACHE = TaskCache()
 
 
+def preload_tasks(cfg: EvalConfig) -> None:
+    """Load the tasks' datasets now (the validation phase, before any model): a Hub dataset that
+    cannot be fetched (offline) is one error line, not a traceback after the dense run started.
+    The evaluation reuses the loaded tasks."""
+    _DEFAULT_CACHE.get(cfg)
+
+
 def column_metrics(cfg: EvalConfig, cache: TaskCache | None = None) -> dict[str, list[str]]:
     """column -> the metrics lm-eval reports for it (a group: its aggregate metrics)."""
     from lm_eval.api.group import Group

@@ -139,12 +139,36 @@ def column_label(task: str) -> str:
     return TASK_LABELS.get(task, task)
 
 
-def stability_cell(run: dict, tasks: list[str], default: str, per_task: dict) -> float | None:
-    """Mean over tasks of the run's stability vs the dense model (x100), each task on its table metric."""
+def _leaves(run: dict, name: str) -> list[str]:
+    groups = (run.get("eval_details") or {}).get("groups") or {}
+    if name not in groups:
+        return [name]
+    return [leaf for child in groups[name] for leaf in _leaves(run, child)]
+
+
+def _stability_row(run: dict, task: str) -> dict:
+    """The stability row of a column; for a group (mmlu), its subtasks' rows pooled: each value
+    the item-weighted mean over the subtasks."""
     block = (run.get("stability") or {}).get("tasks") or {}
+    if task in block or task not in ((run.get("eval_details") or {}).get("groups") or {}):
+        return block.get(task) or {}
+    rows = [block.get(leaf) for leaf in _leaves(run, task)]
+    if not rows or any(not r or not r.get("n") for r in rows):
+        return {}
+    total = sum(r["n"] for r in rows)
+    out = {"n": total}
+    for key in rows[0]:
+        if key != "n" and all(isinstance(r.get(key), (int, float)) for r in rows):
+            out[key] = sum(r[key] * r["n"] for r in rows) / total
+    return out
+
+
+def stability_cell(run: dict, tasks: list[str], default: str, per_task: dict) -> float | None:
+    """Mean over tasks of the run's stability vs the dense model (x100), each task on its table metric
+    (a group column: its subtasks' stabilities, item-weighted)."""
     values = []
     for t in tasks:
-        row = block.get(t) or {}
+        row = _stability_row(run, t)
         want = per_task.get(t, default)
         value = row.get(want) if row.get(want) is not None else row.get("acc")  # as pick_metric falls back
         if value is None:
@@ -155,8 +179,7 @@ def stability_cell(run: dict, tasks: list[str], default: str, per_task: dict) ->
 
 def stability_items_cell(run: dict, tasks: list[str]) -> float | None:
     """Mean over tasks of the effective number of items behind each stability (``n_eff``)."""
-    block = (run.get("stability") or {}).get("tasks") or {}
-    values = [(block.get(t) or {}).get("n_eff") for t in tasks]
+    values = [_stability_row(run, t).get("n_eff") for t in tasks]
     if not values or any(v is None for v in values):
         return None
     return sum(values) / len(values)
@@ -284,7 +307,9 @@ def build_tables(runs: list[dict], metric_spec: str | None = None, method_order:
             if t in (details.get("groups") or {}):
                 notes.append(f"{column_label(t)} = lm-eval's '{t}' group score ({used[t]} aggregated as its group "
                              f"config says over {_leaf_count(details, t)} subtasks); each subtask's metrics are in "
-                             "the run JSON (eval_details.subtasks).")
+                             "the run JSON (eval_details.subtasks)"
+                             + ("; its Stab. is the subtasks' stabilities, item-weighted." if
+                                any(r.get("stability") for r in group) else "."))
         notes.extend(details.get("notes") or [])
         if stderr:
             notes.append("\u00b1: lm-eval's standard error of each score (same scale).")
