@@ -296,6 +296,18 @@ def test_report_shows_stability_on_each_tasks_table_metric():
     assert "Stab." not in df.columns  # only when present
 
 
+def test_group_column_pools_effective_items():
+    from harness.results.report import stability_items_cell
+
+    # two subtasks of 2 items, equal weights within each (n_eff 2): pooled item-weighted, 4 equal items
+    run = {"eval_details": {"groups": {"mmlu": ["a", "b"]}},
+           "stability": {"tasks": {"a": {"acc": 1.0, "n": 2, "n_eff": 2.0}, "b": {"acc": 0.5, "n": 2, "n_eff": 2.0}}}}
+    assert stability_items_cell(run, ["mmlu"]) == pytest.approx(4.0)
+    # all of a's weight on one item, b 6 items equal: weights 2/8 on one item, 1/8 on six -> 1/(1/16 + 6/64)
+    run["stability"]["tasks"] = {"a": {"acc": 1.0, "n": 2, "n_eff": 1.0}, "b": {"acc": 1.0, "n": 6, "n_eff": 6.0}}
+    assert stability_items_cell(run, ["mmlu"]) == pytest.approx(1 / (1 / 16 + 6 / 64))
+
+
 # --- end to end ----------------------------------------------------------------------------------
 
 def _independent_stability(dense, pruned):

@@ -160,6 +160,8 @@ def _stability_row(run: dict, task: str) -> dict:
     for key in rows[0]:
         if key != "n" and all(isinstance(r.get(key), (int, float)) for r in rows):
             out[key] = sum(r[key] * r["n"] for r in rows) / total
+    if "n_eff" in out:  # item weights n_j/N x w_k: 1 / sum_j (n_j/N)^2 / n_eff_j, not a mean of n_eff
+        out["n_eff"] = 1.0 / sum((r["n"] / total) ** 2 / r["n_eff"] for r in rows)
     return out
 
 
