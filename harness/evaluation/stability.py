@@ -13,11 +13,12 @@ Scores (``scores=``, CLI ``--stability-scores``):
 - ``sum`` (the default): lm-eval's *summed log-likelihood* of each choice's continuation.
 - ``mean``: the per-token mean log-likelihood (the sum divided by the continuation's token count,
   counted with lm-eval's own tokenization of the item), i.e. minus the log of the choice's
-  perplexity: closer to the OpenCompass perplexities the paper used. (OpenCompass's PPL mode
-  averages the loss over its prompt too; the harness scores the continuation only, as lm-eval does.)
+  perplexity: per token, like the OpenCompass perplexities the paper used, but on the log scale
+  (the paper's spread is that of the perplexities themselves; OpenCompass's PPL mode also
+  averages over its prompt, while lm-eval scores the continuation only).
 
-The paper's definition does not say which per-choice score to use beyond "perplexity"; ``sum``
-stays the default so that earlier results keep their values. The standard deviation is the
+Neither reproduces the paper's numbers exactly (different tool, different scale); ``sum`` stays
+the default so that earlier results keep their values. The standard deviation is the
 population one (ddof=0). "Right" is lm-eval's per-item ``acc`` (argmax of the summed
 log-likelihood) or ``acc_norm`` (argmax of the length-normalised one), so each task gets one
 stability per metric; the report uses the same metric as the task's accuracy column. The
