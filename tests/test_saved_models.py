@@ -106,7 +106,7 @@ def test_remote_code_for_other_families(family, tmp_path):
         assert torch.equal(back(ids).logits, res.model(ids).logits)
 
 
-def test_stock_loading_without_trust_remote_code_fails(ref, tmp_path):
+def test_stock_loading_without_trust_remote_code_fails(ref, tmp_path, capsys):
     res = _pruned(ref, "streamline")
     out = save_pruned(res.model, ref[1], tmp_path / "sl", res.manifest())
     with pytest.raises(ValueError, match="trust_remote_code"):
@@ -115,6 +115,12 @@ def test_stock_loading_without_trust_remote_code_fails(ref, tmp_path):
         AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False)
     # the tokenizer loads with the flag too (it is a stock tokenizer; the flag only lets the config load)
     assert AutoTokenizer.from_pretrained(out, trust_remote_code=True)("a b").input_ids == ref[1]("a b").input_ids
+    # the benchmark's --model does not take it for a dense model either: one error line, exit 2
+    from harness.cli import main
+
+    assert main(["--model", str(out), "--methods", "shortgpt", "--layers", "2", "--output-dir",
+                 str(tmp_path / "runs")]) == 2
+    assert "saved pruned model with replacement networks" in capsys.readouterr().err
 
 
 def test_shared_layer_is_an_ordinary_checkpoint_and_load_pruned_ties_it_again(ref, tmp_path):

@@ -53,6 +53,10 @@ def load_config(name: str, model_args: dict | None = None):
     from transformers import AutoConfig
 
     check_model_source(name)
+    saved = Path(os.path.expanduser(name)) / "config.json"
+    if saved.is_file() and "streamline_base_model_type" in saved.read_text(errors="replace"):
+        raise UsageError(f"'{name}' is a saved pruned model with replacement networks (harness.save_pruned); "
+                         "load it with harness.load_pruned, or in transformers/lm-eval with trust_remote_code=True")
     try:
         return AutoConfig.from_pretrained(os.path.expanduser(name), **_hub_args(model_args))
     except Exception as exc:  # noqa: BLE001 - any loader failure is a usage problem here
