@@ -72,7 +72,8 @@ def _list_of(parse_one, name):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="run_benchmarks.py", description=(
         "Prune a causal LM with registered layer-pruning methods, evaluate each pruned model and the "
-        "dense one with lm-eval (and wikitext-2 perplexity), and print one comparison table."))
+        "dense one with lm-eval (and wikitext-2 perplexity), and print one comparison table. "
+        "`run_benchmarks.py scores --model M` only computes and plots the layer scores (no evaluation)."))
     p.add_argument("--methods", default=None, help="comma-separated method names (see --list-methods)")
     p.add_argument("--list-methods", action="store_true",
                    help="list registered methods and post-steps (METHOD+STEP, e.g. shortgpt+lora), one line each")

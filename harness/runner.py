@@ -252,6 +252,7 @@ def run_benchmark(opts: RunOptions, echo=print, on_session=None) -> list[dict]:
     if on_session is not None:  # the caller keeps it (plots read its cached layer statistics)
         on_session(session)
     targets = resolve_targets(session, plan, echo)  # every target resolved and checked before any run
+    session.shared["sweep_lags"] = sorted({1, session.num_remove, *(n for _t, n in targets)})
     records = [run_dense(session, echo)]
     if opts.efficiency is not None:
         records[0] = dense_efficiency_record(session, records[0], echo)
@@ -281,16 +282,22 @@ def target_sessions(s: Session, targets: list[tuple[Target, int]]) -> list[Sessi
 
 
 def shared_layer_stats(s: Session, timings: dict | None = None):
-    """The dense model's statistics for every window length (one forward pass, then cached): what
-    every method and target of a sweep reads, and what the plots show. ``None`` unless the run
-    sweeps several targets or asked for them (plots)."""
+    """The dense model's statistics in one forward pass, then cached: for every window length when
+    the plots need them, else for 1 and every n of the sweep (memory grows with the longest lag);
+    what every method at every target reads. ``None`` for a single target without plots."""
     from harness.results.scores import all_lags
     from harness.signals.activations import collect_layer_stats
 
     if len(s.opts.sweep()) < 2 and not s.opts.all_layer_stats:
         return None
-    lags = tuple(all_lags(s.adapter.num_layers))
+    if s.opts.all_layer_stats:
+        lags = tuple(all_lags(s.adapter.num_layers))
+    else:
+        lags = tuple(s.shared.get("sweep_lags") or all_lags(s.adapter.num_layers))
     key = (s.opts.model, lags)
+    for (model, have), stats in s.stats_cache.items():  # a pass that already covers these lags
+        if model == s.opts.model and set(lags) <= set(have):
+            return stats
     if key not in s.stats_cache:
         t = time.perf_counter()
         s.stats_cache[key] = collect_layer_stats(s.model, s.adapter, s.calibration, lags, progress=s.opts.progress)

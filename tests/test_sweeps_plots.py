@@ -265,3 +265,21 @@ def test_cli_sweep_plots_efficiency_then_rerun_skips(tmp_path, capsys):
     (folder / "accuracy_vs_ratio.png").unlink()
     assert main(["--report", str(out)]) == 0
     assert (out / "accuracy_vs_ratio.png").is_file() and "Per. by target" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "ref-opt-12l", "--methods", "remove", "--ratio", "0.2,abc"], "expects a number"),
+    (["--model", "ref-opt-12l", "--methods", "remove", "--ratio", "1.5,0.2"], "out of range"),
+    (["--model", "ref-opt-12l", "--methods", "remove", "--layers", "2,2"], "twice"),
+    (["--model", "ref-opt-12l", "--methods", "remove", "--layers", "20,2"], "does not fit"),
+    (["--model", "ref-opt-12l", "--methods", "remove", "--efficiency", "--eff-repeats", "0"], "efficiency"),
+    (["scores", "--model", "/nonexistent/model"], "does not exist"),
+    (["scores", "--model", "ref-opt-12l", "--calib-data", "/nonexistent.txt"], "does not exist"),
+])
+def test_bad_sweep_and_scores_input(argv, message, tmp_path, capsys):
+    from harness.cli import main
+
+    assert main(argv + ["--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
+    assert not (tmp_path / "out").exists()
