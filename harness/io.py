@@ -95,18 +95,30 @@ def write_text_atomic(path: Path, text: str) -> None:
     _write_atomic(path, text.encode("utf-8"))
 
 
-def remove_stale_temp_files(directory) -> list[Path]:
+def remove_stale_temp_files(directory, min_age_s: float = 30.0, max_depth: int = 4) -> list[Path]:
     """Delete the temp files a killed atomic write left behind (``.NAME.XXXXXXXX.tmp``, as
-    ``_write_atomic`` names them) anywhere under ``directory``; returns what was removed."""
+    ``_write_atomic`` names them) under ``directory`` (results sit at most ``max_depth`` folders
+    down; hidden folders are skipped). Only files untouched for ``min_age_s`` go: a write in flight
+    from another run sharing the folder takes milliseconds. Returns what was removed."""
+    import time
+
     root = Path(directory)
-    removed = []
+    removed: list[Path] = []
     if not root.is_dir():
         return removed
-    for p in root.rglob(f".*{TMP_SUFFIX}"):
-        if p.is_file() and _TMP_NAME.match(p.name):
+    now = time.time()
+    base_depth = len(root.parts)
+    for folder, dirs, files in os.walk(root):
+        depth = len(Path(folder).parts) - base_depth
+        dirs[:] = [d for d in dirs if not d.startswith(".")] if depth < max_depth else []
+        for name in files:
+            if not _TMP_NAME.match(name):
+                continue
+            p = Path(folder) / name
             try:
-                p.unlink()
-                removed.append(p)
+                if now - p.stat().st_mtime >= min_age_s:
+                    p.unlink()
+                    removed.append(p)
             except OSError:
                 pass
     return removed

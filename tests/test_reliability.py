@@ -178,6 +178,9 @@ def test_cache_keys_on_content_and_recovers_from_damage(tmp_path, capfd, monkeyp
         samples.write_bytes(samples.read_bytes()[:20])
         orphan = rm_new.parent / f".{rm_new.name}.abcd1234.tmp"
         orphan.write_text("{")
+        os.utime(orphan, (1e9, 1e9))  # left long ago (a fresh one may be another run's write in flight)
+        fresh = rm_new.parent / f".{rm_new.name}.zzzz9999.tmp"
+        fresh.write_text("{")
         assert main(["--report", str(out)]) == 0  # --report says a file does not parse
         assert "does not parse" in capfd.readouterr().err
         assert main(_args(moved, out, calib, *methods)) == 0
@@ -185,7 +188,8 @@ def test_cache_keys_on_content_and_recovers_from_damage(tmp_path, capfd, monkeyp
         assert "Traceback" not in cap.err
         warnings = [line for line in cap.err.splitlines() if line.startswith("warning:")]
         assert len(warnings) == 3, cap.err  # temp file removed, result moved aside, samples moved aside
-        assert not orphan.exists()
+        assert not orphan.exists() and fresh.exists()
+        fresh.unlink()
         assert rm_new.with_name(rm_new.name + ".corrupt").is_file()
         assert samples.with_name(samples.name + ".corrupt").is_file()
         skipped = [line.split(":")[0] for line in cap.out.splitlines() if "skipping" in line]
