@@ -20,7 +20,10 @@ import traceback
 from pathlib import Path
 
 from harness.errors import UsageError
-from harness.io import check_jsonl_file, check_text_file  # the file checks live in io (base stage)
+from harness.io import (  # the file checks live in io (base stage)
+    check_jsonl_file,
+    check_text_file,
+)
 
 # --- the command line --------------------------------------------------------------------------
 

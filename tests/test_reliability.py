@@ -317,5 +317,35 @@ def test_kill_9_resumes_without_loss_and_runs_are_deterministic(tmp_path, capsys
     def strip(rec):
         return {k: v for k, v in rec.items() if k not in ("timings", "environment", "saved_model")}
 
-    for name in first:
-        assert strip(first[name]) == strip(second[name]), name
+    for name, rec in first.items():
+        assert strip(rec) == strip(second[name]), name
+
+
+def test_progress_switch_reaches_bars_that_pass_disable_false(capsys):
+    """lm-eval passes ``disable=False`` explicitly (which beats TQDM_DISABLE); the switch still wins.
+    Bars are on by default only when stderr is a terminal."""
+    from tqdm import tqdm
+
+    from harness import progress
+
+    class Tty:
+        def isatty(self):
+            return True
+
+    was = progress.enabled()
+    try:
+        assert progress.decide(stream=Tty()) is True
+        assert progress.decide(force_off=True, stream=Tty()) is False
+        with open(os.devnull, "w") as log_file:  # a log file or CI pipe: not a terminal
+            assert progress.decide(stream=log_file) is False
+            assert progress.decide(force_on=True, stream=log_file) is True
+        progress.set_enabled(False)
+        for _ in tqdm(range(3), disable=False, desc="hidden-bar"):
+            pass
+        assert "hidden-bar" not in capsys.readouterr().err
+        progress.set_enabled(True)
+        for _ in tqdm(range(3), disable=False, desc="shown-bar"):
+            pass
+        assert "shown-bar" in capsys.readouterr().err
+    finally:
+        progress.set_enabled(was)
