@@ -145,6 +145,7 @@ def validate_inputs(opts: RunOptions, plan=()) -> None:
                              ppl_stride=opts.eval.ppl_stride, calib_seq_len=cal.seq_len)
     for name, _spec, cfg in plan:  # a method's own lengths (e.g. streamline.train_seq_len)
         validation.check_option_lengths(config, name, cfg.to_dict())
+        validation.check_option_files(name, cfg.to_dict())
     validation.check_calibration_source(cal.source, cal.field)
     files = validation.check_task_data(opts.eval)
     validation.check_output_dir(opts.output_dir)

@@ -266,6 +266,21 @@ def check_option_lengths(config, method: str, options: dict) -> None:
                              f"use at most {limit}")
 
 
+def check_option_files(method: str, options: dict) -> None:
+    """Text files a method reads itself (``post_train_text``, ``lora.text``: any option named
+    ``*text`` holding a local path) are checked like the calibration file, before any run."""
+    for key, value in options.items():
+        if isinstance(value, dict):  # a pipeline's component
+            check_option_files(str(key), value)
+        elif str(key).endswith("text") and isinstance(value, str) and value:
+            field_key = f"{key[:-4]}field" if f"{key[:-4]}field" in options else f"{key}_field"
+            field = options.get(field_key) or "text"
+            try:
+                check_calibration_source(value, field)
+            except UsageError as exc:
+                raise UsageError(f"-o {method}.{key}: {exc}") from None
+
+
 # --- the output folder ---------------------------------------------------------------------------
 
 

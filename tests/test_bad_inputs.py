@@ -174,6 +174,13 @@ CASES = {
                                            ["fewer than one block"]),
     "calibration jsonl not json": (["--calib-data", lambda t: str(_file(t, "c.jsonl", b"just words\n"))],
                                    ["not valid JSON"]),
+    # text files a method reads itself
+    "post-training text missing": (["--methods", "streamline", "-o", "streamline.post_train_steps=1",
+                                    "-o", "streamline.post_train_text=/nonexistent/post.txt"],
+                                   ["streamline.post_train_text", "/nonexistent/post.txt"]),
+    "lora text wrong field": (["--methods", "remove+lora", "-o",
+                               lambda t: "lora.text=" + str(_file(t, "l.jsonl", b'{"body": 1}\n'))],
+                              ["lora.text", "lacks"]),
     # task data files under --data-dir
     "task file missing": (["--tasks", "piqa,boolq", "--data-dir", _data_dir], ["boolq"]),
     "unknown task": (["--tasks", "piqa,nosuchtask"], ["nosuchtask"]),
