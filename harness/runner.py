@@ -146,6 +146,11 @@ def validate_inputs(opts: RunOptions, plan=()) -> None:
     for name, _spec, cfg in plan:  # a method's own lengths (e.g. streamline.train_seq_len)
         validation.check_option_lengths(config, name, cfg.to_dict())
         validation.check_option_files(name, cfg.to_dict())
+    total = getattr(config, "num_hidden_layers", None)
+    for target in opts.sweep():  # with --layers, n is known from the config: window options checked now
+        if isinstance(total, int) and target.layers is not None and target.layers < total:
+            for _name, _spec, cfg in plan:
+                cfg.validate(total, target.layers)
     validation.check_calibration_source(cal.source, cal.field)
     files = validation.check_task_data(opts.eval)
     validation.check_output_dir(opts.output_dir)

@@ -154,6 +154,9 @@ CASES = {
     "option value of the wrong type": (["-o", "remove.start=abc"], ["remove.start", "abc"]),
     "unknown option key": (["-o", "remove.nosuchkey=1"], ["nosuchkey"]),
     "option of a method not run": (["-o", "streamline.epochs=1"], ["streamline"]),
+    "window start does not fit": (["-o", "remove.start=12"], ["remove.start=12"]),
+    "streamline window start does not fit": (["--methods", "streamline", "-o", "streamline.start=12"],
+                                             ["streamline.start=12"]),
     # the output folder
     "output dir is a file": (["--output-dir", lambda t: str(_file(t, "taken", b"x"))], ["--output-dir", "is a file"]),
     "output dir below a file": (["--output-dir", lambda t: str(_file(t, "taken2", b"x") / "sub")],
@@ -223,10 +226,8 @@ CASES = {
                                    ["no complete result set"]),
 }
 NEEDS_WEIGHTS = {
-    # a window start is checked against the loaded model's layers, before any run
-    "window start does not fit": (["-o", "remove.start=12"], ["remove.start=12"]),
-    "streamline window start does not fit": (["--methods", "streamline", "-o", "streamline.start=12"],
-                                             ["streamline.start=12"]),
+    # with --ratio, n comes from the loaded model's parameter counts: the window is checked after loading
+    "window start does not fit a ratio's n": (["--ratio", "0.2", "-o", "remove.start=11"], ["remove.start=11"]),
 }
 
 
