@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-models", action="store_true", help="save every pruned model next to its result")
     p.add_argument("--report", default=None, metavar="DIR",
                    help="only re-render tables and plots from the JSON under DIR")
+    p.add_argument("--paper", default=None, metavar="FILE",
+                   help="a paper's typed numbers (results/paper/*.yaml): after the table, print each matching paper "
+                   "row beside ours with the delta per column (README: Reproducing the papers)")
     p.add_argument("--plots", action="store_true",
                    help="also draw the layer-score heatmaps, Block Influence and accuracy-vs-ratio plots (PNG + PDF "
                    "next to the tables)")
@@ -254,6 +257,7 @@ def _main(argv) -> int:
         if not Path(args.report).is_dir():
             raise UsageError(f"--report directory '{args.report}' does not exist")
         runs = load_runs(args.report)
+        paper = _load_paper(args)
         report.check_metric_spec(args.table_metric, report.run_column_metrics(runs))
         tables = _tables(runs, args, _split(args.methods, "--methods") or None)
         if not tables:
@@ -261,6 +265,7 @@ def _main(argv) -> int:
         print(report.render_text(tables))
         for path in report.write_reports(tables, Path(args.report)):
             print(f"wrote {path}")
+        _paper_comparison(runs, args, paper, Path(args.report), _split(args.methods, "--methods") or None)
         _report_plots(runs, args, Path(args.report))
         return 0
 
@@ -437,6 +442,7 @@ def _run(args):
     opts.stability_scores = args.stability_scores
     if args.efficiency:
         opts.efficiency = _efficiency_config(args)
+    paper = _load_paper(args)  # a bad paper file fails before the run
     sink = {}
     records = run_benchmark(opts, on_session=(lambda s: sink.setdefault("session", s)) if args.plots else None)
     tables = _tables(records, args, opts.methods)
@@ -451,6 +457,7 @@ def _run(args):
     out = Path(args.output_dir) / slug(args.model)
     for path in report.write_reports(tables, out):
         print(f"wrote {path}")
+    _paper_comparison(records, args, paper, out, opts.methods)
     if args.plots:
         from harness.results import plots
         from harness.results.scores import write_scores
@@ -492,6 +499,31 @@ def _tables(records, args, method_order):
 
     options = {"preset": getattr(args, "table_preset", None), "labels": _labels(getattr(args, "label", [])),
                "stderr": bool(getattr(args, "stderr", False))}
+
+def _load_paper(args):
+    if not getattr(args, "paper", None):
+        return None
+    from harness.results.paper import load_paper
+
+    return load_paper(args.paper)
+
+
+def _paper_comparison(runs, args, paper, out: Path, method_order) -> None:
+    """--paper FILE: each matching paper row beside ours with the deltas (printed; also
+    written as vs_paper.md/csv/tex next to the tables)."""
+    if paper is None:
+        return
+    from harness.results import report
+    from harness.results.paper import render_comparison
+
+    text, tables = render_comparison(runs, paper, args.table_metric, preset=getattr(args, "table_preset", None),
+                                     labels=_labels(getattr(args, "label", [])), method_order=method_order)
+    print()
+    print(text)
+    if tables:
+        for path in report.write_reports(tables, out, stem="vs_paper"):
+            print(f"wrote {path}")
+
 
 def _report_plots(runs, args, out: Path) -> None:
     """--report: the accuracy plot from the runs; the heatmaps and BI from every layer_scores.json

@@ -146,7 +146,7 @@ def _heatmap(payload: dict, which: str, marks, stem: Path) -> list[Path]:
             bx.append(best[str(n)] - 0.3)
             by.append(n - 0.27)
     ax.scatter(bx, by, s=10, marker="o", color="#ffbf00", edgecolors="black", linewidths=0.5, zorder=5)
-    colors = method_colors(label for label, _s, _n in marks)
+    colors = method_colors(sorted({label for label, _s, _n in marks}))
     handles = [Line2D([], [], linestyle="", marker="o", markersize=4, markerfacecolor="#ffbf00",
                       markeredgecolor="black", markeredgewidth=0.5, label=best_label)]
     per_cell: dict[tuple[int, int], int] = {}
@@ -275,6 +275,7 @@ def accuracy_series(runs: list[dict], metric_spec: str | None = None) -> list[di
                 (100.0 * run["params"]["ratio"], avg, per, scores))
         for pts in lines.values():
             pts.sort(key=lambda p: p[0])
+        lines = OrderedDict(sorted(lines.items()))  # a method keeps its colour whatever order the runs came in
         metrics = {t: pick_metric(d["metrics"].get(t, {}), t, default, per_task)[1] for t in tasks}
         out.append({"model": d["model"]["name"], "tasks": tasks, "metrics": metrics, "dense": (d_avg, d_scores), "lines": lines,
                     "calibration": cal, "eval": d.get("eval") or {}})
@@ -307,16 +308,21 @@ def accuracy_vs_ratio(series: dict, stem: Path) -> list[Path]:
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3, linewidth=0.5)
         ax.set_ylabel("% of dense Ave." if key == "per" else "accuracy (%)", fontsize=7)
-        if idx // ncols == nrows - 1 or idx + ncols >= len(panels):
-            ax.set_xlabel("measured pruning ratio (% of parameters)", fontsize=7)
-    for idx in range(len(panels), nrows * ncols):
-        axes[idx // ncols][idx % ncols].axis("off")
+    spare = [axes[idx // ncols][idx % ncols] for idx in range(len(panels), nrows * ncols)]
+    for ax in spare:
+        ax.axis("off")
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], color="black", linestyle="--", marker="o", markersize=3, label="Dense")]
     handles += [Line2D([], [], color=LINE_COLORS[k % len(LINE_COLORS)], marker=MARKERS[k % len(MARKERS)],
                        markersize=3.5, label=label) for k, label in enumerate(series["lines"])]
-    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 5), fontsize=7, frameon=False)
+    if spare:  # the legend in the first empty panel slot, else below the panels
+        spare[0].legend(handles=handles, loc="center", fontsize=7, frameon=False)
+    else:
+        fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 5), fontsize=7,
+                   frameon=False)
+    fig.supxlabel("measured pruning ratio (% of the dense model's parameters, (removed \u2212 added) / dense)",
+                  fontsize=8)
     ev = series["eval"]
     limit = f", --limit {ev['limit']}" if ev.get("limit") else ""
     fig.suptitle(f"Accuracy vs measured pruning ratio \u2014 {model_name(series['model'])} "
