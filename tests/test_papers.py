@@ -252,9 +252,9 @@ def _smoke_args(config: Path, data: Path) -> list[str]:
     spec = yaml.safe_load(config.read_text())
     args = ["--config", str(config), "--model", "ref-opt-12l", "--limit", str(SMOKE_LIMIT), "--data-dir", str(data)]
     for target, opts in (spec.get("method_opt") or {}).items():
-        for key in SHRINK:
+        for key, small in SHRINK.items():
             if isinstance(opts, dict) and key in opts:
-                args += ["-o", f"{target}.{key}={SHRINK[key]}"]
+                args += ["-o", f"{target}.{key}={small}"]
     tasks = spec.get("tasks")
     if tasks:
         local = [t for t in tasks if (data / t).is_dir() and t != "mmlu"]  # mmlu: 57 subtasks, see below
@@ -284,7 +284,7 @@ def test_config_runs_offline_on_reference_model(config, mmlu, tmp_path, capsys):
     spec = yaml.safe_load(config.read_text())
     labels = spec.get("labels") or {}
     for method in spec["methods"]:  # every method has a row: the config's label, else name(options)
-        assert re.search(rf"^{re.escape(labels.get(method, method))}(\(|\s|$)", out, re.M), (method, out)
+        assert re.search(rf"^{re.escape(labels.get(method, method))}(\(|\s|$)", out, re.MULTILINE), (method, out)
     if spec.get("paper"):  # the comparison ran; the reference model has no paper rows
         table = load_paper(spec["paper"])
         assert (f"No row of {table.title}" in out) if table.rows else ("Claims of" in out)

@@ -69,7 +69,7 @@ class PaperTable:
     table: str
     source: str | None
     protocol: str | None
-    columns: "OrderedDict[str, PaperColumn]"
+    columns: OrderedDict[str, PaperColumn]
     rows: list
     notes: list = field(default_factory=list)
     claims: list = field(default_factory=list)
@@ -129,7 +129,7 @@ def load_paper(path: str) -> PaperTable:
         cols_raw = {}
     if not isinstance(cols_raw, dict):
         raise bad("columns", "must map column names to {task, metric, protocol_differs}")
-    columns: "OrderedDict[str, PaperColumn]" = OrderedDict()
+    columns: OrderedDict[str, PaperColumn] = OrderedDict()
     for name, spec in cols_raw.items():
         where = f"columns.{name}"
         if not isinstance(spec, dict):
@@ -296,106 +296,112 @@ def comparison_tables(runs: list[dict], paper: PaperTable, metric_spec: str | No
         return []
     default, per_task = report.parse_metric_spec(metric_spec, preset)
     labels = labels or {}
-    groups: "OrderedDict[str, list[dict]]" = OrderedDict()
+    groups: OrderedDict[str, list[dict]] = OrderedDict()
     for run in runs:
         groups.setdefault(report.eval_group_key(run), []).append(run)
     out = []
     for group in groups.values():
-        dense = [r for r in group if r["method"] == "dense"]
-        if not dense:
-            continue
-        dense_run = max(dense, key=lambda r: r["environment"].get("created", ""))
-        model = report.model_display_name(dense_run["model"]["name"])
-        title = f"{model} vs {paper.title}"
-        mine = [r for r in paper.rows if model_key(r.model) == model_key(dense_run["model"]["name"])]
-        if not mine:
-            models = sorted({report.model_display_name(r.model) for r in paper.rows})
-            out.append((title, None, [
-                f"No row of {paper.title} ({paper.path}) is for model {model}"
-                + f"; its rows are for {', '.join(models)}: nothing to compare."]))
-            continue
-        others = [r for r in group if r["method"] != "dense"]
-        rank = {m: i for i, m in enumerate(method_order or [])}
-        others.sort(key=lambda r: (rank.get(r["method"], len(rank)), report.target_key(r), r["method"],
-                                   r.get("_path", "")))
-        ordered = [dense_run, *others]
-        # columns: the paper's columns whose lm-eval task this run evaluated
-        compared, skipped = [], []
-        for col in paper.columns.values():
-            if col.task is None:
-                skipped.append(f"{col.name} (no lm-eval task)")
-            elif col.task not in (dense_run.get("metrics") or {}):
-                skipped.append(f"{col.name} ({col.task} not in this run)")
-            else:
-                compared.append(col)
-        headers = {c.name: c.name + (DAGGER if c.protocol_differs else "") for c in compared}
-        all_compared = len(compared) == len(paper.columns)
-        used_metric: dict[str, str] = {}
-
-        def ours_cells(run):
-            cells = {}
-            for c in compared:
-                value, used = _our_value(run, c.task, default, per_task)
-                used_metric.setdefault(c.name, used)
-                cells[c.name] = value
-            return cells
-
-        dense_cells = ours_cells(dense_run)
-        our_dense_avg = _mean([dense_cells[c.name] for c in compared])
-        paper_dense = next((r for r in mine if r.method == "dense"), None)
-
-        def paper_avg(row: PaperRow):
-            if all_compared and row.avg is not None:
-                return row.avg
-            return _mean([row.values.get(c.name) for c in compared])
-
-        paper_dense_avg = paper_avg(paper_dense) if paper_dense else None
-
-        def paper_per(row: PaperRow):
-            if all_compared and row.retained is not None:
-                return row.retained
-            avg = paper_avg(row)
-            return None if avg is None or not paper_dense_avg else 100.0 * avg / paper_dense_avg
-
-        records, shown_paper, shown_ratios = [], [], []
-        any_match = False
-        for run in ordered:
-            failed = run.get("status") == "failed"
-            label = labels.get(run["method"]) or run.get("label") or run["method"]
-            cells = ours_cells(run)
-            avg = _mean([cells[c.name] for c in compared])
-            ratio = measured_ratio(run)
-            per = None if avg is None or not our_dense_avg else 100.0 * avg / our_dense_avg
-            records.append({"Method": label + (" [failed]" if failed else ""), "Source": "ours",
-                            "Ratio": None if failed or ratio is None else 100.0 * ratio,
-                            **{headers[c.name]: cells[c.name] for c in compared}, "Ave.": avg, "Per.": per})
-            if ratio is not None:
-                shown_ratios.append(ratio)
-            for prow in match_rows(run, mine, tolerance):
-                any_match = True
-                shown_paper.append(prow)
-                p_avg, p_per = paper_avg(prow), paper_per(prow)
-                records.append(_paper_record(prow, compared, headers, p_avg, p_per))
-                if failed:
-                    continue
-                records.append({"Method": f"{DELTA} vs {prow.label}", "Source": f"{DELTA}",
-                                "Ratio": _signed(_sub(None if ratio is None else 100.0 * ratio,
-                                                      None if prow.ratio is None else 100.0 * prow.ratio)),
-                                **{headers[c.name]: _signed(_sub(cells[c.name], prow.values.get(c.name)))
-                                   for c in compared},
-                                "Ave.": _signed(_sub(avg, p_avg)), "Per.": _signed(_sub(per, p_per))})
-        run_methods = {r["method"] for r in group}
-        ratios = shown_ratios + [r.ratio for r in shown_paper if r.ratio is not None]
-        extra = [r for r in mine if r not in shown_paper and (r.method is None or r.method not in run_methods)
-                 and r.ratio is not None and any(abs(r.ratio - x) <= tolerance for x in ratios)]
-        for prow in extra:
-            records.append(_paper_record(prow, compared, headers, paper_avg(prow), paper_per(prow)))
-        elsewhere = [r for r in mine if r not in shown_paper and r not in extra]
-        df = pd.DataFrame(records, columns=["Method", "Source", "Ratio", *headers.values(), "Ave.", "Per."])
-        notes = _notes(paper, compared, skipped, used_metric, all_compared, shown_paper + extra, elsewhere,
-                       tolerance, any_match, model)
-        out.append((title, df, notes))
+        table = _compare_group(group, paper, default, per_task, labels, method_order, tolerance)
+        if table is not None:
+            out.append(table)
     return out
+
+
+def _compare_group(group, paper, default, per_task, labels, method_order, tolerance):
+    """The comparison table of one comparable group of runs (None without a dense run)."""
+    dense = [r for r in group if r["method"] == "dense"]
+    if not dense:
+        return None
+    dense_run = max(dense, key=lambda r: r["environment"].get("created", ""))
+    model = report.model_display_name(dense_run["model"]["name"])
+    title = f"{model} vs {paper.title}"
+    mine = [r for r in paper.rows if model_key(r.model) == model_key(dense_run["model"]["name"])]
+    if not mine:
+        models = sorted({report.model_display_name(r.model) for r in paper.rows})
+        line = (f"No row of {paper.title} ({paper.path}) is for model {model}; its rows are for "
+                f"{', '.join(models)}: nothing to compare.")
+        return (title, None, [line])
+    others = [r for r in group if r["method"] != "dense"]
+    rank = {m: i for i, m in enumerate(method_order or [])}
+    others.sort(key=lambda r: (rank.get(r["method"], len(rank)), report.target_key(r), r["method"],
+                               r.get("_path", "")))
+    ordered = [dense_run, *others]
+    # columns: the paper's columns whose lm-eval task this run evaluated
+    compared, skipped = [], []
+    for col in paper.columns.values():
+        if col.task is None:
+            skipped.append(f"{col.name} (no lm-eval task)")
+        elif col.task not in (dense_run.get("metrics") or {}):
+            skipped.append(f"{col.name} ({col.task} not in this run)")
+        else:
+            compared.append(col)
+    headers = {c.name: c.name + (DAGGER if c.protocol_differs else "") for c in compared}
+    all_compared = len(compared) == len(paper.columns)
+    used_metric: dict[str, str] = {}
+
+    def ours_cells(run):
+        cells = {}
+        for c in compared:
+            value, used = _our_value(run, c.task, default, per_task)
+            used_metric.setdefault(c.name, used)
+            cells[c.name] = value
+        return cells
+
+    dense_cells = ours_cells(dense_run)
+    our_dense_avg = _mean([dense_cells[c.name] for c in compared])
+    paper_dense = next((r for r in mine if r.method == "dense"), None)
+
+    def paper_avg(row: PaperRow):
+        if all_compared and row.avg is not None:
+            return row.avg
+        return _mean([row.values.get(c.name) for c in compared])
+
+    paper_dense_avg = paper_avg(paper_dense) if paper_dense else None
+
+    def paper_per(row: PaperRow):
+        if all_compared and row.retained is not None:
+            return row.retained
+        avg = paper_avg(row)
+        return None if avg is None or not paper_dense_avg else 100.0 * avg / paper_dense_avg
+
+    records, shown_paper, shown_ratios = [], [], []
+    any_match = False
+    for run in ordered:
+        failed = run.get("status") == "failed"
+        label = labels.get(run["method"]) or run.get("label") or run["method"]
+        cells = ours_cells(run)
+        avg = _mean([cells[c.name] for c in compared])
+        ratio = measured_ratio(run)
+        per = None if avg is None or not our_dense_avg else 100.0 * avg / our_dense_avg
+        records.append({"Method": label + (" [failed]" if failed else ""), "Source": "ours",
+                        "Ratio": None if failed or ratio is None else 100.0 * ratio,
+                        **{headers[c.name]: cells[c.name] for c in compared}, "Ave.": avg, "Per.": per})
+        if ratio is not None:
+            shown_ratios.append(ratio)
+        for prow in match_rows(run, mine, tolerance):
+            any_match = True
+            shown_paper.append(prow)
+            p_avg, p_per = paper_avg(prow), paper_per(prow)
+            records.append(_paper_record(prow, compared, headers, p_avg, p_per))
+            if failed:
+                continue
+            records.append({"Method": f"{DELTA} vs {prow.label}", "Source": f"{DELTA}",
+                            "Ratio": _signed(_sub(None if ratio is None else 100.0 * ratio,
+                                                  None if prow.ratio is None else 100.0 * prow.ratio)),
+                            **{headers[c.name]: _signed(_sub(cells[c.name], prow.values.get(c.name)))
+                               for c in compared},
+                            "Ave.": _signed(_sub(avg, p_avg)), "Per.": _signed(_sub(per, p_per))})
+    run_methods = {r["method"] for r in group}
+    ratios = shown_ratios + [r.ratio for r in shown_paper if r.ratio is not None]
+    extra = [r for r in mine if r not in shown_paper and (r.method is None or r.method not in run_methods)
+             and r.ratio is not None and any(abs(r.ratio - x) <= tolerance for x in ratios)]
+    for prow in extra:
+        records.append(_paper_record(prow, compared, headers, paper_avg(prow), paper_per(prow)))
+    elsewhere = [r for r in mine if r not in shown_paper and r not in extra]
+    df = pd.DataFrame(records, columns=["Method", "Source", "Ratio", *headers.values(), "Ave.", "Per."])
+    notes = _notes(paper, compared, skipped, used_metric, all_compared, shown_paper + extra, elsewhere,
+                   tolerance, any_match, model)
+    return (title, df, notes)
 
 
 def _paper_record(prow: PaperRow, compared, headers, avg, per) -> dict:
@@ -412,9 +418,9 @@ def _notes(paper: PaperTable, compared, skipped, used_metric, all_compared, show
            any_match, model) -> list[str]:
     notes = [f"Paper: {paper.paper}, {paper.table}" + (f"; source: {paper.source}" if paper.source else "")
              + f" ({paper.path}).",
-             f"Rows: ours (this run), paper (as printed), {DELTA} = ours - paper (points; Ratio in percentage "
-             f"points). A paper row matches a run of the same model and method whose measured ratio is within "
-             f"{100 * tolerance:g} points of the paper's (or that removed the paper's number of layers)."]
+             (f"Rows: ours (this run), paper (as printed), {DELTA} = ours - paper (points; Ratio in percentage "
+              f"points). A paper row matches a run of the same model and method whose measured ratio is within "
+              f"{100 * tolerance:g} points of the paper's (or that removed the paper's number of layers).")]
     if not any_match:
         notes.append(f"No run of this folder matches a paper row of {model} (method and ratio); the paper rows "
                      "shown are the ones at this run's ratios.")
@@ -435,7 +441,7 @@ def _notes(paper: PaperTable, compared, skipped, used_metric, all_compared, show
     marked = [c for c in compared if c.protocol_differs]
     if marked:
         notes.append(f"{DAGGER} the paper measured this column with a different protocol than ours: "
-                     + (paper.protocol or "see the paper file") )
+                     + (paper.protocol or "see the paper file"))
         col_notes = [f"{c.name}: {c.note}" for c in marked if c.note]
         if col_notes:
             notes.append("Columns: " + "; ".join(col_notes) + ".")
@@ -462,7 +468,7 @@ def claims_text(paper: PaperTable, runs: list[dict], metric_spec: str | None = N
     dense_avg = {}
     for run in runs:
         if run["method"] == "dense":
-            tasks = list((run.get("metrics") or {}))
+            tasks = list(run.get("metrics") or {})
             dense_avg[report.eval_group_key(run)] = (tasks, _mean([_our_value(run, t, default, per_task)[0]
                                                                     for t in tasks]))
     for claim in paper.claims:
