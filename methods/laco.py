@@ -165,13 +165,6 @@ class LaCoConfig(MethodConfig):
 
 # --- the merge ---------------------------------------------------------------------------
 
-def merge_params(layer: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """A decoder layer's attention and MLP parameters: all of them except those of norms."""
-    norms = [name for name, mod in layer.named_modules() if name and "norm" in type(mod).__name__.lower()]
-    return {name: p for name, p in layer.named_parameters()
-            if not any(name == pre or name.startswith(pre + ".") for pre in norms)}
-
-
 def rdsc_merge(base: torch.Tensor, following: list[torch.Tensor]) -> torch.Tensor:
     """RDSC: ``base + sum_k (following[k] - base)``, accumulated in float32 (or float64)."""
     work = torch.float64 if base.dtype == torch.float64 else torch.float32
@@ -190,10 +183,11 @@ def released_code_merge(base: torch.Tensor, following: list[torch.Tensor]) -> to
     return out
 
 
-def merge_into(layers, l: int, m: int, merge_fn) -> None:
-    """Write the merge of layers l+1..l+m into layer l's attention/MLP tensors (in place)."""
-    base = merge_params(layers[l])
-    others = [merge_params(layers[l + k]) for k in range(1, m + 1)]
+def merge_into(adapter, layers, l: int, m: int, merge_fn) -> None:
+    """Write the merge of layers l+1..l+m into layer l's attention/MLP tensors (in place): every
+    parameter outside the norms, as the model's adapter names them (``adapter.layer_weights``)."""
+    base = adapter.layer_weights(layers[l])
+    others = [adapter.layer_weights(layers[l + k]) for k in range(1, m + 1)]
     with torch.no_grad():
         for name, p in base.items():
             p.copy_(merge_fn(p.detach(), [o[name].detach() for o in others]))
@@ -327,8 +321,8 @@ def laco_search(ctx: MethodContext, cfg: LaCoConfig, merge_fn, name: str) -> Pru
             snap = snapshot_layers(adapter)
             ctx.own_layer(l)  # the merge writes into layer l: a copy, never the dense model's (shared) layer
             layers = list(adapter.layers)  # snap keeps the shared layer: a rejected merge restores it
-            backup = {k: v.detach().clone() for k, v in merge_params(layers[l]).items()}
-            merge_into(layers, l, m, merge_fn)
+            backup = {k: v.detach().clone() for k, v in ctx.adapter.layer_weights(layers[l]).items()}
+            merge_into(ctx.adapter, layers, l, m, merge_fn)
             remove_layers(adapter, range(l + 1, l + 1 + m))
             sim = _similarity(ref, _final_states(ctx, data, cfg.final_norm))
             evaluated += 1
@@ -346,7 +340,7 @@ def laco_search(ctx: MethodContext, cfg: LaCoConfig, merge_fn, name: str) -> Pru
                 l -= cfg.interval
             else:
                 with torch.no_grad():
-                    for k, v in merge_params(layers[l]).items():
+                    for k, v in ctx.adapter.layer_weights(layers[l]).items():
                         v.copy_(backup[k])
                 restore_layers(adapter, snap)
                 l -= 1
@@ -411,8 +405,8 @@ def released_search(ctx: MethodContext, cfg: LaCoConfig, merge_fn, name: str) ->
             snap = snapshot_layers(adapter)
             ctx.own_layer(lay)  # the merge writes into layer lay: a copy, never the dense model's (shared) layer
             layers = list(adapter.layers)  # snap keeps the shared layer: a rejected merge restores it
-            backup = {k: v.detach().clone() for k, v in merge_params(layers[lay]).items()}
-            merge_into(layers, lay, m, merge_fn)
+            backup = {k: v.detach().clone() for k, v in ctx.adapter.layer_weights(layers[lay]).items()}
+            merge_into(ctx.adapter, layers, lay, m, merge_fn)
             remove_layers(adapter, range(lay + 1, lay + 1 + m))
             sim = _similarity(ref, _final_states(ctx, data, cfg.final_norm))
             evaluated += 1
@@ -433,7 +427,7 @@ def released_search(ctx: MethodContext, cfg: LaCoConfig, merge_fn, name: str) ->
                     lay = adapter.num_layers - 1 - C
             else:
                 with torch.no_grad():
-                    for k, v in merge_params(layers[lay]).items():
+                    for k, v in ctx.adapter.layer_weights(layers[lay]).items():
                         v.copy_(backup[k])
                 restore_layers(adapter, snap)
                 lay -= 1
