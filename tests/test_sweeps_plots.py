@@ -215,21 +215,28 @@ EFF = ["--eff-batch-size", "1", "--eff-seq-len", "16", "--eff-prompt-len", "4", 
 
 
 def test_cli_sweep_plots_efficiency_then_rerun_skips(tmp_path, capsys):
-    """One command sweeps two targets with plots and efficiency; the re-run skips every run and
-    only re-renders; the marked windows are the manifests' removed layers; `scores` and
-    `--report` draw the same figures without evaluating."""
+    """One command sweeps two targets with plots; adding --efficiency measures the finished runs
+    (pruned again, not re-evaluated); the re-run skips every run and only re-renders; the marked
+    windows are the manifests' removed layers; `scores` and `--report` draw the same figures
+    without evaluating."""
     from harness.cli import main
 
     out = tmp_path / "runs"
     argv = ["--model", "ref-opt-12l", "--methods", "remove,shortgpt", "--layers", "1,2", "--limit", "3",
-            "--calib-samples", "8", "--output-dir", str(out), "--no-progress", "--plots", "--efficiency", *EFF]
+            "--calib-samples", "8", "--output-dir", str(out), "--no-progress", "--plots"]
     assert main(argv) == 0
     first = capsys.readouterr().out
     assert first.count("pruning") == 4 and "dense: evaluating" in first
+    argv += ["--efficiency", *EFF]
+    assert main(argv) == 0
+    second = capsys.readouterr().out
+    assert second.count("pruning again to measure") == 4 and "evaluating" not in second
+    assert "dense: measuring efficiency" in second
     folder = out / "ref-opt-12l"
     runs = [json.loads(p.read_text()) for p in folder.glob("*.json") if p.name.split("__")[0] in ("remove", "shortgpt")]
     assert len(runs) == 4 and all(r["efficiency"]["vs_dense"]["ideal_speedup"] > 1 for r in runs)
     assert sum("score_shared" in r["timings"] for r in runs) == 1  # one pass of statistics for both targets
+    assert all(r["metrics"] for r in runs) and all("efficiency" not in r["timings"] for r in runs)  # not re-run
     payload = read_scores(folder)
     for r in runs:  # each run's removed layers are what the shared scores say its method picks
         n = str(r["target"]["num_remove"])
