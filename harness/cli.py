@@ -258,7 +258,8 @@ def _main(argv) -> int:
             raise UsageError(f"--report directory '{args.report}' does not exist")
         runs = load_runs(args.report)
         paper = _load_paper(args)
-        report.check_metric_spec(args.table_metric, report.run_column_metrics(runs))
+        if runs:
+            report.check_metric_spec(args.table_metric, report.run_column_metrics(runs))
         tables = _tables(runs, args, _split(args.methods, "--methods") or None)
         if not tables:
             raise UsageError(f"no complete result set (dense + methods) under '{args.report}'")
@@ -440,18 +441,18 @@ def _run(args):
     opts.targets = targets if len(targets) > 1 else []
     opts.all_layer_stats = bool(args.plots)
     opts.stability_scores = args.stability_scores
+    opts.log_samples = bool(args.log_samples)
     if args.efficiency:
         opts.efficiency = _efficiency_config(args)
+    from harness.evaluation.lmeval import static_column_metrics
+
+    report.check_metric_spec(args.table_metric, static_column_metrics(opts.eval))  # names checked, no model yet
     paper = _load_paper(args)  # a bad paper file fails before the run
     sink = {}
     records = run_benchmark(opts, on_session=(lambda s: sink.setdefault("session", s)) if args.plots else None)
     tables = _tables(records, args, opts.methods)
-    opts.log_samples = bool(args.log_samples)
     print()
     print(report.render_text(tables))
-    from harness.evaluation.lmeval import static_column_metrics
-
-    report.check_metric_spec(args.table_metric, static_column_metrics(opts.eval))  # names checked, no model yet
     from harness.results.store import slug
 
     out = Path(args.output_dir) / slug(args.model)
@@ -486,6 +487,8 @@ def _tables(records, args, method_order):
     from harness.results import report
 
     efficiency = bool(getattr(args, "efficiency", False)) or any(r.get("efficiency") for r in records)
+    options = {"preset": getattr(args, "table_preset", None), "labels": _labels(getattr(args, "label", [])),
+               "stderr": bool(getattr(args, "stderr", False))}
     if not report.spans_targets(records) and not efficiency:
         tables = report.build_tables(records, args.table_metric, method_order=method_order, **options)
     else:
@@ -497,8 +500,6 @@ def _tables(records, args, method_order):
         tables += report.retained_tables([t for t in tables if not t[0].endswith("Per. by target")])
     return tables
 
-    options = {"preset": getattr(args, "table_preset", None), "labels": _labels(getattr(args, "label", [])),
-               "stderr": bool(getattr(args, "stderr", False))}
 
 def _load_paper(args):
     if not getattr(args, "paper", None):

@@ -507,19 +507,19 @@ def local_data(name: str, task_cfg: dict, root: Path, shots: int | None = None) 
         raise UsageError(f"missing data file for task '{name}': {root / stem.format(split=fs)}.jsonl (its {fs} "
                          f"split, where its {shots} few-shot examples come from); check --data-dir")
     if splits["fewshot_split"]:
-        shots = splits["fewshot_split"]
+        source = splits["fewshot_split"]
     elif splits["training_split"]:
-        shots = splits["training_split"]
+        source = splits["training_split"]
     elif splits["validation_split"] and splits["validation_split"] != eval_split:
-        shots = splits["validation_split"]
+        source = splits["validation_split"]
     else:
-        shots = eval_split
+        source = eval_split
     wanted = task_cfg.get("fewshot_split") or task_cfg.get("training_split")
     note = None
-    if wanted and shots != wanted:
-        note = (f"{name}: no local {wanted} split, so few-shot examples come from its {shots} split "
+    if shots and wanted and source != wanted:
+        note = (f"{name}: no local {wanted} split, so its {shots} few-shot examples come from its {source} split "
                 "(lm-eval's fallback; the evaluated item itself is never one of them)")
-    return LocalData(files, fields, splits, shots, note)
+    return LocalData(files, fields, splits, source, note)
 
 
 def _leaf_cfg(res: Resolution, leaf: str) -> dict:
