@@ -363,3 +363,22 @@ def test_hub_task_offline_is_one_error_before_the_model(tmp_path, capsys, monkey
     argv = ["--model", MODEL, "--methods", "remove", "--layers", "3", "--tasks", "arc_easy", "--limit", "2",
             "--output-dir", str(out), "--no-progress"]
     _expect_error(argv, out, capsys, ["could not load task 'arc_easy'", "--data-dir"], monkeypatch)
+
+
+def test_model_args_and_auto_batch_size_are_used_and_recorded(tmp_path, capsys):
+    """--model-args reaches from_pretrained (attention implementation) and the record; --eval-batch-size
+    auto is lm-eval's own detection, its choice recorded."""
+    _model_dir()
+    out = tmp_path / "runs"
+    argv = ["--model", MODEL, "--methods", "remove", "--layers", "3", "--limit", "2", "--output-dir", str(out),
+            "--no-progress", "--model-args", "attn_implementation=eager,revision=main", "--eval-batch-size", "auto"]
+    assert main(argv) == 0, capsys.readouterr().err[-2000:]
+    dense = _records(out)["dense"]
+    assert dense["eval"]["model_args"] == {"attn_implementation": "eager", "revision": "main"}
+    assert dense["eval"]["batch_size"] == "auto" and dense["eval_details"]["batch_sizes"]
+    lm = json.loads(next(_path_of(out, dense).with_suffix(".lm_eval").glob("results_*.json")).read_text())
+    assert lm["config"]["model_args"] == "pretrained=ref-opt-12l,dtype=float32,attn_implementation=eager,revision=main"
+    from harness.model.loading import load_model
+
+    model, _tok = load_model(str(_model_dir()), model_args=dense["eval"]["model_args"])
+    assert model.config._attn_implementation == "eager"
