@@ -66,7 +66,7 @@ SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split
 # such names indexes these folders instead of lm-eval's whole task tree.
 KNOWN_TASK_DIRS = {
     "piqa": "piqa", "hellaswag": "hellaswag", "winogrande": "winogrande", "boolq": "super_glue/boolq",
-    "arc_easy": "arc", "arc_challenge": "arc", "openbookqa": "openbookqa", "mmlu": "mmlu/default",
+    "arc_easy": "arc", "arc_challenge": "arc", "ai2_arc": "arc", "openbookqa": "openbookqa", "mmlu": "mmlu/default",
 }
 
 
