@@ -9,7 +9,8 @@ For every model the same settings are used (recorded in the result JSON):
   shared layer applied n times and the LM head all count), plus attention, 4 * T * d_attn per
   executed attention module (QK^T and A.V over the full T x T score matrix), counted with hooks.
 - ``prefill_latency_s``: wall time of one forward pass over ``batch_size x seq_len`` tokens
-  (no cache), median of ``repeats`` runs after ``warmup`` runs.
+  (no cache), median of ``repeats`` runs after ``warmup`` runs; a run of a tiny model repeats the
+  pass until it lasts ``min_run_s`` and is divided by the count (``prefill_inner_loops``).
 - ``decode_tokens_per_s``: greedy decoding with the KV cache: a ``decode_prompt_len`` prompt,
   then ``new_tokens`` single-token steps for ``decode_batch_size`` sequences; tokens/s of the
   steps only (the prompt's prefill is not timed), median of ``repeats``.
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import statistics
 import time
@@ -50,6 +52,7 @@ class EfficiencyConfig:
     warmup: int = 2
     repeats: int = 5
     seed: int = 0
+    min_run_s: float = 0.05  # a timed prefill run repeats the forward pass until it lasts this long (tiny models)
 
     def validate(self) -> None:
         if min(self.batch_size, self.seq_len, self.decode_batch_size, self.decode_prompt_len,
@@ -126,17 +129,26 @@ def flops_per_token(model, seq_len: int) -> dict:
             "attention_flops_per_token": attention / seq_len, "attention_calls": calls[0], "context": seq_len}
 
 
-def _timed(fn, device, warmup: int, repeats: int) -> list[float]:
+def _timed(fn, device, warmup: int, repeats: int, inner: int = 1) -> list[float]:
+    """Seconds per call of ``fn``: ``repeats`` timed runs of ``inner`` calls each, after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
         _sync(device)
         t = time.perf_counter()
-        fn()
+        for _ in range(inner):
+            fn()
         _sync(device)
-        times.append(time.perf_counter() - t)
+        times.append((time.perf_counter() - t) / inner)
     return times
+
+
+def _inner_loops(fn, device, min_run_s: float) -> int:
+    """Calls per timed run so that one run lasts at least ``min_run_s`` (timer and scheduler noise
+    would dominate a sub-millisecond forward pass); fn is called once here (a warm-up)."""
+    one = max(_timed(fn, device, 0, 1)[0], 1e-6)
+    return max(1, min(1000, math.ceil(min_run_s / one)))
 
 
 def _decode(model, prompt: torch.Tensor, new_tokens: int, device) -> float:
@@ -212,7 +224,10 @@ def measure(model, cfg: EfficiencyConfig, timed: bool = True) -> dict:
     with torch.no_grad():
         out.update(flops_per_token(model, cfg.seq_len))
         if timed:
-            prefill = _timed(lambda: model(input_ids=prefill_ids, use_cache=False), device, cfg.warmup, cfg.repeats)
+            run = lambda: model(input_ids=prefill_ids, use_cache=False)  # noqa: E731
+            inner = _inner_loops(run, device, cfg.min_run_s)
+            prefill = _timed(run, device, cfg.warmup, cfg.repeats, inner)
+            out["prefill_inner_loops"] = inner
             for _ in range(cfg.warmup):
                 _decode(model, prompt, cfg.new_tokens, device)
             decode = [_decode(model, prompt, cfg.new_tokens, device) for _ in range(cfg.repeats)]
@@ -266,10 +281,12 @@ def measure_pair(model, dense_model, cfg: EfficiencyConfig, dense: dict) -> tupl
             for _ in range(cfg.warmup):
                 m(input_ids=prefill_ids, use_cache=False)
                 _decode(m, prompt, cfg.new_tokens, device)
+        inner = _inner_loops(lambda: dense_model(input_ids=prefill_ids, use_cache=False), device, cfg.min_run_s)
+        out["prefill_inner_loops"] = inner
         for r in range(cfg.repeats):
             for k in ((0, 1) if r % 2 == 0 else (1, 0)):
                 times["prefill"][k].extend(_timed(lambda m=pair[k]: m(input_ids=prefill_ids, use_cache=False),
-                                                  device, 0, 1))
+                                                  device, 0, 1, inner))
             for k in ((1, 0) if r % 2 == 0 else (0, 1)):
                 times["decode"][k].append(_decode(pair[k], prompt, cfg.new_tokens, device))
     out.update(_timing_fields(cfg, times["prefill"][1], times["decode"][1]))
