@@ -13,7 +13,13 @@ from typing import Any
 from harness.errors import UsageError
 from harness.model.adapters import get_adapter
 from harness.plugins.options import build_config
-from harness.plugins.registry import METHODS, POST_STEPS, PluginSpec, PruneResult, get_method
+from harness.plugins.registry import (
+    METHODS,
+    POST_STEPS,
+    PluginSpec,
+    PruneResult,
+    get_method,
+)
 
 
 class PipelineConfig:
