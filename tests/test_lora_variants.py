@@ -325,10 +325,10 @@ def test_config_file_values_are_defaults_the_command_line_wins(tmp_path):
                    "method_opt:\n  lora: {r: 4, target_modules: [q_proj, v_proj]}\n")
     args = parse_args_with_config(build_parser(), ["--config", str(cfg), "-o", "lora.r=6"])
     assert (args.model, args.layers, args.ratio, args.methods, args.no_progress) == \
-        ("some/model", 3, None, "remove,shortgpt+lora", True)
+        ("some/model", [3], None, "remove,shortgpt+lora", True)  # targets are lists (sweeps)
     assert args.method_opt == ["lora.r=4", "lora.target_modules=q_proj/v_proj", "lora.r=6"]
     args = parse_args_with_config(build_parser(), ["--config", str(cfg), "--ratio", "0.2", "--model", "x"])
-    assert (args.model, args.ratio, args.layers) == ("x", 0.2, None)
+    assert (args.model, args.ratio, args.layers) == ("x", [0.2], None)
     for text, message in [("nosuch: 1\n", "unknown key 'nosuch'"), ("layers: many\n", "--layers expects an integer"),
                           ("ppl: 3\n", "'ppl' is a switch"), ("- a\n", "must be a mapping"),
                           ("ratio: 0.2\nlayers: 2\n", "either ratio or layers")]:
