@@ -262,9 +262,11 @@ def run_benchmark(opts: RunOptions, echo=print, on_session=None) -> list[dict]:
     records = [run_dense(session, echo)]
     if opts.efficiency is not None:
         records[0] = dense_efficiency_record(session, records[0], echo)
-    for s in target_sessions(session, targets):  # a sweep: dense evaluated once, layer statistics computed once for all targets
+    # a sweep: dense evaluated once, layer statistics computed once for all targets
+    for s in target_sessions(session, targets):
         for name, spec, cfg in plan:
             records.append(run_method(s, name, spec, cfg, echo))
+            gc.collect()  # the method's model and its reference cycles go before the next one is built
     return records
 
 
@@ -388,7 +390,8 @@ def run_dense(s: Session, echo=print) -> dict:
             metrics, ppl = _evaluate(s.model, s.tokenizer, opts, timings, samples_out=s.dense_samples, extra=extra)
     except NonFiniteOutput as exc:
         raise UsageError(f"model '{opts.model}' produces non-finite values (NaN or inf) in {exc.where} on the first "
-                         "evaluation batch; its weights are broken or the dtype overflows (try --dtype float32)") from None
+                         "evaluation batch; its weights are broken or the dtype overflows (try --dtype float32)"
+                         ) from None
     bad = first_nonfinite({"metrics": metrics, "perplexity": ppl})
     if bad:
         raise UsageError(f"the dense model's evaluation gave a non-finite number ({bad}); its weights are broken "
@@ -407,41 +410,91 @@ def run_dense(s: Session, echo=print) -> dict:
 
 def run_method(s: Session, name: str, spec, cfg, echo=print) -> dict:
     """Prune a shell of the dense model (shared weights) with one method, evaluate it, store its record."""
-    opts = s.opts
-    cfg_dict = cfg.to_dict()
-    ident = _identity(opts)
-    cal_key = dataclasses.asdict(opts.calibration) | {"source": ident["calibration"]}
-    key = {"model": ident["model"], "dtype": opts.dtype, "method": name, "method_config": cfg_dict,
-           "target": opts.target.to_dict(), "calibration": cal_key, "eval": _eval_key(opts),
-           "data": ident["data"], "seed": opts.seed, "max_loss_growth": opts.max_loss_growth}
-    path = run_path(opts.output_dir, opts.model, name, key)
-    save_dir = path.parent / "models" / path.stem
-    cached = None if opts.force else read_cached(path)
-    measure_only = False  # a finished run that lacks --efficiency's numbers: prune again, measure, no re-evaluation
-    if cached is not None:
-        from harness.model.saving import MANIFEST
-
-        if opts.save_models and cached.get("status") != "failed" and not (save_dir / MANIFEST).is_file():
-            echo(f"{name}: result exists but its saved model ({save_dir}) is missing; running it again to save it")
-        elif opts.efficiency is not None and cached.get("status") != "failed" \
-                and not _efficiency_settings_match(cached.get("efficiency"), opts.efficiency):
-            echo(f"{name}: result exists without efficiency numbers; pruning again to measure them (no re-evaluation)")
-            measure_only = True
-        elif cached.get("status") != "failed" and _layout_missing(path, opts):
-            echo(f"{name}: result exists without lm-eval's per-sample files; running it again (--log-samples)")
-        else:
-            state = " (failed: " + str(cached.get("failure")) + ")" if cached.get("status") == "failed" else ""
-            echo(f"{name}: result exists{state}, skipping ({path})")
-            stored = cached.get("stability")
-            if stored and stored.get("scores", "sum") != opts.stability_scores:
-                # stored with other --stability-scores: recomputed from the side files
-                cached["stability"] = rescored(cached, s.dense_samples, load_samples(path), opts.stability_scores)
-                return _store(path, cached)
-            return cached
+    path = _method_path(s, name, cfg)
+    cached, action = _cached_action(s, name, path, echo)
+    if action == "reuse":
+        return cached
     echo(f"{name}: pruning")
     timings = {}
     if "calibration_load" in s.timings:  # recorded with the first method that runs
         timings["calibration_load"] = s.timings.pop("calibration_load")
+    opts = s.opts
+    base = {"method": name, "label": cfg.label(name), "method_config": cfg.to_dict(), "model": s.dense_info,
+            "eval": opts.eval.to_dict(), "target": opts.target.to_dict() | {"num_remove": s.num_remove},
+            "calibration": s.calibration.description, "seed": opts.seed, "timings": timings}
+    result, reason = _prune(s, name, spec, cfg, timings)
+    if reason is not None:
+        return _fail(s, path, base, reason, result.manifest() if result else {}, echo)
+    pruned, manifest = result.model, result.manifest()
+    if action == "measure":  # a finished run that lacks --efficiency's numbers: measure, no re-evaluation
+        if manifest["removed_layers"] != (cached.get("manifest") or {}).get("removed_layers"):
+            raise UsageError(f"{name}: pruning again removed layers {manifest['removed_layers']}, the stored run "
+                             f"removed {cached['manifest'].get('removed_layers')}; re-run it with --force")
+        cached["efficiency"] = pruned_efficiency(s, pruned)
+        return _store(path, cached)
+    samples, extra = {}, {}
+    metrics, ppl, reason = _evaluate_pruned(s, pruned, timings, samples, extra)
+    if reason is not None:
+        return _fail(s, path, base, reason, manifest, echo)
+    rec = new_record(**base, manifest=manifest, params=_params(s, pruned, result), metrics=metrics,
+                     eval_details=extra.get("details"), perplexity=ppl, environment=environment(),
+                     stability=stability_vs_dense(s.dense_samples, samples, scores=opts.stability_scores))
+    save_samples(path, samples)
+    _save_and_measure(s, rec, pruned, manifest, path, timings)
+    _store(path, rec)
+    _write_lm_eval_layout(path, rec, extra, opts)
+    echo(f"{name}: removed layers {manifest['removed_layers']}, measured ratio {100 * rec['params']['ratio']:.1f}%")
+    return rec
+
+
+def _method_path(s: Session, name: str, cfg) -> Path:
+    """The run's file: its key names every input by content (model files, calibration text, task data)."""
+    opts = s.opts
+    ident = _identity(opts)
+    cal_key = dataclasses.asdict(opts.calibration) | {"source": ident["calibration"]}
+    key = {"model": ident["model"], "dtype": opts.dtype, "method": name, "method_config": cfg.to_dict(),
+           "target": opts.target.to_dict(), "calibration": cal_key, "eval": _eval_key(opts),
+           "data": ident["data"], "seed": opts.seed, "max_loss_growth": opts.max_loss_growth}
+    return run_path(opts.output_dir, opts.model, name, key)
+
+
+def _saved_model_dir(path: Path) -> Path:
+    return path.parent / "models" / path.stem
+
+
+def _cached_action(s: Session, name: str, path: Path, echo) -> tuple[dict | None, str]:
+    """``(record, action)``: ``reuse`` a finished run, ``run`` it (again), or ``measure`` efficiency only."""
+    opts = s.opts
+    cached = None if opts.force else read_cached(path)
+    if cached is None:
+        return None, "run"
+    from harness.model.saving import MANIFEST
+
+    ok = cached.get("status") != "failed"
+    if ok and opts.save_models and not (_saved_model_dir(path) / MANIFEST).is_file():
+        echo(f"{name}: result exists but its saved model ({_saved_model_dir(path)}) is missing; running it again "
+             "to save it")
+        return cached, "run"
+    if ok and opts.efficiency is not None and not _efficiency_settings_match(cached.get("efficiency"),
+                                                                             opts.efficiency):
+        echo(f"{name}: result exists without efficiency numbers; pruning again to measure them (no re-evaluation)")
+        return cached, "measure"
+    if ok and _layout_missing(path, opts):
+        echo(f"{name}: result exists without lm-eval's per-sample files; running it again (--log-samples)")
+        return cached, "run"
+    state = " (failed: " + str(cached.get("failure")) + ")" if not ok else ""
+    echo(f"{name}: result exists{state}, skipping ({path})")
+    stored = cached.get("stability")
+    if stored and stored.get("scores", "sum") != opts.stability_scores:
+        # stored with other --stability-scores: recomputed from the side files
+        cached["stability"] = rescored(cached, s.dense_samples, load_samples(path), opts.stability_scores)
+        _store(path, cached)
+    return cached, "reuse"
+
+
+def _prune(s: Session, name: str, spec, cfg, timings: dict):
+    """Run the method on its own shell of the dense model; ``(result, failure reason or None)``."""
+    opts = s.opts
     t = time.perf_counter()
     work_model = copy_model(s)
     timings["copy_model"] = time.perf_counter() - t
@@ -452,71 +505,53 @@ def run_method(s: Session, name: str, spec, cfg, echo=print) -> dict:
     torch.manual_seed(opts.seed)
     t = time.perf_counter()
     guard = WeightGuard(s.model)
-    base = {"method": name, "label": cfg.label(name), "method_config": cfg_dict, "model": s.dense_info,
-            "eval": opts.eval.to_dict(), "target": opts.target.to_dict() | {"num_remove": s.num_remove},
-            "calibration": s.calibration.description, "seed": opts.seed, "timings": timings}
     try:
         result = spec.fn(ctx, cfg)
     except MethodFailed as exc:
         guard.check(f"method '{name}'")
         timings["prune"] = time.perf_counter() - t
-        return _fail(s, path, base, str(exc), {}, echo)
+        return None, str(exc)
     guard.check(f"method '{name}'")  # the dense model is shared by every run: a leak stops the sweep
     timings["prune"] = time.perf_counter() - t  # includes "score" and any training
-    pruned = result.model
-    pruned.eval()
+    result.model.eval()
     if distributed.active():  # data-parallel: every process evaluates rank 0's plan and tensors
         distributed.same_on_every_rank(result.removed_layers, f"method '{name}': the removed layers")
-        distributed.broadcast_own_tensors(own_tensors(pruned, s.model))
+        distributed.broadcast_own_tensors(own_tensors(result.model, s.model))
     manifest = result.manifest()
     reason = training_failure(manifest, opts.max_loss_growth)
     if reason is None and first_nonfinite(manifest.get("scores")):
         reason = f"non-finite layer score (manifest.scores.{first_nonfinite(manifest.get('scores'))})"
-    if reason is not None:
-        return _fail(s, path, base, reason, manifest, echo)
-    if measure_only:
-        if manifest["removed_layers"] != (cached.get("manifest") or {}).get("removed_layers"):
-            raise UsageError(f"{name}: pruning again removed layers {manifest['removed_layers']}, the stored run "
-                             f"removed {cached['manifest'].get('removed_layers')}; re-run it with --force")
-        cached["efficiency"] = pruned_efficiency(s, pruned)
-        del work_model, pruned, result, ctx
-        gc.collect()
-        return _store(path, cached)
-    torch.manual_seed(opts.seed)
-    samples = {}
-    extra: dict = {}
+    return result, reason
+
+
+def _evaluate_pruned(s: Session, pruned, timings: dict, samples: dict, extra: dict):
+    """Metrics and perplexity of the pruned model; ``(metrics, ppl, failure reason or None)``."""
+    torch.manual_seed(s.opts.seed)
     try:
         with FirstForwardGuard(pruned, get_adapter(pruned)):
-            metrics, ppl = _evaluate(pruned, s.tokenizer, opts, timings, samples_out=samples, extra=extra)
+            metrics, ppl = _evaluate(pruned, s.tokenizer, s.opts, timings, samples_out=samples, extra=extra)
     except NonFiniteOutput as exc:
-        return _fail(s, path, base, f"the pruned model produces non-finite values in {exc.where} on the first "
-                     "evaluation batch", manifest, echo)
+        return None, None, f"the pruned model produces non-finite values in {exc.where} on the first evaluation batch"
     bad = first_nonfinite({"metrics": metrics, "perplexity": ppl})
     if bad:
-        return _fail(s, path, base, f"non-finite evaluation result ({bad})", manifest, echo)
-    rec = new_record(method=name, label=cfg.label(name), method_config=cfg_dict, model=s.dense_info,
-                     eval=opts.eval.to_dict(), target=opts.target.to_dict() | {"num_remove": s.num_remove},
-                     calibration=s.calibration.description, seed=opts.seed, manifest=manifest,
-                     params=_params(s, pruned, result), metrics=metrics, eval_details=extra.get("details"),
-                     perplexity=ppl, timings=timings, environment=environment(),
-                     stability=stability_vs_dense(s.dense_samples, samples, scores=opts.stability_scores))
-    save_samples(path, samples)
+        return None, None, f"non-finite evaluation result ({bad})"
+    return metrics, ppl, None
+
+
+def _save_and_measure(s: Session, rec: dict, pruned, manifest: dict, path: Path, timings: dict) -> None:
+    """``--save-models`` and ``--efficiency`` for a finished run (its record gains the folder and numbers)."""
+    opts = s.opts
     if opts.save_models and distributed.is_main():
         t = time.perf_counter()
-        save_pruned(pruned, s.tokenizer, save_dir, {"method": name, "method_config": cfg_dict, **manifest,
-                                                      "source_model": opts.model})
+        save_pruned(pruned, s.tokenizer, _saved_model_dir(path), {"method": rec["method"],
+                                                                   "method_config": rec["method_config"],
+                                                                   **manifest, "source_model": opts.model})
         timings["save"] = time.perf_counter() - t
-        rec["saved_model"] = str(save_dir)
+        rec["saved_model"] = str(_saved_model_dir(path))
     if opts.efficiency is not None:
         t = time.perf_counter()
         rec["efficiency"] = pruned_efficiency(s, pruned)
         timings["efficiency"] = time.perf_counter() - t
-    _store(path, rec)
-    _write_lm_eval_layout(path, rec, extra, opts)
-    echo(f"{name}: removed layers {manifest['removed_layers']}, measured ratio {100 * rec['params']['ratio']:.1f}%")
-    del work_model, pruned, result, ctx
-    gc.collect()
-    return rec
 
 
 def _layout_missing(path: Path, opts: RunOptions) -> bool:
