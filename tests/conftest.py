@@ -95,10 +95,9 @@ FAMILIES = ["opt", "llama", "mistral", "qwen2", "gpt_neox"]
 class CharTokenizer:
     """A stand-in tokenizer for tiny models: one id (3..102) per character."""
 
-    pad_token_id = 0
-
-    def __init__(self, bos_token_id=None):
+    def __init__(self, bos_token_id=None, pad_token_id=0):
         self.bos_token_id = bos_token_id
+        self.pad_token_id = pad_token_id
 
     def __call__(self, text, **kw):
         return {"input_ids": [3 + (ord(c) % 100) for c in text]}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import shared_data_or_skip
+from conftest import CharTokenizer, shared_data_or_skip
 
 from harness.cli import main
 from harness.errors import UsageError
@@ -285,14 +285,6 @@ def test_report_per_is_ratio_of_averages_and_ratio_column():
 
 # --- calibration -----------------------------------------------------------------------------
 
-class _CharTok:
-    """Stand-in tokenizer: one id per character."""
-
-    bos_token_id = 2
-
-    def __call__(self, text, **_kw):
-        return {"input_ids": [4 + (ord(c) % 200) for c in text]}
-
 
 def _calib_file(tmp_path) -> Path:
     g = torch.Generator().manual_seed(123)
@@ -305,7 +297,7 @@ def _calib_file(tmp_path) -> Path:
 
 def test_calibration_seed_decides_the_blocks(tmp_path):
     src = str(_calib_file(tmp_path))
-    tok = _CharTok()
+    tok = CharTokenizer(bos_token_id=2)
     cfg = CalibrationConfig(source=src, num_samples=6, seq_len=17, seed=0)
     a = load_calibration(cfg, tok)
     b = load_calibration(CalibrationConfig(source=src, num_samples=6, seq_len=17, seed=0), tok)
@@ -331,8 +323,8 @@ def test_empty_calibration_source_is_a_usage_error(tmp_path, content):
     empty = tmp_path / "empty.txt"
     empty.write_text(content)
     with pytest.raises(UsageError, match="empty"):
-        load_calibration(CalibrationConfig(source=str(empty), num_samples=2, seq_len=8), _CharTok())
+        load_calibration(CalibrationConfig(source=str(empty), num_samples=2, seq_len=8), CharTokenizer(bos_token_id=2))
     jsonl = tmp_path / "empty.jsonl"
     jsonl.write_text("")
     with pytest.raises(UsageError, match="empty"):
-        load_calibration(CalibrationConfig(source=str(jsonl), num_samples=2, seq_len=8), _CharTok())
+        load_calibration(CalibrationConfig(source=str(jsonl), num_samples=2, seq_len=8), CharTokenizer(bos_token_id=2))

@@ -16,7 +16,13 @@ from torch import nn
 
 from harness import get_adapter, load_pruned, save_pruned
 from harness.errors import UsageError
-from harness.model.adapters import ADAPTERS, StructuralAdapter, check_supported_config, is_norm, unwrap_layer
+from harness.model.adapters import (
+    ADAPTERS,
+    StructuralAdapter,
+    check_supported_config,
+    is_norm,
+    unwrap_layer,
+)
 from harness.model.surgery import count_params, remove_layers
 from harness.plugins.registry import available_methods, available_post_steps
 

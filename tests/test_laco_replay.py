@@ -16,7 +16,7 @@ import typing
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import CharTokenizer, tiny_model
 
 from harness import CalibrationData, MethodContext, UsageError, get_adapter
 from methods.laco import LaCoCodeConfig, LaCoConfig, laco, laco_code
@@ -25,15 +25,6 @@ SENTENCES = ["A short sentence.", "Another, a bit longer sentence.", "Layer coll
              "The fifth one is here, with more words in it."]
 DEPTH, C, H, LOWEST = 12, 3, 11, 0  # H = the last layer's index, C = the scaled default for 12 layers
 
-
-class _Tok:
-    """Character-level stand-in for a tokenizer (ids 3..102; 1 is OPT's pad id)."""
-
-    bos_token_id = None
-    pad_token_id = 1
-
-    def __call__(self, text, **kw):
-        return {"input_ids": [3 + (ord(ch) % 100) for ch in text]}
 
 
 # --- the released loop, re-stated plainly ----------------------------------------------------
@@ -56,7 +47,7 @@ def _mean_flat_cosine(ref, cur):
 
 def released_loop(dense, threshold, interval, merge_layers=C, highest=H, lowest=LOWEST):
     """Returns (final model, steps); a step is (position, original base, original merged, sim, accepted)."""
-    ids_list = [torch.tensor(_Tok()(s)["input_ids"]) for s in SENTENCES]
+    ids_list = [torch.tensor(CharTokenizer(pad_token_id=1)(s)["input_ids"]) for s in SENTENCES]
     ref = _final_hidden(dense, ids_list)
     current = copy.deepcopy(dense)
     names = list(range(len(_decoder_layers(dense))))  # original index of each current position
@@ -103,7 +94,7 @@ def _ctx(model, n):
     config_cls = typing.get_type_hints(CalibrationData)["config"]
     cal = CalibrationData(ids, torch.ones_like(ids), config_cls(source="x.txt", seq_len=12, batch_size=4),
                           {"seed": 0})
-    return MethodContext(model=model, adapter=get_adapter(model), tokenizer=_Tok(), calibration=cal, num_remove=n,
+    return MethodContext(model=model, adapter=get_adapter(model), tokenizer=CharTokenizer(pad_token_id=1), calibration=cal, num_remove=n,
                          progress=False)
 
 

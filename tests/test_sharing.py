@@ -4,10 +4,16 @@ import functools
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import CharTokenizer, tiny_model
 
 from harness import get_adapter
-from harness.model.sharing import WeightGuard, copy_module, own_layer, shell_of, state_hash
+from harness.model.sharing import (
+    WeightGuard,
+    copy_module,
+    own_layer,
+    shell_of,
+    state_hash,
+)
 from harness.model.surgery import remove_layers, restore_layers, snapshot_layers
 from harness.plugins.context import MethodContext
 from harness.plugins.pipeline import resolve_method
@@ -112,13 +118,6 @@ def test_shell_rebinds_accelerate_hooks():
     torch.testing.assert_close(_logits(dense, ids, mask), before, rtol=0, atol=0)
 
 
-class _Tok:
-    bos_token_id = None
-    pad_token_id = 0
-
-    def __call__(self, text, **kw):
-        return {"input_ids": [3 + (ord(c) % 100) for c in text]}
-
 
 SMALL = {"train_samples": "8", "epochs": "1", "batch_size": "4", "post_train_steps": "1",
          "post_train_batch_size": "4"}
@@ -153,7 +152,7 @@ def test_sweep_of_every_method_leaves_the_dense_model_unchanged(family):
     for name in names:
         spec, cfg = resolve_method(name, _options(name))
         shell = shell_of(dense)
-        ctx = MethodContext(model=shell, adapter=get_adapter(shell), tokenizer=_Tok(), calibration=cal, num_remove=2,
+        ctx = MethodContext(model=shell, adapter=get_adapter(shell), tokenizer=CharTokenizer(), calibration=cal, num_remove=2,
                             progress=False, stats_cache=stats_cache, dense_stats_key="dense")
         ctx.training_data = lambda n, seq_len=None, seed_offset=1, **kw: CalibrationData(
             *_ids(seed_offset, samples=n), cal.config, {})

@@ -5,7 +5,13 @@ import json
 
 import pytest
 import torch
-from conftest import make_context, run_method, shared_data_or_skip, tiny_model, tiny_tokenizer
+from conftest import (
+    make_context,
+    run_method,
+    shared_data_or_skip,
+    tiny_model,
+    tiny_tokenizer,
+)
 from transformers import AutoModelForCausalLM
 
 from harness import (

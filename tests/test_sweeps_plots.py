@@ -10,13 +10,25 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from harness import get_adapter, remove_layers
-from harness.evaluation.efficiency import EfficiencyConfig, compare, flops_per_token, measure, measure_pair
+from harness.evaluation.efficiency import (
+    EfficiencyConfig,
+    compare,
+    flops_per_token,
+    measure,
+    measure_pair,
+)
 from harness.results import plots
 from harness.results.report import build_compact_table, build_target_tables, render_text
-from harness.results.scores import all_lags, choices, read_scores, scores_csv, scores_payload, write_scores
+from harness.results.scores import (
+    all_lags,
+    read_scores,
+    scores_csv,
+    scores_payload,
+    write_scores,
+)
 from harness.signals.activations import LayerStats, collect_layer_stats
 from harness.signals.calibration import CalibrationConfig, CalibrationData
 
