@@ -125,3 +125,17 @@ def test_new_record_has_every_key_in_order():
     assert tuple(rec) == RECORD_KEYS
     with pytest.raises(KeyError):
         new_record(method="x", not_a_key=1)
+
+
+def test_error_keeps_its_cause_for_verbose(capsys):
+    """A loader error is one line; with --verbose the underlying exception follows it."""
+    from harness.cli import main
+
+    argv = ["--model", "no-such-org/no-such-model", "--methods", "remove", "--tasks", "piqa",
+            "--output-dir", "unused"]
+    assert main(argv) == 2
+    quiet = capsys.readouterr().err.strip().splitlines()
+    assert len(quiet) == 1 and quiet[0].startswith("error: ") and "no-such-org/no-such-model" in quiet[0]
+    assert main(argv + ["--verbose"]) == 2
+    loud = capsys.readouterr().err
+    assert loud.startswith(quiet[0]) and "Traceback" in loud and len(loud.splitlines()) > 3
