@@ -227,6 +227,29 @@ def _sentences(ctx: MethodContext, cfg: LaCoConfig) -> tuple[CalibrationData, di
     return CalibrationData(input_ids, mask, ctx.calibration.config, desc), desc
 
 
+def try_merge(ctx: MethodContext, l: int, m: int, merge_fn, ref, data: CalibrationData, final_norm: bool,
+              threshold: float) -> tuple[float, bool]:
+    """One search step of both loops: merge layers l+1..l+m into (the method's own copy of) layer l,
+    remove them, and compare the model's final states with ``ref``. Kept when the similarity
+    exceeds ``threshold``; otherwise the layer list and layer l's tensors are restored exactly
+    (memory: one layer's backup, never a model copy). Returns ``(similarity, accepted)``."""
+    adapter = ctx.adapter
+    snap = snapshot_layers(adapter)
+    ctx.own_layer(l)  # the merge writes into layer l: a copy, never the dense model's (shared) layer
+    layers = list(adapter.layers)  # snap keeps the shared layer: a rejected merge restores it
+    backup = {k: v.detach().clone() for k, v in adapter.layer_weights(layers[l]).items()}
+    merge_into(adapter, layers, l, m, merge_fn)
+    remove_layers(adapter, range(l + 1, l + 1 + m))
+    sim = _similarity(ref, _final_states(ctx, data, final_norm))
+    ok = sim > threshold
+    if not ok:
+        with torch.no_grad():
+            for k, v in adapter.layer_weights(layers[l]).items():
+                v.copy_(backup[k])
+        restore_layers(adapter, snap)
+    return sim, ok
+
+
 def _final_states(ctx: MethodContext, data: CalibrationData, final_norm: bool) -> list[torch.Tensor]:
     """Per sentence: X_L on its real tokens, flattened (float64)."""
     last = ctx.adapter.num_layers
@@ -297,7 +320,6 @@ def laco_search(ctx: MethodContext, cfg: LaCoConfig, merge_fn, name: str) -> Pru
     C, H, lo = _resolve(ctx, cfg, name)
     t0 = time.perf_counter()
     data, sent_desc = _sentences(ctx, cfg)
-    adapter = ctx.adapter
     orig = list(range(ctx.num_layers))  # original index of each current position
     ref = _final_states(ctx, data, cfg.final_norm)
     removed: list[int] = []
@@ -318,15 +340,8 @@ def laco_search(ctx: MethodContext, cfg: LaCoConfig, merge_fn, name: str) -> Pru
             l = min(l, hi - 1 - m)
             if l < lo:
                 break
-            snap = snapshot_layers(adapter)
-            ctx.own_layer(l)  # the merge writes into layer l: a copy, never the dense model's (shared) layer
-            layers = list(adapter.layers)  # snap keeps the shared layer: a rejected merge restores it
-            backup = {k: v.detach().clone() for k, v in ctx.adapter.layer_weights(layers[l]).items()}
-            merge_into(ctx.adapter, layers, l, m, merge_fn)
-            remove_layers(adapter, range(l + 1, l + 1 + m))
-            sim = _similarity(ref, _final_states(ctx, data, cfg.final_norm))
+            sim, ok = try_merge(ctx, l, m, merge_fn, ref, data, cfg.final_norm, threshold)
             evaluated += 1
-            ok = sim > threshold
             entry = {"pass": p, "layer": orig[l], "merged": orig[l + 1: l + 1 + m], "similarity": sim,
                      "threshold": threshold, "accepted": ok}
             candidates.append(entry)
@@ -339,12 +354,7 @@ def laco_search(ctx: MethodContext, cfg: LaCoConfig, merge_fn, name: str) -> Pru
                     ref = _final_states(ctx, data, cfg.final_norm)
                 l -= cfg.interval
             else:
-                with torch.no_grad():
-                    for k, v in ctx.adapter.layer_weights(layers[l]).items():
-                        v.copy_(backup[k])
-                restore_layers(adapter, snap)
                 l -= 1
-            del backup
         passes.append({"threshold": threshold, "evaluated": evaluated, "accepted": accepted})
         if len(removed) >= n:
             break
@@ -402,15 +412,8 @@ def released_search(ctx: MethodContext, cfg: LaCoConfig, merge_fn, name: str) ->
             m = min(C - 1, adapter.num_layers - lay - 1, n - len(removed))
             if m < 1:  # cannot happen while fewer than n <= H - 1 - L layers are gone; never loop idle
                 break
-            snap = snapshot_layers(adapter)
-            ctx.own_layer(lay)  # the merge writes into layer lay: a copy, never the dense model's (shared) layer
-            layers = list(adapter.layers)  # snap keeps the shared layer: a rejected merge restores it
-            backup = {k: v.detach().clone() for k, v in ctx.adapter.layer_weights(layers[lay]).items()}
-            merge_into(ctx.adapter, layers, lay, m, merge_fn)
-            remove_layers(adapter, range(lay + 1, lay + 1 + m))
-            sim = _similarity(ref, _final_states(ctx, data, cfg.final_norm))
+            sim, ok = try_merge(ctx, lay, m, merge_fn, ref, data, cfg.final_norm, threshold)
             evaluated += 1
-            ok = sim > threshold
             entry = {"pass": p, "position": lay, "layer": orig[lay], "merged": orig[lay + 1: lay + 1 + m],
                      "similarity": sim, "threshold": threshold, "accepted": ok}
             candidates.append(entry)
@@ -426,12 +429,7 @@ def released_search(ctx: MethodContext, cfg: LaCoConfig, merge_fn, name: str) ->
                 if lay >= adapter.num_layers:  # the notebook's reset (unreachable for interval >= 1)
                     lay = adapter.num_layers - 1 - C
             else:
-                with torch.no_grad():
-                    for k, v in ctx.adapter.layer_weights(layers[lay]).items():
-                        v.copy_(backup[k])
-                restore_layers(adapter, snap)
                 lay -= 1
-            del backup
         passes.append({"threshold": threshold, "evaluated": evaluated, "accepted": accepted})
         if len(removed) >= n:
             break
