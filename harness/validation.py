@@ -20,6 +20,7 @@ import traceback
 from pathlib import Path
 
 from harness.errors import UsageError
+from harness.evaluation.lmeval import parse_batch_size
 from harness.io import (  # the file checks live in io (base stage)
     check_jsonl_file,
     check_text_file,
@@ -63,24 +64,8 @@ def check_range(flag: str, value, *, minimum=None, maximum=None, below=None, abo
         raise UsageError(f"{flag} {value} is out of range; it must be {' and '.join(bounds)}")
 
 
-def check_batch_size(value, flag: str = "--eval-batch-size"):
-    """A positive integer, or lm-eval's ``auto`` / ``auto:K`` (K >= 1). Returns the value as
-    lm-eval takes it (int or the string)."""
-    text = str(value).strip()
-    if text == "auto":
-        return "auto"
-    if text.startswith("auto:"):
-        k = text[5:]
-        if not k.isdigit() or int(k) < 1:
-            raise UsageError(f"{flag} '{value}' is not valid; auto:K needs a whole number K >= 1 (e.g. auto:4)")
-        return text
-    try:
-        n = int(text)
-    except ValueError:
-        raise UsageError(f"{flag} expects a positive integer, auto or auto:K, got '{value}'") from None
-    if n < 1:
-        raise UsageError(f"{flag} {n} is out of range; use a positive integer, auto or auto:K")
-    return n
+# a positive integer, or lm-eval's ``auto`` / ``auto:K``: one rule, owned by the evaluation stage
+check_batch_size = parse_batch_size
 
 
 def check_numbers(args) -> None:
