@@ -280,7 +280,7 @@ def main() -> None:
               f"{b['maxrss_bytes'] / runs['dense']['maxrss_bytes']:.3f}; 4-method sweep time "
               f"{b['seconds']:.0f} s before, {runs['sweep']['seconds']:.0f} s after")
     out = Path(args.out or REPO / "benchmarks" / f"memory_{args.shape}.json")
-    out.write_text(json.dumps({"shape": args.shape, "settings": vars(args) | {"methods": METHODS},
+    out.write_text(json.dumps({"shape": args.shape, "settings": vars(args) | {"methods": METHODS, "out": None},
                                "ratio_sweep_over_dense": ratio, "runs": runs}, indent=1) + "\n")
     print(f"wrote {out}")
 

@@ -132,7 +132,8 @@ def bench_sweep(args, data_dir: Path) -> dict:
         sweep = _run([_command(model_dir, data_dir, tmp / "sweep", "1,2,3", args)])
         singles = _run([_command(model_dir, data_dir, tmp / f"single{n}", str(n), args) for n in (1, 2, 3)])
         shared = _run([_command(model_dir, data_dir, tmp / "shared", str(n), args) for n in (1, 2, 3)])
-        return {"command": " ".join(_command(Path("<model>"), data_dir, Path("<out>"), "1,2,3", args)[1:]),
+        return {"command": " ".join(_command(Path("<model>"), Path("<data-dir>"), Path("<out>"), "1,2,3", args)[1:])
+                .replace(str(REPO) + "/", ""),
                 "sweep": {"wall": sweep[0], "cpu": sweep[1]}, "singles": {"wall": singles[0], "cpu": singles[1]},
                 "singles_shared_dir": {"wall": shared[0], "cpu": shared[1]},
                 "ratio": sweep[1] / singles[1], "ratio_wall": sweep[0] / singles[0],
