@@ -315,65 +315,8 @@ def _resolve(ctx: MethodContext, cfg: LaCoConfig, name: str) -> tuple[int, int, 
 
 
 def laco_search(ctx: MethodContext, cfg: LaCoConfig, merge_fn, name: str) -> PruneResult:
-    n = ctx.num_remove
-    ctx.check_window(n)
-    C, H, lo = _resolve(ctx, cfg, name)
-    t0 = time.perf_counter()
-    data, sent_desc = _sentences(ctx, cfg)
-    orig = list(range(ctx.num_layers))  # original index of each current position
-    ref = _final_states(ctx, data, cfg.final_norm)
-    removed: list[int] = []
-    merges, candidates, passes = [], [], []
-    threshold = cfg.threshold
-    max_passes = 1 if cfg.fallback == "error" else int(math.ceil((cfg.threshold + 1.0) / cfg.relax_step)) + 2
-    for p in range(max_passes):
-        if p:
-            threshold = cfg.threshold - p * cfg.relax_step
-            log.warning("%s: threshold %.3f removed %d of %d layers; relaxing to %.3f (recorded in the manifest)",
-                        name, passes[-1]["threshold"], len(removed), n, threshold)
-        evaluated = accepted = 0
-        hi = sum(1 for o in orig if o < H)  # positions 0..hi-1 may be merged
-        l = max(lo, hi - C)
-        while l >= lo and len(removed) < n:
-            hi = sum(1 for o in orig if o < H)
-            m = min(C - 1, n - len(removed))
-            l = min(l, hi - 1 - m)
-            if l < lo:
-                break
-            sim, ok = try_merge(ctx, l, m, merge_fn, ref, data, cfg.final_norm, threshold)
-            evaluated += 1
-            entry = {"pass": p, "layer": orig[l], "merged": orig[l + 1: l + 1 + m], "similarity": sim,
-                     "threshold": threshold, "accepted": ok}
-            candidates.append(entry)
-            if ok:
-                accepted += 1
-                removed.extend(orig[l + 1: l + 1 + m])
-                merges.append({k: entry[k] for k in ("layer", "merged", "similarity", "threshold", "pass")})
-                del orig[l + 1: l + 1 + m]
-                if cfg.reference == "current":
-                    ref = _final_states(ctx, data, cfg.final_norm)
-                l -= cfg.interval
-            else:
-                l -= 1
-        passes.append({"threshold": threshold, "evaluated": evaluated, "accepted": accepted})
-        if len(removed) >= n:
-            break
-        if cfg.fallback == "error":
-            raise UsageError(f"{name}: threshold {cfg.threshold} removed only {len(removed)} of {n} layers; "
-                             f"lower {name}.threshold or use {name}.fallback=relax")
-    if len(removed) < n:
-        raise UsageError(f"{name}: removed only {len(removed)} of {n} layers even at threshold {threshold:.3f} "
-                         "(similarities were NaN?); check the model's outputs or the merge range")
-    ctx.timings["search"] = time.perf_counter() - t0
-    return PruneResult(
-        model=ctx.model, removed_layers=sorted(removed),
-        scores={"candidates": candidates, "passes": passes, "threshold": cfg.threshold,
-                "threshold_final": threshold},
-        extra={"laco": {"merges": merges, "merge_rule": "rdsc" if merge_fn is rdsc_merge else "released-code",
-                        "merge_layers": C, "highest_layer": H, "lowest_layer": lo, "interval": cfg.interval,
-                        "reference": cfg.reference, "final_norm": cfg.final_norm, "sentences": sent_desc,
-                        "requested": n, "removed": len(removed)}},
-    )
+    """The paper's Algorithm 1 (see the module docstring): the window stays below H."""
+    return _search(ctx, cfg, merge_fn, name, released=False)
 
 
 def released_search(ctx: MethodContext, cfg: LaCoConfig, merge_fn, name: str) -> PruneResult:
@@ -387,6 +330,13 @@ def released_search(ctx: MethodContext, cfg: LaCoConfig, merge_fn, name: str) ->
     I >= 1, kept for fidelity). Rejected: ``lay -= 1``. A pass ends when ``lay < L`` or n
     layers are gone.
     """
+    return _search(ctx, cfg, merge_fn, name, released=True)
+
+
+def _search(ctx: MethodContext, cfg: LaCoConfig, merge_fn, name: str, released: bool) -> PruneResult:
+    """Both searches: passes at a relaxing threshold, each walking the merge base ``l`` (a position
+    in the current layer list) down from H - C. They differ only in the window at each step
+    (``_step``) and the notebook's reset after an accepted merge."""
     n = ctx.num_remove
     ctx.check_window(n)
     C, H, lo = _resolve(ctx, cfg, name)
@@ -399,6 +349,7 @@ def released_search(ctx: MethodContext, cfg: LaCoConfig, merge_fn, name: str) ->
     merges, candidates, passes = [], [], []
     threshold = cfg.threshold
     max_passes = 1 if cfg.fallback == "error" else math.ceil((cfg.threshold + 1.0) / cfg.relax_step) + 2
+    merge_keys = ("position",) * released + ("layer", "merged", "similarity", "threshold", "pass")
     for p in range(max_passes):
         if p:
             threshold = cfg.threshold - p * cfg.relax_step
@@ -407,29 +358,28 @@ def released_search(ctx: MethodContext, cfg: LaCoConfig, merge_fn, name: str) ->
         evaluated = accepted = 0
         # the notebook starts at H - C; a relaxed pass (harness addition) starts at the current
         # position of original layer H, minus C (the same place while nothing is merged)
-        lay = max(lo, sum(1 for o in orig if o < H) - C)
-        while lay >= lo and len(removed) < n:
-            m = min(C - 1, adapter.num_layers - lay - 1, n - len(removed))
-            if m < 1:  # cannot happen while fewer than n <= H - 1 - L layers are gone; never loop idle
+        l = max(lo, sum(1 for o in orig if o < H) - C)
+        while l >= lo and len(removed) < n:
+            l, m = _step(adapter, orig, l, C, H, n - len(removed), released)
+            if l < lo or m < 1:  # paper: no window fits below H; released: cannot happen, never loop idle
                 break
-            sim, ok = try_merge(ctx, lay, m, merge_fn, ref, data, cfg.final_norm, threshold)
+            sim, ok = try_merge(ctx, l, m, merge_fn, ref, data, cfg.final_norm, threshold)
             evaluated += 1
-            entry = {"pass": p, "position": lay, "layer": orig[lay], "merged": orig[lay + 1: lay + 1 + m],
-                     "similarity": sim, "threshold": threshold, "accepted": ok}
+            entry = {"pass": p, **({"position": l} if released else {}), "layer": orig[l],
+                     "merged": orig[l + 1: l + 1 + m], "similarity": sim, "threshold": threshold, "accepted": ok}
             candidates.append(entry)
             if ok:
                 accepted += 1
-                removed.extend(orig[lay + 1: lay + 1 + m])
-                merges.append({k: entry[k] for k in ("position", "layer", "merged", "similarity", "threshold",
-                                                     "pass")})
-                del orig[lay + 1: lay + 1 + m]
+                removed.extend(orig[l + 1: l + 1 + m])
+                merges.append({k: entry[k] for k in merge_keys})
+                del orig[l + 1: l + 1 + m]
                 if cfg.reference == "current":
                     ref = _final_states(ctx, data, cfg.final_norm)
-                lay -= cfg.interval
-                if lay >= adapter.num_layers:  # the notebook's reset (unreachable for interval >= 1)
-                    lay = adapter.num_layers - 1 - C
+                l -= cfg.interval
+                if released and l >= adapter.num_layers:  # the notebook's reset (unreachable for interval >= 1)
+                    l = adapter.num_layers - 1 - C
             else:
-                lay -= 1
+                l -= 1
         passes.append({"threshold": threshold, "evaluated": evaluated, "accepted": accepted})
         if len(removed) >= n:
             break
@@ -440,15 +390,31 @@ def released_search(ctx: MethodContext, cfg: LaCoConfig, merge_fn, name: str) ->
         raise UsageError(f"{name}: removed only {len(removed)} of {n} layers even at threshold {threshold:.3f} "
                          "(similarities were NaN?); check the model's outputs or the merge range")
     ctx.timings["search"] = time.perf_counter() - t0
+    rule = {"merge_rule": "rdsc" if merge_fn is rdsc_merge else "released-code"}
+    if released:
+        rule["search"] = "released-notebook"
     return PruneResult(
         model=ctx.model, removed_layers=sorted(removed),
         scores={"candidates": candidates, "passes": passes, "threshold": cfg.threshold,
                 "threshold_final": threshold},
-        extra={"laco": {"merges": merges, "merge_rule": "released-code", "search": "released-notebook",
+        extra={"laco": {"merges": merges, **rule,
                         "merge_layers": C, "highest_layer": H, "lowest_layer": lo, "interval": cfg.interval,
                         "reference": cfg.reference, "final_norm": cfg.final_norm, "sentences": sent_desc,
                         "requested": n, "removed": len(removed)}},
     )
+
+
+def _step(adapter, orig: list[int], l: int, C: int, H: int, remaining: int, released: bool) -> tuple[int, int]:
+    """The merge base and the number m of following layers merged into it at this step.
+
+    Paper: m = min(C - 1, layers still to remove), and the window l..l+m stays below original
+    layer H (``l`` moves down if it must). Released notebook: the window is capped by the end of
+    the current model instead, ``l`` stays."""
+    if released:
+        return l, min(C - 1, adapter.num_layers - l - 1, remaining)
+    hi = sum(1 for o in orig if o < H)  # positions 0..hi-1 may be merged
+    m = min(C - 1, remaining)
+    return min(l, hi - 1 - m), m
 
 
 @register_method("laco", LaCoConfig, "LaCo: collapse rear layers into a prior one (RDSC merge, threshold search)")
