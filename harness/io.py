@@ -183,17 +183,10 @@ def _check_not_binary(path: Path, what: str) -> None:
             raise UsageError(f"{what} '{path}' is not UTF-8 text (byte {exc.start}); pass a UTF-8 file") from None
 
 
-def check_jsonl_file(path, what: str, fields: tuple[str, ...] = (), head: int = 3) -> int:
-    """A JSON-lines file whose every line is a JSON object (the first ``head`` ones holding
-    ``fields``); missing, empty, binary, truncated or wrong-schema files are errors. Returns
-    the number of records."""
+def iter_jsonl(path, what: str):
+    """``(line number, record)`` for every non-blank line of a JSON-lines file (``.gz`` too); a line
+    that is not a JSON object, a truncated file or bad UTF-8 is one UsageError naming ``what``."""
     path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"{what} '{path}' does not exist")
-    if path.stat().st_size == 0:
-        raise UsageError(f"{what} '{path}' is empty")
-    _check_not_binary(path, what)
-    n = 0
     try:
         with _open_text(path) as fh:
             for line_no, line in enumerate(fh, 1):
@@ -208,17 +201,32 @@ def check_jsonl_file(path, what: str, fields: tuple[str, ...] = (), head: int = 
                                      "re-create the file (one JSON object per line)") from None
                 if not isinstance(row, dict):
                     raise UsageError(f"{what} '{path}' line {line_no} is not a JSON object")
-                if n < head:
-                    missing = [f for f in fields if f not in row]
-                    if missing:
-                        raise UsageError(f"{what} '{path}' line {line_no} lacks field(s) {', '.join(missing)} "
-                                         f"(has {', '.join(list(row)[:8])}); is it the right file?")
-                n += 1
+                yield line_no, row
     except (OSError, EOFError) as exc:  # a truncated gzip stream
         raise UsageError(f"{what} '{path}' cannot be read to the end ({type(exc).__name__}: {exc}); "
                          "the file looks truncated") from None
     except UnicodeDecodeError as exc:
         raise UsageError(f"{what} '{path}' is not UTF-8 text ({exc.reason}); pass a UTF-8 file") from None
+
+
+def check_jsonl_file(path, what: str, fields: tuple[str, ...] = (), head: int = 3) -> int:
+    """A JSON-lines file whose every line is a JSON object (the first ``head`` ones holding
+    ``fields``); missing, empty, binary, truncated or wrong-schema files are errors. Returns
+    the number of records."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{what} '{path}' does not exist")
+    if path.stat().st_size == 0:
+        raise UsageError(f"{what} '{path}' is empty")
+    _check_not_binary(path, what)
+    n = 0
+    for line_no, row in iter_jsonl(path, what):
+        if n < head:
+            missing = [f for f in fields if f not in row]
+            if missing:
+                raise UsageError(f"{what} '{path}' line {line_no} lacks field(s) {', '.join(missing)} "
+                                 f"(has {', '.join(list(row)[:8])}); is it the right file?")
+        n += 1
     if n == 0:
         raise UsageError(f"{what} '{path}' holds no records")
     return n

@@ -8,7 +8,6 @@ wikitext-2 (Hub ``wikitext:wikitext-2-raw-v1`` train; offline the caller passes
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 
 from harness import defaults
 from harness.errors import UsageError
+from harness.io import iter_jsonl
 
 HUB_DEFAULT = "wikitext:wikitext-2-raw-v1"
 LOCAL_DEFAULT = "wikitext2/wikitext-2-v1-tokens/valid.txt"  # relative to --data-dir
@@ -61,19 +61,11 @@ def read_text(source: str, split: str = "train", field: str = "text") -> str:
         if path.suffix == ".txt":
             text = path.read_text(encoding="utf-8")
         else:
-            opener = __import__("gzip").open if path.suffix == ".gz" else open
             rows = []
-            with opener(path, "rt", encoding="utf-8") as fh:
-                for line_no, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError:
-                        raise UsageError(f"calibration file '{source}' line {line_no} is not JSON; use one JSON object per line") from None
-                    if field not in row:
-                        raise UsageError(f"calibration file '{source}' has no field '{field}'; pick it with --calib-field")
-                    rows.append(str(row[field]))
+            for _line_no, row in iter_jsonl(path, "calibration file"):
+                if field not in row:
+                    raise UsageError(f"calibration file '{source}' has no field '{field}'; pick it with --calib-field")
+                rows.append(str(row[field]))
             text = "\n\n".join(rows)
     else:
         path_name, _, config_name = source.partition(":")
