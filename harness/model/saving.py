@@ -26,19 +26,19 @@ layers stored once) still load with ``load_pruned``.
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from pathlib import Path
 
 from harness.errors import UsageError
 from harness.io import apply_umask, write_json_atomic, write_text_atomic
-from harness.model.adapters import ReplacementLayer, get_adapter
+from harness.model.adapters import get_adapter
 from harness.model.replacement import build_from_description, describe
 from harness.model.surgery import (
     remove_layers,
     restore_layer_replacements,
     restore_replacements,
+    strip_layer_replacements,
     strip_replacements,
 )
 
@@ -57,29 +57,6 @@ def _module_path(model, target) -> str:
         if module is target:
             return name
     raise ValueError("the decoder layer list is not a submodule of the model")
-
-
-def _unshare_layer_replacements(adapter) -> tuple[list[dict], list]:
-    """Turn ``ReplacementLayer`` entries into plain layers in place; a shared application becomes
-    a copy of its owner's layer. Returns the plan (``{"index", "shared_from"}``) and the original
-    entries (for ``_reshare``)."""
-    original = list(adapter.layers)
-    plan, plain, owner_of = [], [], {}
-    for i, layer in enumerate(original):
-        if isinstance(layer, ReplacementLayer):
-            if layer.shared:
-                if id(layer.inner) not in owner_of:
-                    raise ValueError(f"shared replacement layer at {i} has no owning entry before it")
-                plan.append({"index": i, "shared_from": owner_of[id(layer.inner)]})
-                plain.append(copy.deepcopy(layer.inner))
-                continue
-            owner_of[id(layer.inner)] = i
-            plan.append({"index": i, "shared_from": None})
-            layer = layer.inner
-        plain.append(layer)
-    if plan:
-        adapter.set_layers(plain)
-    return plan, original
 
 
 def _remote_config(config_path: Path, base_model_type: str, layers_path: str, entries: list[dict],
@@ -132,7 +109,8 @@ def save_pruned(model, tokenizer, out_dir, manifest: dict) -> Path:
     adapter = get_adapter(model)
     base_model_type = model.config.model_type
     found = strip_replacements(adapter)
-    layer_plan, original_layers = _unshare_layer_replacements(adapter)
+    original_layers = list(adapter.layers)  # put back after saving
+    layer_plan = strip_layer_replacements(adapter, keep_shared=True)  # exact for stock tools
     entries = [{"index": item["index"], "where": item["where"], **describe(item["module"])} for item in found]
     remote = bool(found) and all(e["class"] in REMOTE_CLASSES for e in entries) and _remote_code_possible(model)
     attached = False

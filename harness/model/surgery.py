@@ -1,6 +1,8 @@
 """Layer surgery: remove decoder layers, insert replacement networks, count parameters."""
 from __future__ import annotations
 
+import copy
+
 from torch import nn
 
 from harness.errors import UsageError
@@ -118,9 +120,10 @@ def insert_layer_replacement(adapter: ModelAdapter, start: int, n: int, layer: n
     return list(range(start, start + repeat))
 
 
-def strip_layer_replacements(adapter: ModelAdapter) -> list[dict]:
-    """Turn every ``ReplacementLayer`` back into a plain decoder layer and drop the shared
-    entries (their layer is stored once, in its owner). Returns where each entry sat
+def strip_layer_replacements(adapter: ModelAdapter, keep_shared: bool = False) -> list[dict]:
+    """Turn every ``ReplacementLayer`` back into a plain decoder layer. A shared entry is dropped
+    (its layer is stored once, in its owner) or, with ``keep_shared``, becomes a copy of its
+    owner's layer (a checkpoint stock tools load exactly). Returns where each entry sat
     (``{"index", "shared_from"}``, indices in the full list) for ``restore_layer_replacements``."""
     layers = list(adapter.layers)
     count = len(layers)
@@ -132,10 +135,13 @@ def strip_layer_replacements(adapter: ModelAdapter) -> list[dict]:
                 if id(layer.inner) not in owner_of:
                     raise ValueError(f"shared replacement layer at {i} has no owning entry before it")
                 plan.append({"index": i, "shared_from": owner_of[id(layer.inner)]})
-                continue
-            owner_of[id(layer.inner)] = i
-            plan.append({"index": i, "shared_from": None})
-            layer = layer.inner
+                if not keep_shared:
+                    continue
+                layer = copy.deepcopy(layer.inner)
+            else:
+                owner_of[id(layer.inner)] = i
+                plan.append({"index": i, "shared_from": None})
+                layer = layer.inner
         kept.append(i)
         plain.append(layer)
     if plan:
