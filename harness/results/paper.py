@@ -296,23 +296,12 @@ def comparison_tables(runs: list[dict], paper: PaperTable, metric_spec: str | No
         return []
     default, per_task = report.parse_metric_spec(metric_spec, preset)
     labels = labels or {}
-    groups: OrderedDict[str, list[dict]] = OrderedDict()
-    for run in runs:
-        groups.setdefault(report.eval_group_key(run), []).append(run)
-    out = []
-    for group in groups.values():
-        table = _compare_group(group, paper, default, per_task, labels, method_order, tolerance)
-        if table is not None:
-            out.append(table)
-    return out
+    return [_compare_group(dense_run, group, paper, default, per_task, labels, method_order, tolerance)
+            for dense_run, group in report.comparable_groups(runs)]
 
 
-def _compare_group(group, paper, default, per_task, labels, method_order, tolerance):
-    """The comparison table of one comparable group of runs (None without a dense run)."""
-    dense = [r for r in group if r["method"] == "dense"]
-    if not dense:
-        return None
-    dense_run = max(dense, key=lambda r: r["environment"].get("created", ""))
+def _compare_group(dense_run, group, paper, default, per_task, labels, method_order, tolerance):
+    """The comparison table of one comparable group of runs."""
     model = report.model_display_name(dense_run["model"]["name"])
     title = f"{model} vs {paper.title}"
     mine = [r for r in paper.rows if model_key(r.model) == model_key(dense_run["model"]["name"])]

@@ -20,7 +20,12 @@ from collections import OrderedDict
 from pathlib import Path
 
 from harness.io import _write_atomic
-from harness.results.report import TASK_LABELS, eval_group_key, parse_metric_spec, pick_metric
+from harness.results.report import (
+    TASK_LABELS,
+    comparable_groups,
+    parse_metric_spec,
+    pick_metric,
+)
 from harness.results.store import slug
 
 DPI = 200
@@ -250,15 +255,8 @@ def accuracy_series(runs: list[dict], metric_spec: str | None = None) -> list[di
     """One entry per comparable group (model + evaluation): dense values and per-method points
     ``(measured ratio %, Ave., Per., {task: acc})`` sorted by ratio."""
     default, per_task = parse_metric_spec(metric_spec)
-    groups: "OrderedDict[str, list[dict]]" = OrderedDict()
-    for run in runs:
-        groups.setdefault(eval_group_key(run), []).append(run)
     out = []
-    for group in groups.values():
-        dense = [r for r in group if r["method"] == "dense"]
-        if not dense:
-            continue
-        d = max(dense, key=lambda r: (r.get("environment") or {}).get("created", ""))
+    for d, group in comparable_groups(runs):
         tasks = list(d["metrics"].keys())
         d_avg, d_scores = _avg(d, tasks, default, per_task)
         lines: "OrderedDict[str, list]" = OrderedDict()

@@ -200,6 +200,20 @@ def eval_group_key(run: dict) -> str:
     return canonical({"model": run["model"]["name"], "eval": run["eval"], "dtype": run["model"].get("dtype")})
 
 
+def comparable_groups(runs: list[dict]) -> list[tuple[dict, list[dict]]]:
+    """``(dense run, runs)`` per comparable group (``eval_group_key``, in first-seen order); the
+    newest dense run of a group stands for it, and a group without one is left out."""
+    groups: "OrderedDict[str, list[dict]]" = OrderedDict()
+    for run in runs:
+        groups.setdefault(eval_group_key(run), []).append(run)
+    out = []
+    for group in groups.values():
+        dense = [r for r in group if r["method"] == "dense"]
+        if dense:
+            out.append((max(dense, key=lambda r: (r.get("environment") or {}).get("created", "")), group))
+    return out
+
+
 def _leaf_count(details: dict, name: str) -> int:
     groups = (details or {}).get("groups") or {}
     if name not in groups:
@@ -233,15 +247,8 @@ def build_tables(runs: list[dict], metric_spec: str | None = None, method_order:
     standard error of each score (shown as ``value ± stderr``; CSV: its own column)."""
     default, per_task = parse_metric_spec(metric_spec, preset)
     labels = labels or {}
-    groups: "OrderedDict[str, list[dict]]" = OrderedDict()
-    for run in runs:
-        groups.setdefault(eval_group_key(run), []).append(run)
     tables = []
-    for _key, group in groups.items():
-        dense = [r for r in group if r["method"] == "dense"]
-        if not dense:
-            continue
-        dense_run = max(dense, key=lambda r: r["environment"].get("created", ""))
+    for dense_run, group in comparable_groups(runs):
         others = [r for r in group if r["method"] != "dense"]
         if method_order:
             rank = {m: i for i, m in enumerate(method_order)}
@@ -500,15 +507,8 @@ def build_target_tables(runs: list[dict], metric_spec: str | None = None, method
                         efficiency: bool = False, **options):
     """Like ``build_tables``, with a ``Target`` column and the rows grouped by target (dense once,
     first), plus the efficiency ratios when asked. Returns ``(title, DataFrame, notes)`` tables."""
-    groups: "OrderedDict[str, list[dict]]" = OrderedDict()
-    for run in runs:
-        groups.setdefault(eval_group_key(run), []).append(run)
     tables = []
-    for group in groups.values():
-        dense = [r for r in group if r["method"] == "dense"]
-        if not dense:
-            continue
-        dense_run = max(dense, key=lambda r: r["environment"].get("created", ""))
+    for dense_run, group in comparable_groups(runs):
         by_target: "OrderedDict[tuple, list[dict]]" = OrderedDict()
         for run in sorted((r for r in group if r["method"] != "dense"), key=target_key):
             by_target.setdefault(target_key(run), []).append(run)
