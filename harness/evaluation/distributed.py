@@ -35,10 +35,6 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def local_world_size() -> int:
-    return int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size())))
-
-
 def is_main() -> bool:
     return rank() == 0
 

@@ -209,15 +209,22 @@ def _cpu_peak_bytes(fn) -> int:
     return peak
 
 
+def _inputs(model, cfg: EfficiencyConfig):
+    """``(settings fitted to the model, device, prefill ids, decode prompt)``: the fixed random
+    inputs every timing of ``model`` uses (the same seeds for the dense and the pruned model)."""
+    cfg = cfg.fitted(model)
+    device = model_device(model)
+    prefill_ids = _tokens(model, cfg.batch_size, cfg.seq_len, cfg.seed, device)
+    prompt = _tokens(model, cfg.decode_batch_size, cfg.decode_prompt_len, cfg.seed + 1, device)
+    return cfg, device, prefill_ids, prompt
+
+
 def measure(model, cfg: EfficiencyConfig, timed: bool = True) -> dict:
     """Absolute efficiency numbers of ``model`` (eval mode, no gradients) under ``cfg``
     (``timed=False``: parameters, FLOPs and memory only)."""
     cfg.validate()
-    cfg = cfg.fitted(model)
     model.eval()
-    device = model_device(model)
-    prefill_ids = _tokens(model, cfg.batch_size, cfg.seq_len, cfg.seed, device)
-    prompt = _tokens(model, cfg.decode_batch_size, cfg.decode_prompt_len, cfg.seed + 1, device)
+    cfg, device, prefill_ids, prompt = _inputs(model, cfg)
     out = {"settings": dataclasses.asdict(cfg) | {"device": str(device), "dtype": str(next(model.parameters()).dtype)
                                                    .replace("torch.", ""), "torch_threads": torch.get_num_threads()},
            "params": count_params(model)}
@@ -270,10 +277,7 @@ def measure_pair(model, dense_model, cfg: EfficiencyConfig, dense: dict) -> tupl
     model's numbers and the dense numbers of this window (``dense``'s FLOPs and memory, fresh timings)."""
     cfg.validate()
     out = measure(model, cfg, timed=False)  # FLOPs, memory, settings; timings below
-    cfg = cfg.fitted(model)
-    device = model_device(model)
-    prefill_ids = _tokens(model, cfg.batch_size, cfg.seq_len, cfg.seed, device)
-    prompt = _tokens(model, cfg.decode_batch_size, cfg.decode_prompt_len, cfg.seed + 1, device)
+    cfg, device, prefill_ids, prompt = _inputs(model, cfg)
     pair = (dense_model, model)
     times = {"prefill": ([], []), "decode": ([], [])}
     with torch.no_grad():

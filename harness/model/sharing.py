@@ -143,11 +143,9 @@ def own_all_layers(adapter, skip=()) -> list[int]:
 
 
 def shared_tensor_ids(dense: nn.Module) -> set[int]:
-    """Storage addresses of the dense model's tensors (to tell a shell's own tensors apart)."""
-    out = set()
-    for t in list(dense.parameters()) + list(dense.buffers()):
-        out.add(t.data_ptr())
-    return out
+    """Storage addresses of the dense model's tensors (to tell a shell's own tensors apart; a view
+    into a dense storage at an offset counts as the dense model's)."""
+    return {t.untyped_storage().data_ptr() for t in list(dense.parameters()) + list(dense.buffers())}
 
 
 def own_tensors(shell: nn.Module, dense: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -155,7 +153,7 @@ def own_tensors(shell: nn.Module, dense: nn.Module) -> list[tuple[str, torch.Ten
     shared = shared_tensor_ids(dense)
     out = []
     for name, t in list(shell.named_parameters(remove_duplicate=True)) + list(shell.named_buffers()):
-        if t.data_ptr() not in shared:
+        if t.untyped_storage().data_ptr() not in shared:
             out.append((name, t))
     return out
 
