@@ -390,12 +390,6 @@ def _run(args):
     _labels(args.label)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.no_progress:  # lm-eval and datasets draw their own tqdm bars
-        import datasets
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
-        datasets.disable_progress_bars()
     if not args.verbose:  # lm-eval warns about every task's fewshot default and every in-memory model
         for name in ("lm_eval", "lm-eval", "datasets", "transformers"):
             logging.getLogger(name).setLevel(logging.ERROR)

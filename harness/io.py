@@ -78,15 +78,11 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 def write_json_gz_atomic(path: Path, data) -> None:
     """Gzipped compact JSON, written atomically (mtime 0: same data, same bytes)."""
-    import gzip
-
     raw = dumps_strict(data, separators=(",", ":")).encode("utf-8")
     _write_atomic(path, gzip.compress(raw, mtime=0))
 
 
 def read_json_gz(path: Path):
-    import gzip
-
     with gzip.open(path, "rt", encoding="utf-8") as fh:
         return json.load(fh)
 
