@@ -1,8 +1,9 @@
 """Finite-number guards: NaN or infinity is never a result.
 
 ``first_nonfinite`` finds the first non-finite number in nested JSON-like data (a score vector,
-a training log, a metrics dict) and says where it is; ``first_nonfinite_layer`` runs one forward
-pass with hooks on the decoder layers and names the first layer whose output is not finite.
+a training log, a metrics dict) and says where it is; ``FirstForwardGuard`` hooks one forward pass
+(embeddings, decoder layers, logits) and names the first place whose output is not finite;
+``first_nonfinite_layer`` runs such a pass.
 """
 from __future__ import annotations
 
@@ -68,40 +69,15 @@ def first_nonfinite_layer(model, adapter, input_ids, attention_mask=None) -> str
     NaN or infinity (``"decoder layer 3"``), or None when everything is finite."""
     import torch
 
-    found: list[str] = []
-    handles = []
+    from harness.errors import NonFiniteOutput
 
-    def hook(label):
-        def fn(_module, _inputs, output):
-            if found:
-                return
-            try:
-                t = first_tensor(output)
-            except TypeError:
-                return
-            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                found.append(label)
-        return fn
-
-    emb = model.get_input_embeddings()
-    if emb is not None:
-        handles.append(emb.register_forward_hook(hook("the input embeddings")))
-    for i, layer in enumerate(adapter.layers):
-        handles.append(layer.register_forward_hook(hook(f"decoder layer {i}")))
+    device = next(model.parameters()).device
     try:
-        device = next(model.parameters()).device
-        with torch.no_grad():
-            out = model(input_ids=input_ids.to(device),
-                        attention_mask=None if attention_mask is None else attention_mask.to(device),
-                        use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    if found:
-        return found[0]
-    logits = getattr(out, "logits", None)
-    if logits is not None and not bool(torch.isfinite(logits).all()):
-        return "the output head (logits)"
+        with torch.no_grad(), FirstForwardGuard(model, adapter):
+            model(input_ids=input_ids.to(device),
+                  attention_mask=None if attention_mask is None else attention_mask.to(device), use_cache=False)
+    except NonFiniteOutput as e:
+        return e.where
     return None
 
 
@@ -142,8 +118,9 @@ def training_failure(manifest: dict, max_growth: float = DEFAULT_MAX_LOSS_GROWTH
 
 class FirstForwardGuard:
     """Checks the first forward pass of ``model`` inside the ``with`` block (lm-eval's first
-    batch): NaN/inf in any decoder layer's output or the logits raises ``NonFiniteOutput``
-    naming the first such layer. Later passes run without hooks."""
+    batch, or ``first_nonfinite_layer``'s pass): NaN/inf in the input embeddings, any decoder
+    layer's output or the logits raises ``NonFiniteOutput`` naming the first such place. Later
+    passes run without hooks."""
 
     def __init__(self, model, adapter):
         self.model, self.adapter = model, adapter
@@ -153,7 +130,10 @@ class FirstForwardGuard:
     def __enter__(self):
         import torch
 
-        def layer_hook(label):
+        def nonfinite(t) -> bool:
+            return isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+
+        def part_hook(label):
             def fn(_m, _i, output):
                 if self.found:
                     return
@@ -161,7 +141,7 @@ class FirstForwardGuard:
                     t = first_tensor(output)
                 except TypeError:
                     return
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                if nonfinite(t):
                     self.found.append(label)
             return fn
 
@@ -171,16 +151,16 @@ class FirstForwardGuard:
             logits = getattr(output, "logits", None)
             if logits is None and isinstance(output, (tuple, list)) and output:
                 logits = output[0]
-            where = self.found[0] if self.found else None
-            if where is None and isinstance(logits, torch.Tensor) and logits.is_floating_point() \
-                    and not bool(torch.isfinite(logits).all()):
-                where = "the output head (logits)"
+            where = self.found[0] if self.found else ("the output head (logits)" if nonfinite(logits) else None)
             self._remove()
             if where:
                 raise NonFiniteOutput(where)
 
+        emb = self.model.get_input_embeddings()
+        if emb is not None:
+            self.handles.append(emb.register_forward_hook(part_hook("the input embeddings")))
         for i, layer in enumerate(self.adapter.layers):
-            self.handles.append(layer.register_forward_hook(layer_hook(f"decoder layer {i}")))
+            self.handles.append(layer.register_forward_hook(part_hook(f"decoder layer {i}")))
         self.handles.append(self.model.register_forward_hook(model_hook))
         return self
 
