@@ -10,7 +10,7 @@ from pathlib import Path
 from harness import defaults
 from harness.errors import RegressionFailure, UsageError
 from harness.reference import CALIB_SEQ_LEN as REFERENCE_CALIB_SEQ_LEN
-from harness.reference import DEFAULT_MODEL as REFERENCE_DEFAULT
+from harness.reference import default_model as reference_default
 from harness.reference import shipped as shipped_reference_models
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, metavar="FILE",
                    help="YAML file whose keys mirror these flags (e.g. configs/table5_6.yaml); flags given here win")
     p.add_argument("--model", default=None, help="Hub id, local model folder, or a reference model name "
-                   f"({', '.join(shipped_reference_models())}; default: {REFERENCE_DEFAULT} on the reference suite)")
+                   f"({', '.join(shipped_reference_models())}; default: {reference_default()} on the reference suite)")
     p.add_argument("--suite", default=None, help="a generated task-suite folder (suite.json) instead of --tasks "
                    "(default for reference models: reference/suite)")
     p.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks "
@@ -350,8 +350,8 @@ def _reference_defaults(args) -> None:
     from harness import reference
 
     if not args.model:
-        args.model = reference.DEFAULT_MODEL
-        print(f"Using the built-in reference model {reference.DEFAULT_MODEL} ({reference.MODELS_DIR / args.model}) "
+        args.model = reference.default_model()
+        print(f"Using the built-in reference model {args.model} ({reference.MODELS_DIR / args.model}) "
               f"on the reference suite ({reference.SUITE_DIR}); everything runs offline.")
         print("To run a Hub model instead: --model facebook/opt-1.3b --tasks "
               "piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa,boolq --ratio 0.25 "

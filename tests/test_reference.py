@@ -118,22 +118,133 @@ def test_lm_eval_path_agrees_with_reference_scoring():
         assert got[task]["acc_norm"] == pytest.approx(want[task]["acc_norm"]), task
 
 
-def test_training_is_deterministic(tmp_path):
-    """Same command, same machine -> same weights (a 2-layer, 4-step run of the real recipe)."""
+def _tiny_size(T, **kw):
+    base = dict(layers=2, batch=8, warmup=2, eval_every=2, heldout_docs=16, patience=4, min_steps=4,
+                min_cooldown=3, max_steps=10)
+    return T.Size("_test", **{**base, **kw})
+
+
+def test_training_is_deterministic_and_resumes_exactly(tmp_path, monkeypatch):
+    """Same command, same machine -> same weights; a run interrupted after a checkpoint and resumed
+    ends with the weights, data hash and held-out curve of an uninterrupted one."""
     import torch
     from safetensors.torch import load_file
 
     from harness.reference import train as T
 
-    T.SIZES["_test"] = T.Size("_test", layers=2, steps=4, batch=8, warmup=2)
-    try:
-        world = W.World()
-        tasks = {t: items[:5] for t, items in load_suite(R.SUITE_DIR)[1].items()}
-        for run in ("a", "b"):
-            T.train("_test", world, tasks, tmp_path / run, log=lambda m: None, eval_every=0)
-    finally:
-        del T.SIZES["_test"]
-    a, b = (load_file(tmp_path / r / "model.safetensors") for r in ("a", "b"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    monkeypatch.setitem(T.SIZES, "_test", _tiny_size(T))
+    monkeypatch.setattr(T, "CHECKPOINT_EVERY", 2)
+    world = W.World()
+    tasks = {t: items[:5] for t, items in load_suite(R.SUITE_DIR)[1].items()}
+    a = T.train("_test", world, tasks, tmp_path / "a", log=lambda m: None, probe_every=0)
+    b = T.train("_test", world, tasks, tmp_path / "b", log=lambda m: None, probe_every=0)
+    ck = tmp_path / "ck.pt"
+    assert T.train("_test", world, tasks, tmp_path / "c", log=lambda m: None, probe_every=0,
+                   checkpoint=ck, stop_after=5) is None
+    assert ck.is_file() and not (tmp_path / "c" / "model.safetensors").exists()
+    c = T.train("_test", world, tasks, tmp_path / "c", log=lambda m: None, probe_every=0, checkpoint=ck)
+    wa, wb, wc = (load_file(tmp_path / r / "model.safetensors") for r in "abc")
+    for w in (wb, wc):
+        assert w.keys() == wa.keys() and all(torch.equal(wa[k], w[k]) for k in wa)
+    assert a["train_data_sha256"] == b["train_data_sha256"] == c["train_data_sha256"]
+    assert a["heldout_curve"] == c["heldout_curve"] and a["loss_curve"] == c["loss_curve"]
     m = json.loads((tmp_path / "a" / "manifest.json").read_text())
-    assert m["steps"] == 4 and m["train_data_sha256"] and "dense_suite_accuracy" in m
+    assert m["stop_reason"] == "cap" and m["converged"] is False and m["steps"] == 13  # cap 10 + cooldown 3
+    assert "held-out" in m["stopping_rule"] and [h["step"] for h in m["heldout_curve"]] == list(range(2, 14, 2))
+    assert "dense_suite_accuracy" in m
+
+
+def test_checkpoint_of_other_settings_is_refused(tmp_path, monkeypatch):
+    from harness.reference import train as T
+
+    monkeypatch.setitem(T.SIZES, "_test", _tiny_size(T))
+    world = W.World()
+    tasks = {t: items[:2] for t, items in load_suite(R.SUITE_DIR)[1].items()}
+    ck = tmp_path / "ck.pt"
+    T.train("_test", world, tasks, tmp_path / "a", log=lambda m: None, probe_every=0, checkpoint=ck, stop_after=2)
+    monkeypatch.setitem(T.SIZES, "_test", _tiny_size(T, lr=1e-3))
+    with pytest.raises(SystemExit, match="other settings"):
+        T.train("_test", world, tasks, tmp_path / "a", log=lambda m: None, probe_every=0, checkpoint=ck)
+
+
+def test_stop_rule_plateau_cap_and_cooldown():
+    from harness.reference.train import Size, StopRule
+
+    z = Size("_r", layers=2, warmup=10, patience=300, min_steps=500, min_rel_improvement=0.01,
+             cooldown_frac=0.2, min_cooldown=50, max_steps=5000)
+    r = StopRule(z)
+    assert r.lr(0) == pytest.approx(z.lr / 10) and r.lr(400) == z.lr
+    # steady progress: never stops
+    for i, step in enumerate(range(100, 1100, 100)):
+        r.update(step, 2.0 * 0.9 ** i)
+    assert r.cooldown_start is None and not r.done(1000)
+    # less than 1% better for 300 steps: the plateau ends the constant phase
+    best = r.best
+    for step in (1100, 1200, 1300):
+        r.update(step, best * 0.995)
+    assert r.reason == "plateau" and r.cooldown_start == 1300 and r.cooldown_len == 260
+    assert r.lr(1300) == z.lr and r.lr(1430) == pytest.approx(z.lr / 2) and r.lr(1560) == 0
+    assert not r.done(1559) and r.done(1560)
+    r.update(1400, 0.0)  # nothing changes once cooling down
+    assert r.best == best and r.cooldown_start == 1300
+    # no stop before min_steps even on a plateau (the initial unigram plateau)
+    r = StopRule(z)
+    for step in range(100, 500, 100):
+        r.update(step, 2.5)
+    assert r.cooldown_start is None
+    r.update(500, 2.5)
+    assert r.reason == "plateau"
+    # the cap ends it as not converged; state round-trips (what a checkpoint stores)
+    r = StopRule(z)
+    for i, step in enumerate(range(100, 5100, 100)):
+        r.update(step, 3.0 * 0.98 ** i)
+    assert r.reason == "cap" and r.cooldown_len == 1000
+    assert StopRule(z, r.state()).state() == r.state()
+
+
+def test_default_model_rule(tmp_path, monkeypatch):
+    """The bare command's model: the deepest converged model within the layer limit that meets the bar."""
+    def ship(name, layers, converged, meets):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text("{}")
+        (d / "manifest.json").write_text(json.dumps({"size": {"layers": layers}, "converged": converged,
+                                                     "quality": {"regime": {"meets_bar": meets}}}))
+
+    monkeypatch.setattr(R, "MODELS_DIR", tmp_path)
+    monkeypatch.setattr(R, "NAMES", {"a": "m8", "b": "m12", "c": "m16", "d": "m24"})
+    monkeypatch.setattr(R, "BARE_MAX_LAYERS", 16)
+    ship("m8", 8, True, True)
+    ship("m12", 12, True, True)
+    ship("m16", 16, True, False)  # collapses under removal
+    ship("m24", 24, True, True)  # too slow for the bare command
+    assert R.default_model() == "m12"
+    (tmp_path / "m16" / "manifest.json").write_text(json.dumps(
+        {"size": {"layers": 16}, "converged": True, "quality": {"regime": {"meets_bar": True}}}))
+    assert R.default_model() == "m16"
+
+
+def test_shipped_manifests_hold_convergence_evidence_and_regime():
+    """Every checked-in model stopped by the held-out rule (not the cap) and carries its regime table."""
+    from harness.reference.quality import REGIME_FRACTIONS
+
+    names = R.shipped()
+    if not names:
+        pytest.skip("no reference model trained yet")
+    for name in names:
+        m = json.loads((R.MODELS_DIR / name / "manifest.json").read_text())
+        assert m["converged"] is True and m["stop_reason"] == "plateau", name
+        assert "held-out" in m["stopping_rule"] and len(m["heldout_curve"]) >= 10, name
+        assert m["steps"] == m["cooldown"][1] and m["heldout_curve"][-1]["step"] <= m["steps"], name
+        regime = m["quality"]["regime"]
+        assert [r["fraction"] for r in regime["removal"]] == list(REGIME_FRACTIONS), name
+        assert len(m["quality"]["per_layer_cos"]) == m["size"]["layers"], name
+
+
+def test_bare_command_model_meets_the_regime_bar():
+    if not R.shipped():
+        pytest.skip("no reference model trained yet")
+    name = R.default_model()
+    m = json.loads((R.MODELS_DIR / name / "manifest.json").read_text())
+    assert m["size"]["layers"] <= R.BARE_MAX_LAYERS
+    assert m["quality"]["regime"]["retained_at_25"] >= 100 * R.REGIME_BAR, (name, m["quality"]["regime"])

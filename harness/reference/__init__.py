@@ -17,7 +17,8 @@ MODELS_DIR = REFERENCE_DIR / "models"
 SUITE_DIR = REFERENCE_DIR / "suite"
 CALIBRATION_PATH = REFERENCE_DIR / "calibration.txt"
 NAMES = {"small": "ref-opt-12l", "medium": "ref-opt-16l", "large": "ref-opt-24l"}
-DEFAULT_MODEL = NAMES["medium"]  # what run_benchmarks.py uses when no --model is given
+REGIME_BAR = 0.60  # plain removal of the most similar 25% of layers keeps >= this share of dense accuracy
+BARE_MAX_LAYERS = 16  # deeper models make the bare command exceed 60 s on 2 cores (README)
 CALIB_SEQ_LEN = 24  # the length the models were trained on (one 13-17 word episode + </s> per row)
 
 
@@ -39,3 +40,25 @@ def resolve(name: str | None) -> Path | None:
     except OSError:
         return None
     return None
+
+
+def default_model() -> str:
+    """The bare command's model, by the README's rule: the deepest shipped reference model of at
+    most ``BARE_MAX_LAYERS`` layers whose manifest records a converged training run and plain
+    removal at 25% keeping >= ``REGIME_BAR`` of dense accuracy. If none qualifies, the deepest
+    shipped model within the layer limit (``quality`` reports which bar it misses)."""
+    import json
+
+    candidates = []
+    for name in shipped():
+        try:
+            m = json.loads((MODELS_DIR / name / "manifest.json").read_text())
+        except (OSError, ValueError):
+            continue
+        layers = m.get("size", {}).get("layers", 0)
+        if layers <= BARE_MAX_LAYERS:
+            ok = bool(m.get("converged")) and bool(m.get("quality", {}).get("regime", {}).get("meets_bar"))
+            candidates.append((ok, layers, name))
+    if not candidates:
+        return NAMES["small"]
+    return max(candidates)[2]

@@ -3,9 +3,11 @@
     python -m harness.reference.quality                # every trained reference model
     python -m harness.reference.quality --sizes small
 
-Bars (issue: built-in reference benchmark): dense average accuracy on the suite >= 85%;
-removing 25% of the layers with ``remove`` (Streamline's most-similar window, no replacement)
-loses >= 15 points on average; the per-layer Streamline similarity profile is not flat. The
+Bars: dense average accuracy on the suite >= 85%; removing 25% of the layers with ``remove``
+(Streamline's most-similar window, no replacement) loses >= 15 points on average (removal is not
+free) yet keeps >= 60% of dense accuracy (the regime of pretrained LLMs, which keep 70-90%); the
+per-layer Streamline similarity profile is not flat. The regime table (removal of 12.5%, 25% and
+37.5% of the layers, retained %) is stored beside the bars. The
 measurements use the harness itself (calibration, streaming layer statistics, layer removal) and
 ``scoring.evaluate_suite`` (lm-eval's acc definition). Results are printed and stored in the
 model's ``manifest.json`` under ``quality``.
@@ -25,9 +27,29 @@ from . import CALIB_SEQ_LEN, CALIBRATION_PATH, MODELS_DIR, NAMES, SUITE_DIR
 from .scoring import evaluate_suite, load_suite
 
 BARS = {"dense_acc_min": 0.85, "remove_drop_min": 0.15, "profile_spread_min": 0.05}
+REGIME_FRACTIONS = (0.125, 0.25, 0.375)  # of the layers, removed as the most similar window
+# Pretrained LLMs, for comparison (retained % of dense accuracy after removing about a quarter of
+# the layers). Sources: the issue that asked for this measurement (ShortGPT Llama-2-7B 86.3;
+# LLM-Streamline OPT-1.3B 87.8 is Table 3, 25.8%, with the trained MLP), and LLM-Streamline Table 1
+# (PPL benchmarks, 27.1%): ShortGPT Llama-2-7B 90.7 (ShortGPT's number) / 88.0 (reproduced),
+# ShortGPT OPT-6.7B 70.1 (reproduced).
+PRETRAINED_RETAINED = {
+    "ShortGPT, Llama-2-7B (issue 14)": 86.3,
+    "LLM-Streamline, OPT-1.3B, 25.8% with MLP (paper Table 3)": 87.8,
+    "ShortGPT, Llama-2-7B, 27.1% (paper Table 1)": 90.7,
+    "ShortGPT*, Llama-2-7B, 27.1% (paper Table 1, reproduced)": 88.0,
+    "ShortGPT*, OPT-6.7B, 27.0% (paper Table 1, reproduced)": 70.1,
+}
+
+
+def removal_n(num_layers: int, fraction: float) -> int:
+    """Layers removed for a fraction of the depth (rounded as ``--ratio`` rounds, at least 1)."""
+    return max(1, round(fraction * num_layers))
 
 
 def measure(model_dir, tasks=None, calib_samples: int = 64) -> dict:
+    import copy
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from harness.model.adapters import get_adapter
@@ -35,41 +57,60 @@ def measure(model_dir, tasks=None, calib_samples: int = 64) -> dict:
     from harness.signals.activations import collect_layer_stats
     from harness.signals.calibration import CalibrationConfig, load_calibration
 
+    from . import REGIME_BAR
+
     if tasks is None:
         _, tasks = load_suite(SUITE_DIR)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
     adapter = get_adapter(model)
     L = adapter.num_layers
-    n = max(1, round(0.25 * L))
+    ns = {f: removal_n(L, f) for f in REGIME_FRACTIONS}
     cal = load_calibration(CalibrationConfig(source=str(CALIBRATION_PATH), num_samples=calib_samples,
                                              seq_len=CALIB_SEQ_LEN, seed=0), tok)
-    stats = collect_layer_stats(model, adapter, cal, lags=(1, n), progress=False)
+    stats = collect_layer_stats(model, adapter, cal, lags=tuple(sorted({1, *ns.values()})), progress=False)
     dense = evaluate_suite(model, tok, tasks)
-    start = stats.best_window(n)
-    remove_layers(adapter, list(range(start, start + n)))
-    removed = evaluate_suite(model, tok, tasks)
+    dense_avg = dense["average"]["acc"]
+    removal = []
+    for f, n in ns.items():
+        pruned = copy.deepcopy(model)
+        start = stats.best_window(n)
+        remove_layers(get_adapter(pruned), list(range(start, start + n)))
+        r = evaluate_suite(pruned, tok, tasks)
+        removal.append({"fraction": f, "n": n, "window": [start, start + n - 1],
+                        "acc": {t: round(v["acc"], 4) for t, v in r.items() if t != "average"},
+                        "avg": round(r["average"]["acc"], 4),
+                        "retained": round(100 * r["average"]["acc"] / dense_avg, 1)})
+    quarter = removal[REGIME_FRACTIONS.index(0.25)]
+    n = quarter["n"]
     per_layer = [round(v, 4) for v in stats.window_cos[1]]
-    window = [round(v, 4) for v in stats.window_cos[n]]
     q = {
         "num_layers": L,
         "remove_n": n,
-        "remove_window": [start, start + n - 1],
+        "remove_window": quarter["window"],
         "dense": {t: round(r["acc"], 4) for t, r in dense.items() if t != "average"},
-        "dense_avg": round(dense["average"]["acc"], 4),
-        "remove": {t: round(r["acc"], 4) for t, r in removed.items() if t != "average"},
-        "remove_avg": round(removed["average"]["acc"], 4),
+        "dense_avg": round(dense_avg, 4),
+        "remove": quarter["acc"],
+        "remove_avg": quarter["avg"],
         "per_layer_cos": per_layer,  # S(i) for n = 1: cos(X_i, X_{i+1})
-        f"window_cos_n{n}": window,
+        f"window_cos_n{n}": [round(v, 4) for v in stats.window_cos[n]],
         "profile_spread": round(max(per_layer) - min(per_layer), 4),
         "profile_stdev": round(statistics.pstdev(per_layer), 4),
         "calibration": cal.description,
+        "regime": {
+            "removal": removal,  # plain removal of the most similar window (Streamline's choice)
+            "bar": f"removal of {n} of {L} layers (25%) keeps >= {REGIME_BAR:.0%} of dense accuracy",
+            "retained_at_25": quarter["retained"],
+            "meets_bar": quarter["retained"] >= 100 * REGIME_BAR,
+            "pretrained_llms_retained": PRETRAINED_RETAINED,
+        },
     }
     q["remove_drop"] = round(q["dense_avg"] - q["remove_avg"], 4)
     q["bars"] = {
         "dense_acc>=0.85": q["dense_avg"] >= BARS["dense_acc_min"],
         "remove_drop>=0.15": q["remove_drop"] >= BARS["remove_drop_min"],
         "profile_not_flat(max-min>=0.05)": q["profile_spread"] >= BARS["profile_spread_min"],
+        f"regime(removal@25%>={REGIME_BAR:.0%})": q["regime"]["meets_bar"],
     }
     return q
 
@@ -91,9 +132,10 @@ def main(argv=None) -> int:
             print(f"error: {d} is not trained; run python -m harness.reference.train --sizes {size}", file=sys.stderr)
             return 2
         q = measure(d)
-        print(f"{NAMES[size]}: dense {100 * q['dense_avg']:.1f}  remove@{q['remove_n']}/{q['num_layers']} "
-              f"(layers {q['remove_window']}) {100 * q['remove_avg']:.1f}  drop {100 * q['remove_drop']:.1f} pts; "
-              f"per-layer cos {q['per_layer_cos']}")
+        print(f"{NAMES[size]}: dense {100 * q['dense_avg']:.1f}; plain removal of the most similar window: "
+              + ", ".join(f"{r['n']}/{q['num_layers']} (layers {r['window'][0]}-{r['window'][1]}) "
+                          f"{100 * r['avg']:.1f} = {r['retained']:.1f}% retained" for r in q["regime"]["removal"])
+              + f"; per-layer cos {q['per_layer_cos']}")
         print("  " + "  ".join(f"{k}: {'PASS' if v else 'FAIL'}" for k, v in q["bars"].items()))
         ok &= all(q["bars"].values())
         if not args.no_write:

@@ -1,16 +1,21 @@
 """Train the reference OPT models on the generated world (CPU, deterministic).
 
-    python -m harness.reference.train                 # the checked-in sizes (small, medium)
+    python -m harness.reference.train                 # every size (small, medium, large)
     python -m harness.reference.train --sizes small   # one size
+
+Each size trains until the held-out stopping rule (``StopRule``, the same for every size) ends it,
+checkpointing to ``reference/checkpoints/<name>.pt`` (not checked in) every 200 steps; the same
+command resumes an interrupted run from there (``--fresh`` starts over).
 
 Writes ``reference/models/<name>/`` (``config.json``, ``model.safetensors``, the world tokenizer,
 ``manifest.json``) and ``reference/suite/`` + ``reference/calibration.txt``. The manifest records
-the command, seed, corpus hash, steps, final loss, wall time, thread count and the dense model's
-accuracy on the suite. Same command + same machine (same thread count) -> same weights.
+the command, seed, training-data hash, the stopping rule and why it stopped, the held-out and
+training loss curves, wall time, thread count and the dense model's accuracy on the suite. Same command + same machine (same thread count) -> same weights.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import os
 import platform
@@ -23,7 +28,7 @@ import torch
 
 from harness.io import write_json_atomic
 
-from . import MODELS_DIR, NAMES  # noqa: E402
+from . import MODELS_DIR, NAMES, REFERENCE_DIR  # noqa: E402
 from . import world as W
 from .scoring import evaluate_suite, load_suite
 from .tokenizer import EOS_ID, PAD_ID, build_tokenizer, word_ids
@@ -36,7 +41,6 @@ class Size:
     hidden: int = 64
     heads: int = 2
     ffn: int = 256
-    steps: int = 3000
     batch: int = 128  # documents per step
     seq_len: int = 24  # every document fits (the longest has 17 tokens)
     lr: float = 2e-3
@@ -45,17 +49,26 @@ class Size:
     seed: int = 0
     sinusoidal_init: bool = True
     sinusoidal_scale: float = 0.1
+    # The stopping rule (the same for every size; see StopRule): held-out loss every `eval_every`
+    # steps; the constant-LR phase ends once the best held-out loss has not improved by
+    # `min_rel_improvement` for `patience` steps (never before `min_steps`), then the LR decays
+    # linearly to 0 over `cooldown_frac` of the steps so far (at least `min_cooldown`).
+    eval_every: int = 100
+    heldout_docs: int = 1024
+    patience: int = 1000
+    min_rel_improvement: float = 0.01
+    min_steps: int = 2000
+    cooldown_frac: float = 0.2
+    min_cooldown: int = 300
+    max_steps: int = 20000  # a cap, not the rule: a run that reaches it is recorded as not converged
 
 
 SIZES = {
     "small": Size(NAMES["small"], layers=12),
     "medium": Size(NAMES["medium"], layers=16),
-    # Optional, not checked in: deeper models leave the initial plateau later (24 layers had not
-    # finished within this project's CPU budget); train it with --sizes large.
-    "large": Size(NAMES["large"], layers=24, steps=4000),
+    "large": Size(NAMES["large"], layers=24),
 }
-DEFAULT_MODEL = "medium"  # the no-argument run_benchmarks.py default
-SMALLEST = "small"  # CI's regression model
+CHECKPOINT_EVERY = 200  # steps between resumable checkpoints (reference/checkpoints/, not checked in)
 
 
 def model_dir(size: str) -> Path:
@@ -66,22 +79,10 @@ def tokenizer_for(world: W.World):
     return build_tokenizer(world.vocabulary(), model_max_length=256)
 
 
-def doc_batches(world: W.World, steps: int, batch: int, seq_len: int, ids: dict[str, int]):
-    """``(input_ids, labels)`` of shape (steps, batch, seq_len): one document per row, starting at
-    position 0 (as the suite's queries do), ended by ``</s>``, right-padded.
-
-    Only the part of each episode that its context determines (and the closing ``</s>``) is
-    scored; the random context words are input only. With every token scored, 12-layer d=64 models never left
-    the unigram plateau within the CPU budget (copy loss stayed at ln 40 for 900 steps); with the
-    answers scored, copying is learned in ~200 steps.
-
-    Documents are drawn once, in order, from the world's "train" stream (nothing repeated).
-    """
-    rows = steps * batch
-    x = torch.full((rows, seq_len), PAD_ID, dtype=torch.long)
-    y = torch.full((rows, seq_len), -100, dtype=torch.long)
-    docs = world.documents("train", 10 ** 12, parts=True)
-    for r in range(rows):
+def _rows(docs, n: int, seq_len: int, ids: dict[str, int]):
+    x = torch.full((n, seq_len), PAD_ID, dtype=torch.long)
+    y = torch.full((n, seq_len), -100, dtype=torch.long)
+    for r in range(n):
         ctx, answer = next(docs)
         c = [ids[w] for w in ctx.split()]
         toks = c + [ids[w] for w in answer.split()] + [EOS_ID]
@@ -89,7 +90,92 @@ def doc_batches(world: W.World, steps: int, batch: int, seq_len: int, ids: dict[
             raise ValueError(f"document of {len(toks)} tokens does not fit seq_len={seq_len}")
         x[r, :len(toks)] = torch.tensor(toks)
         y[r, len(c):len(toks)] = x[r, len(c):len(toks)]
-    return x.view(steps, batch, seq_len), y.view(steps, batch, seq_len)
+    return x, y
+
+
+def step_batch(world: W.World, step: int, batch: int, seq_len: int, ids: dict[str, int]):
+    """``(input_ids, labels)`` of shape (batch, seq_len) for training step ``step``: one document per
+    row, starting at position 0 (as the suite's queries do), ended by ``</s>``, right-padded.
+
+    Each step draws from its own random stream (``train/<step>``), so a batch is a function of the
+    step number alone and a resumed run sees exactly the documents an uninterrupted one would.
+    Only the part of each episode that its context determines (and the closing ``</s>``) is
+    scored; the random context words are input only. With every token scored, 12-layer d=64 models
+    never left the unigram plateau within the CPU budget (copy loss stayed at ln 40 for 900 steps);
+    with the answers scored, copying is learned in ~200 steps.
+    """
+    return _rows(world.documents(f"train/{step}", 10 ** 12, parts=True), batch, seq_len, ids)
+
+
+def doc_batches(world: W.World, steps: int, batch: int, seq_len: int, ids: dict[str, int]):
+    """Steps ``0..steps-1`` of :func:`step_batch`, stacked to (steps, batch, seq_len)."""
+    xs, ys = zip(*(step_batch(world, s, batch, seq_len, ids) for s in range(steps)))
+    return torch.stack(xs), torch.stack(ys)
+
+
+def heldout_batch(world: W.World, size: Size, ids: dict[str, int]):
+    """The fixed held-out documents the stopping rule measures (their own stream, never trained on)."""
+    return _rows(world.documents("heldout", 10 ** 12, parts=True), size.heldout_docs, size.seq_len, ids)
+
+
+class StopRule:
+    """When to stop, from held-out loss alone (warmup - stable - decay).
+
+    ``update(step, loss)`` is called after every held-out evaluation. While the LR is constant, a
+    loss counts as progress when it beats the best so far by ``min_rel_improvement`` (relative).
+    When ``patience`` steps pass without progress (and at least ``min_steps`` were taken), the
+    stable phase ends ("plateau"); at ``max_steps`` it ends anyway ("cap", recorded as not
+    converged). The LR then decays linearly to 0 over ``max(min_cooldown, cooldown_frac * step)``
+    steps and training stops.
+    """
+
+    def __init__(self, size: Size, state: dict | None = None):
+        self.size = size
+        s = state or {}
+        self.best = s.get("best", math.inf)
+        self.best_step = s.get("best_step", 0)
+        self.cooldown_start = s.get("cooldown_start")
+        self.cooldown_len = s.get("cooldown_len")
+        self.reason = s.get("reason")
+
+    def state(self) -> dict:
+        return {"best": self.best, "best_step": self.best_step, "cooldown_start": self.cooldown_start,
+                "cooldown_len": self.cooldown_len, "reason": self.reason}
+
+    def lr(self, step: int) -> float:
+        z = self.size
+        if step < z.warmup:
+            return z.lr * (step + 1) / z.warmup
+        if self.cooldown_start is None or step < self.cooldown_start:
+            return z.lr
+        return z.lr * max(0.0, 1.0 - (step - self.cooldown_start) / self.cooldown_len)
+
+    def update(self, step: int, loss: float) -> None:
+        """Record the held-out loss measured after ``step`` completed steps."""
+        if self.cooldown_start is not None:
+            return
+        z = self.size
+        if loss < self.best * (1 - z.min_rel_improvement):
+            self.best, self.best_step = loss, step
+        if step >= z.max_steps:
+            self.reason = "cap"
+        elif step >= z.min_steps and step - self.best_step >= z.patience:
+            self.reason = "plateau"
+        if self.reason:
+            self.cooldown_start = step
+            self.cooldown_len = max(z.min_cooldown, round(z.cooldown_frac * step))
+
+    def done(self, step: int) -> bool:
+        return self.cooldown_start is not None and step >= self.cooldown_start + self.cooldown_len
+
+    @staticmethod
+    def describe(z: Size) -> str:
+        return (f"warmup {z.warmup} steps, then constant LR {z.lr}; held-out loss ({z.heldout_docs} documents "
+                f"of their own stream) every {z.eval_every} steps; the constant phase ends when the best "
+                f"held-out loss has not improved by {z.min_rel_improvement:.0%} (relative) for {z.patience} "
+                f"steps (not before step {z.min_steps}; at step {z.max_steps} regardless, recorded as not "
+                f"converged); then the LR decays linearly to 0 over max({z.min_cooldown}, "
+                f"{z.cooldown_frac} x steps so far) steps and training stops.")
 
 
 def build_model(size: Size, vocab_size: int):
@@ -121,68 +207,127 @@ def _sinusoids(n: int, d: int) -> torch.Tensor:
     return out
 
 
-def lr_at(step: int, size: Size) -> float:
-    if step < size.warmup:
-        return size.lr * (step + 1) / size.warmup
-    frac = (step - size.warmup) / max(1, size.steps - size.warmup)
-    return size.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+def _heldout_loss(model, x, y, batch: int = 256) -> float:
+    """Mean loss over the scored tokens of the held-out documents (as the training loss is defined)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            xb, yb = x[i:i + batch], y[i:i + batch]
+            logits = model(input_ids=xb, attention_mask=(xb != PAD_ID).long()).logits[:, :-1]
+            tgt = yb[:, 1:]
+            total += float(torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100, reduction="sum"))
+            count += int((tgt != -100).sum())
+    return total / count
 
 
-def train(size_key: str, world: W.World, tasks: dict, out_dir: Path, *, log=print, eval_every: int = 600) -> dict:
+def _save_checkpoint(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def train(size_key: str, world: W.World, tasks: dict, out_dir: Path, *, log=print, probe_every: int = 1000,
+          checkpoint: Path | None = None, stop_after: int | None = None) -> dict | None:
+    """Train one size until its StopRule says so; write the model and its manifest to ``out_dir``.
+
+    With ``checkpoint`` (a file), the run saves its full state there every ``CHECKPOINT_EVERY``
+    steps and resumes from it when it exists (same size settings required). ``stop_after`` ends the
+    run after that many steps with a checkpoint and no model (what an interruption leaves).
+    """
     size = SIZES[size_key]
     torch.manual_seed(size.seed)
     tok = tokenizer_for(world)
     ids = word_ids(world.vocabulary())
-    t0 = time.perf_counter()
-    inputs, labels = doc_batches(world, size.steps, size.batch, size.seq_len, ids)
-    data_sha = W.sha256_text(",".join(map(str, inputs.flatten().tolist())))
-    n_tokens = int((labels != -100).sum())
+    hx, hy = heldout_batch(world, size, ids)
     model = build_model(size, len(tok))
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": size.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=size.lr, betas=(0.9, 0.95))
     probe = {t: items[:60] for t, items in tasks.items()}
-    losses: list[float] = []
-    history = []
+    st = {"step": 0, "losses": [], "heldout": [], "probe": [], "rule": None, "data_sha": "", "seconds": 0.0,
+          "n_tokens": 0}
+    if checkpoint is not None and checkpoint.is_file():
+        ck = torch.load(checkpoint, weights_only=False)
+        if ck["size"] != asdict(size):
+            raise SystemExit(f"error: checkpoint {checkpoint} was written for other settings; delete it "
+                             "or pass --fresh")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        st = ck["state"]
+        log(f"[{size.name}] resuming at step {st['step']} from {checkpoint.name}")
+    rule = StopRule(size, st["rule"])
     model.train()
-    for step in range(size.steps):
+    t0 = time.perf_counter() - st["seconds"]
+    while not rule.done(st["step"]):
+        step = st["step"]
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, size)
-        x, y = inputs[step], labels[step]
+            g["lr"] = rule.lr(step)
+        x, y = step_batch(world, step, size.batch, size.seq_len, ids)
+        st["data_sha"] = hashlib.sha256(st["data_sha"].encode() + x.numpy().tobytes()).hexdigest()
+        st["n_tokens"] += int((y != -100).sum())
         loss = model(input_ids=x, attention_mask=(x != PAD_ID).long(), labels=y).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if (step + 1) % 100 == 0:
-            log(f"[{size.name}] step {step + 1}/{size.steps} loss {sum(losses[-100:]) / 100:.4f} "
-                f"({time.perf_counter() - t0:.0f}s)")
-        if eval_every and (step + 1) % eval_every == 0 and step + 1 < size.steps:
+        st["losses"].append(loss.item())
+        st["step"] = step = step + 1
+        if not math.isfinite(st["losses"][-1]):
+            raise SystemExit(f"error: [{size.name}] training loss is not finite at step {step}")
+        if step % size.eval_every == 0:
+            model.eval()
+            h = _heldout_loss(model, hx, hy)
+            model.train()
+            rule.update(step, h)
+            st["heldout"].append({"step": step, "loss": round(h, 5), "lr": round(rule.lr(step - 1), 7)})
+            log(f"[{size.name}] step {step} train {sum(st['losses'][-100:]) / min(100, len(st['losses'])):.4f} held-out {h:.4f} "
+                f"(best {rule.best:.4f} @ {rule.best_step}) lr {rule.lr(step - 1):.2e} "
+                f"({time.perf_counter() - t0:.0f}s)" + (f" -> cooldown ({rule.reason}) to step "
+                                                       f"{rule.cooldown_start + rule.cooldown_len}"
+                                                       if rule.cooldown_start == step else ""))
+        if probe_every and step % probe_every == 0:
             model.eval()
             r = evaluate_suite(model, tok, probe)
             model.train()
-            history.append({"step": step + 1, **{t: round(v["acc"], 3) for t, v in r.items() if t != "average"}})
-            log(f"[{size.name}] probe acc {history[-1]}")
+            st["probe"].append({"step": step, **{t: round(v["acc"], 3) for t, v in r.items() if t != "average"}})
+            log(f"[{size.name}] probe acc {st['probe'][-1]}")
+        if checkpoint is not None and (step % CHECKPOINT_EVERY == 0 or step == stop_after):
+            st["rule"], st["seconds"] = rule.state(), time.perf_counter() - t0
+            _save_checkpoint(checkpoint, {"size": asdict(size), "model": model.state_dict(),
+                                          "optimizer": opt.state_dict(), "state": st})
+        if stop_after is not None and step >= stop_after:
+            return None
     train_s = time.perf_counter() - t0
     model.eval()
     dense = evaluate_suite(model, tok, tasks)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
+    losses = st["losses"]
     manifest = {
         "name": size.name,
         "command": "python -m harness.reference.train --sizes " + size_key,
         "size": asdict(size),
         "params": sum(p.numel() for p in model.parameters()),
         "world": {"suite": W.SUITE_NAME, "seed": world.seed, "n_people": world.n_people},
-        "train_tokens": n_tokens,
-        "train_data_sha256": data_sha,
-        "steps": size.steps,
+        "train_tokens": st["n_tokens"],
+        "train_data_sha256": st["data_sha"],
+        "steps": st["step"],
+        "stopping_rule": StopRule.describe(size),
+        "stop_reason": rule.reason,
+        "converged": rule.reason == "plateau",
+        "best_heldout_loss_before_cooldown": round(rule.best, 5),
+        "best_heldout_step": rule.best_step,
+        "cooldown": [rule.cooldown_start, rule.cooldown_start + rule.cooldown_len],
+        "final_heldout_loss": st["heldout"][-1]["loss"] if st["heldout"] else None,
         "final_loss": round(sum(losses[-100:]) / min(100, len(losses)), 5),
+        "heldout_curve": st["heldout"],
         "loss_curve": [round(sum(losses[i:i + 100]) / len(losses[i:i + 100]), 4) for i in range(0, len(losses), 100)],
-        "probe_history": history,
+        "loss_curve_every": 100,
+        "probe_history": st["probe"],
         "train_seconds": round(train_s, 1),
         "torch_threads": torch.get_num_threads(),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
@@ -192,17 +337,19 @@ def train(size_key: str, world: W.World, tasks: dict, out_dir: Path, *, log=prin
                 "definitions, no delimiter); run_benchmarks.py reports the same numbers through lm-eval.",
     }
     write_json_atomic(out_dir / "manifest.json", manifest)
-    log(f"[{size.name}] done in {train_s:.0f}s, final loss {manifest['final_loss']}, "
-        f"dense acc {dense['average']['acc']:.3f}: " + ", ".join(f"{t} {r['acc']:.3f}" for t, r in dense.items()))
+    log(f"[{size.name}] done in {train_s:.0f}s after {st['step']} steps ({rule.reason}), held-out loss "
+        f"{manifest['final_heldout_loss']}, dense acc {dense['average']['acc']:.3f}: "
+        + ", ".join(f"{t} {r['acc']:.3f}" for t, r in dense.items()))
     return manifest
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Train the reference OPT models on the generated world.")
-    ap.add_argument("--sizes", default="small,medium", help=f"comma list of {', '.join(SIZES)} "
-                    "(default: the checked-in ones, small and medium)")
+    ap.add_argument("--sizes", default="small,medium,large", help=f"comma list of {', '.join(SIZES)} "
+                    "(default: all three, the checked-in sizes)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the manifest records it)")
     ap.add_argument("--out", type=Path, default=MODELS_DIR)
+    ap.add_argument("--fresh", action="store_true", help="ignore (and overwrite) existing checkpoints")
     args = ap.parse_args(argv)
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     bad = [s for s in sizes if s not in SIZES]
@@ -214,7 +361,10 @@ def main(argv=None) -> int:
     W.write_world_files(world)
     _, tasks = load_suite(W.SUITE_DIR)
     for s in sizes:
-        train(s, world, tasks, args.out / SIZES[s].name, log=lambda m: print(m, flush=True))
+        ck = REFERENCE_DIR / "checkpoints" / f"{SIZES[s].name}.pt"
+        if args.fresh and ck.is_file():
+            ck.unlink()
+        train(s, world, tasks, args.out / SIZES[s].name, log=lambda m: print(m, flush=True), checkpoint=ck)
     return 0
 
 
