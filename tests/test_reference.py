@@ -120,7 +120,7 @@ def test_lm_eval_path_agrees_with_reference_scoring():
 
 def _tiny_size(T, **kw):
     base = dict(layers=2, batch=8, warmup=2, eval_every=2, heldout_docs=16, patience=4, min_steps=4,
-                min_cooldown=3, max_steps=10)
+                min_cooldown=3, max_steps=10, min_progress=1.0)
     return T.Size("_test", **{**base, **kw})
 
 
@@ -165,13 +165,16 @@ def test_checkpoint_of_other_settings_is_refused(tmp_path, monkeypatch):
     monkeypatch.setitem(T.SIZES, "_test", _tiny_size(T, lr=1e-3))
     with pytest.raises(SystemExit, match="other settings"):
         T.train("_test", world, tasks, tmp_path / "a", log=lambda m: None, probe_every=0, checkpoint=ck)
+    # a stopping-rule setting may change while the constant phase runs (the trajectory is the same)
+    monkeypatch.setitem(T.SIZES, "_test", _tiny_size(T, patience=6))
+    assert T.train("_test", world, tasks, tmp_path / "a", log=lambda m: None, probe_every=0, checkpoint=ck)
 
 
 def test_stop_rule_plateau_cap_and_cooldown():
     from harness.reference.train import Size, StopRule
 
-    z = Size("_r", layers=2, warmup=10, patience=300, min_steps=500, min_rel_improvement=0.01,
-             cooldown_frac=0.2, min_cooldown=50, max_steps=5000)
+    z = Size("_r", layers=2, warmup=10, patience=300, min_steps=500, min_progress=0.5,
+             min_rel_improvement=0.01, cooldown_frac=0.2, min_cooldown=50, max_steps=5000)
     r = StopRule(z)
     assert r.lr(0) == pytest.approx(z.lr / 10) and r.lr(400) == z.lr
     # steady progress: never stops
@@ -187,12 +190,24 @@ def test_stop_rule_plateau_cap_and_cooldown():
     assert not r.done(1559) and r.done(1560)
     r.update(1400, 0.0)  # nothing changes once cooling down
     assert r.best == best and r.cooldown_start == 1300
-    # no stop before min_steps even on a plateau (the initial unigram plateau)
+    # the initial unigram plateau never ends the constant phase: not before min_steps, and not
+    # before the loss fell below min_progress x its first measurement
     r = StopRule(z)
-    for step in range(100, 500, 100):
+    for step in range(100, 2100, 100):
         r.update(step, 2.5)
     assert r.cooldown_start is None
-    r.update(500, 2.5)
+    r.update(2100, 1.2)
+    for step in (2200, 2300):
+        r.update(step, 1.2)
+    assert r.cooldown_start is None
+    r.update(2400, 1.2)
+    assert r.reason == "plateau" and r.cooldown_start == 2400
+    r = StopRule(z)
+    r.update(100, 2.5)
+    for step in range(150, 500, 50):
+        r.update(step, 1.0)
+    assert r.cooldown_start is None  # patience ran out at 450, but min_steps is 500
+    r.update(600, 1.0)
     assert r.reason == "plateau"
     # the cap ends it as not converged; state round-trips (what a checkpoint stores)
     r = StopRule(z)

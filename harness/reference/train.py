@@ -51,13 +51,16 @@ class Size:
     sinusoidal_scale: float = 0.1
     # The stopping rule (the same for every size; see StopRule): held-out loss every `eval_every`
     # steps; the constant-LR phase ends once the best held-out loss has not improved by
-    # `min_rel_improvement` for `patience` steps (never before `min_steps`), then the LR decays
-    # linearly to 0 over `cooldown_frac` of the steps so far (at least `min_cooldown`).
+    # `min_rel_improvement` for `patience` steps (never before `min_steps`, nor before the held-out
+    # loss fell below `min_progress` x its first measurement: the models start on a unigram plateau
+    # near 2.4 that deep ones leave only after 1000+ steps), then the LR decays linearly to 0 over
+    # `cooldown_frac` of the steps so far (at least `min_cooldown`).
     eval_every: int = 100
     heldout_docs: int = 1024
     patience: int = 1000
     min_rel_improvement: float = 0.01
     min_steps: int = 2000
+    min_progress: float = 0.5
     cooldown_frac: float = 0.2
     min_cooldown: int = 300
     max_steps: int = 20000  # a cap, not the rule: a run that reaches it is recorded as not converged
@@ -68,6 +71,10 @@ SIZES = {
     "medium": Size(NAMES["medium"], layers=16),
     "large": Size(NAMES["large"], layers=24),
 }
+# Settings that only decide when the constant-LR phase ends: a checkpoint taken before it ended may
+# resume under new values of these (the trajectory so far is the same); any other change refuses it.
+STOP_FIELDS = {"patience", "min_rel_improvement", "min_steps", "min_progress", "cooldown_frac", "min_cooldown",
+               "max_steps"}
 CHECKPOINT_EVERY = 200  # steps between resumable checkpoints (reference/checkpoints/, not checked in)
 
 
@@ -123,15 +130,16 @@ class StopRule:
 
     ``update(step, loss)`` is called after every held-out evaluation. While the LR is constant, a
     loss counts as progress when it beats the best so far by ``min_rel_improvement`` (relative).
-    When ``patience`` steps pass without progress (and at least ``min_steps`` were taken), the
-    stable phase ends ("plateau"); at ``max_steps`` it ends anyway ("cap", recorded as not
-    converged). The LR then decays linearly to 0 over ``max(min_cooldown, cooldown_frac * step)``
+    When ``patience`` steps pass without progress (and at least ``min_steps`` were taken, and the
+    loss has fallen below ``min_progress`` x its first measurement), the stable phase ends
+    ("plateau"); at ``max_steps`` it ends anyway ("cap", recorded as not converged). The LR then decays linearly to 0 over ``max(min_cooldown, cooldown_frac * step)``
     steps and training stops.
     """
 
     def __init__(self, size: Size, state: dict | None = None):
         self.size = size
         s = state or {}
+        self.first = s.get("first")
         self.best = s.get("best", math.inf)
         self.best_step = s.get("best_step", 0)
         self.cooldown_start = s.get("cooldown_start")
@@ -139,8 +147,8 @@ class StopRule:
         self.reason = s.get("reason")
 
     def state(self) -> dict:
-        return {"best": self.best, "best_step": self.best_step, "cooldown_start": self.cooldown_start,
-                "cooldown_len": self.cooldown_len, "reason": self.reason}
+        return {"first": self.first, "best": self.best, "best_step": self.best_step,
+                "cooldown_start": self.cooldown_start, "cooldown_len": self.cooldown_len, "reason": self.reason}
 
     def lr(self, step: int) -> float:
         z = self.size
@@ -155,11 +163,14 @@ class StopRule:
         if self.cooldown_start is not None:
             return
         z = self.size
+        if self.first is None:
+            self.first = loss
         if loss < self.best * (1 - z.min_rel_improvement):
             self.best, self.best_step = loss, step
         if step >= z.max_steps:
             self.reason = "cap"
-        elif step >= z.min_steps and step - self.best_step >= z.patience:
+        elif (step >= z.min_steps and step - self.best_step >= z.patience
+              and self.best < z.min_progress * self.first):
             self.reason = "plateau"
         if self.reason:
             self.cooldown_start = step
@@ -173,7 +184,8 @@ class StopRule:
         return (f"warmup {z.warmup} steps, then constant LR {z.lr}; held-out loss ({z.heldout_docs} documents "
                 f"of their own stream) every {z.eval_every} steps; the constant phase ends when the best "
                 f"held-out loss has not improved by {z.min_rel_improvement:.0%} (relative) for {z.patience} "
-                f"steps (not before step {z.min_steps}; at step {z.max_steps} regardless, recorded as not "
+                f"steps (not before step {z.min_steps}, nor before the held-out loss fell below {z.min_progress} x its "
+                f"first measurement; at step {z.max_steps} regardless, recorded as not "
                 f"converged); then the LR decays linearly to 0 over max({z.min_cooldown}, "
                 f"{z.cooldown_frac} x steps so far) steps and training stops.")
 
@@ -251,13 +263,17 @@ def train(size_key: str, world: W.World, tasks: dict, out_dir: Path, *, log=prin
           "n_tokens": 0}
     if checkpoint is not None and checkpoint.is_file():
         ck = torch.load(checkpoint, weights_only=False)
-        if ck["size"] != asdict(size):
-            raise SystemExit(f"error: checkpoint {checkpoint} was written for other settings; delete it "
-                             "or pass --fresh")
+        old, new = ck["size"], asdict(size)
+        changed = {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
+        if changed - STOP_FIELDS or (changed and ck["state"]["rule"] and ck["state"]["rule"]["cooldown_start"]):
+            raise SystemExit(f"error: checkpoint {checkpoint} was written for other settings "
+                             f"({', '.join(sorted(changed))}); delete it or pass --fresh")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         st = ck["state"]
         log(f"[{size.name}] resuming at step {st['step']} from {checkpoint.name}")
+    if st["rule"] is not None and "first" not in st["rule"] and st["heldout"]:  # a checkpoint from before min_progress
+        st["rule"]["first"] = st["heldout"][0]["loss"]
     rule = StopRule(size, st["rule"])
     model.train()
     t0 = time.perf_counter() - st["seconds"]
