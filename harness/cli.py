@@ -221,7 +221,8 @@ def main(argv=None) -> int:
         return 1
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        if exc.__cause__ is not None and _verbose(argv):  # the underlying exception, for a bug report
+        verbose = getattr(exc, "verbose", None)  # set once the arguments (and any YAML config) are parsed
+        if exc.__cause__ is not None and (verbose if verbose is not None else _verbose(argv)):  # the underlying exception, for a bug report
             import traceback
 
             print("".join(traceback.format_exception(exc.__cause__)).rstrip(), file=sys.stderr)
@@ -241,6 +242,14 @@ def _main(argv) -> int:
     scores_cmd = bool(argv) and argv[0] == "scores"  # `run_benchmarks.py scores --model M` = --scores-only
     args = parse_args_with_config(build_parser(), argv[1:] if scores_cmd else argv)
     args.scores_only = args.scores_only or scores_cmd
+    try:
+        return _dispatch(args, argv)
+    except UsageError as exc:
+        exc.verbose = bool(args.verbose)  # --verbose given on the command line or as `verbose: true` in a config
+        raise
+
+
+def _dispatch(args, argv) -> int:
     from harness.plugins.registry import available_methods, available_post_steps
     from harness.validation import load_plugins
 
@@ -368,22 +377,50 @@ def _reference_defaults(args) -> None:
         args.calib_seq_len = reference.CALIB_SEQ_LEN
 
 
-def _run(args):
+def _common_setup(args) -> bool:
+    """What every command that loads a model does first: conflicting flags, number ranges, progress
+    bars (returns whether they show) and the reference model's defaults."""
     from harness import progress, validation
-    from harness.evaluation.quiet import quiet_lm_eval
-    from harness.results import report
 
     if args.progress and args.no_progress:
         raise UsageError("give either --progress or --no-progress, not both")
     validation.check_numbers(args)
-    methods = _split(args.methods, "--methods")
-    tasks = _split(args.tasks, "--tasks")
     show_progress = progress.decide(force_on=args.progress, force_off=args.no_progress)
     progress.set_enabled(show_progress)  # every tqdm bar, lm-eval's included
-    quiet_lm_eval()
     _reference_defaults(args)
     if args.calib_seq_len is None:
         args.calib_seq_len = defaults.CALIB_SEQ_LEN
+    return show_progress
+
+
+def _calibration_config(args):
+    """The calibration text: --calib-data, else --data-dir's wikitext-2 file, else the default source."""
+    from harness.signals.calibration import LOCAL_DEFAULT, CalibrationConfig
+
+    if args.calib_data:
+        source = args.calib_data
+    elif args.data_dir:
+        source = str(Path(args.data_dir) / LOCAL_DEFAULT)
+        if not Path(source).is_file():
+            raise UsageError(f"missing calibration file {source}; pass --calib-data or fix --data-dir")
+    else:
+        source = CalibrationConfig().source
+    if args.calib_data and Path(args.calib_data).suffix in (".txt", ".jsonl", ".json", ".gz") \
+            and not Path(args.calib_data).is_file():
+        raise UsageError(f"calibration file '{args.calib_data}' does not exist; pass an existing .txt or .jsonl file")
+    return CalibrationConfig(source=source, split=args.calib_split, field=args.calib_field,
+                             num_samples=args.calib_samples, seq_len=args.calib_seq_len, seed=args.seed,
+                             batch_size=args.calib_batch_size)
+
+
+def _run(args):
+    from harness.evaluation.quiet import quiet_lm_eval
+    from harness.results import report
+
+    show_progress = _common_setup(args)
+    methods = _split(args.methods, "--methods")
+    tasks = _split(args.tasks, "--tasks")
+    quiet_lm_eval()
     if args.suite and args.tasks:
         raise UsageError("give either --tasks or --suite, not both")
     report.parse_metric_spec(args.table_metric, args.table_preset)
@@ -396,19 +433,7 @@ def _run(args):
     from harness.evaluation.lmeval import DEFAULT_TASKS, EvalConfig, parse_model_args
     from harness.model.target import Target
     from harness.runner import RunOptions, run_benchmark
-    from harness.signals.calibration import LOCAL_DEFAULT, CalibrationConfig
 
-    if args.calib_data:
-        calib_source = args.calib_data
-    elif args.data_dir:
-        calib_source = str(Path(args.data_dir) / LOCAL_DEFAULT)
-        if not Path(calib_source).is_file():
-            raise UsageError(f"missing calibration file {calib_source}; pass --calib-data or fix --data-dir")
-    else:
-        calib_source = CalibrationConfig().source
-    if args.calib_data and Path(args.calib_data).suffix in (".txt", ".jsonl", ".json", ".gz") \
-            and not Path(args.calib_data).is_file():
-        raise UsageError(f"calibration file '{args.calib_data}' does not exist; pass an existing .txt or .jsonl file")
     if args.layers:
         targets = [Target(layers=n) for n in args.layers]
     else:
@@ -424,9 +449,7 @@ def _run(args):
                         ppl_stride=args.ppl_stride, ppl_max_windows=args.ppl_max_windows, suite=args.suite,
                         num_fewshot=args.num_fewshot, include_path=args.include_path,
                         model_args=parse_model_args(args.model_args)),
-        calibration=CalibrationConfig(source=calib_source, split=args.calib_split, field=args.calib_field,
-                                      num_samples=args.calib_samples, seq_len=args.calib_seq_len,
-                                      seed=args.seed, batch_size=args.calib_batch_size),
+        calibration=_calibration_config(args),
         dtype=args.dtype, device=args.device, seed=args.seed, output_dir=args.output_dir, force=args.force,
         save_models=args.save_models, progress=show_progress,
     )
@@ -545,29 +568,18 @@ def _scores(args) -> int:
     from harness.results import plots
     from harness.results.scores import compute_scores, write_scores
     from harness.results.store import slug
-    from harness.signals.calibration import LOCAL_DEFAULT, CalibrationConfig, load_calibration
+    from harness.signals.calibration import load_calibration
 
-    _reference_defaults(args)
-    if args.calib_seq_len is None:
-        args.calib_seq_len = defaults.CALIB_SEQ_LEN
     from harness import validation
 
-    validation.check_numbers(args)
-    if args.calib_data:
-        source = args.calib_data
-    elif args.data_dir:
-        source = str(Path(args.data_dir) / LOCAL_DEFAULT)
-    else:
-        source = CalibrationConfig().source
-    validation.check_calibration_source(source, args.calib_field)
+    show_progress = _common_setup(args)
+    cal_cfg = _calibration_config(args)
+    validation.check_calibration_source(cal_cfg.source, args.calib_field)
     check_model_source(args.model)
-    cal_cfg = CalibrationConfig(source=source, split=args.calib_split, field=args.calib_field,
-                                num_samples=args.calib_samples, seq_len=args.calib_seq_len, seed=args.seed,
-                                batch_size=args.calib_batch_size)
     t = time.perf_counter()
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     calibration = load_calibration(cal_cfg, tokenizer)
-    payload = compute_scores(model, get_adapter(model), calibration, args.model, progress=not args.no_progress)
+    payload = compute_scores(model, get_adapter(model), calibration, args.model, progress=show_progress)
     out = Path(args.output_dir) / slug(args.model)
     written = write_scores(payload, out) + plots.render_plots(out, [], payload, args.table_metric)
     print(f"scored {payload['num_layers']} layers on {payload['tokens']:,} calibration tokens "

@@ -139,3 +139,13 @@ def test_error_keeps_its_cause_for_verbose(capsys):
     assert main(argv + ["--verbose"]) == 2
     loud = capsys.readouterr().err
     assert loud.startswith(quiet[0]) and "Traceback" in loud and len(loud.splitlines()) > 3
+
+
+def test_verbose_from_a_config_file_shows_the_cause(tmp_path, capsys):
+    from harness.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: no-such-org/no-such-model\nmethods: [remove]\ntasks: [piqa]\nverbose: true\n")
+    assert main(["--config", str(cfg), "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" in err
