@@ -115,14 +115,47 @@ def measure(model_dir, tasks=None, calib_samples: int = 64) -> dict:
     return q
 
 
+def regime_table(names: list[str]) -> str:
+    """The README's tables, rendered from the manifests (training evidence, then the regime)."""
+    from tabulate import tabulate
+
+    train_rows, regime_rows, profiles = [], [], []
+    for name in names:
+        m = json.loads((MODELS_DIR / name / "manifest.json").read_text())
+        q = m.get("quality")
+        train_rows.append([name, m["size"]["layers"], f"{m['params'] / 1e6:.2f}M", m["steps"],
+                           f"{m['stop_reason']} at {m['cooldown'][0]}" if m.get("cooldown") else "-",
+                           m.get("final_heldout_loss"), f"{m['train_seconds'] / 60:.0f} min"])
+        if q:
+            rem = {r["fraction"]: r for r in q["regime"]["removal"]}
+            regime_rows.append([name, f"{100 * q['dense_avg']:.1f}"]
+                               + [f"{rem[f]['retained']:.1f} ({rem[f]['n']} L, {rem[f]['window'][0]}-"
+                                  f"{rem[f]['window'][1]})" for f in REGIME_FRACTIONS]
+                               + ["yes" if q["regime"]["meets_bar"] else "no"])
+            profiles.append(f"- `{name}` cos(X_i, X_i+1), i = 0..{q['num_layers'] - 1}: "
+                            + " ".join(f"{v:.2f}" for v in q["per_layer_cos"]))
+    out = [tabulate(train_rows, headers=["model", "layers", "params", "steps", "constant LR ended",
+                                         "final held-out loss", "train time"], tablefmt="github")]
+    if regime_rows:
+        out += ["", tabulate(regime_rows, headers=["model", "dense acc", "removal 12.5%: retained %",
+                                                   "removal 25%", "removal 37.5%", ">= 60% at 25%"],
+                             tablefmt="github"), "", *profiles]
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Measure the reference models' quality bars.")
     ap.add_argument("--sizes", default=None, help="comma list of small, medium, large (default: every trained one)")
     ap.add_argument("--no-write", action="store_true", help="do not store the result in manifest.json")
+    ap.add_argument("--table", action="store_true",
+                    help="print the README's training and regime tables from the manifests (measures nothing)")
     args = ap.parse_args(argv)
     ok = True
     sizes = ([s.strip() for s in args.sizes.split(",") if s.strip()] if args.sizes
              else [k for k, n in NAMES.items() if (MODELS_DIR / n / "manifest.json").is_file()])
+    if args.table:
+        print(regime_table([NAMES[s] for s in sizes if s in NAMES]))
+        return 0
     for size in sizes:
         if size not in NAMES:
             print(f"error: unknown size {size!r}; choose from {', '.join(NAMES)}", file=sys.stderr)
