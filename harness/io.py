@@ -19,6 +19,25 @@ TMP_SUFFIX = ".tmp"
 _TMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # .NAME.XXXXXXXX.tmp, as mkstemp names them here
 
 
+_SHIPPED_DIR = Path(__file__).resolve().parents[1] / "reference"  # reference models, suite, calibration
+
+
+def repo_relative(data):
+    """A copy of JSON-like ``data`` in which every absolute path into the repository's shipped
+    ``reference/`` folder is written relative to the repository (``reference/suite``), so result
+    files and manifests committed from one clone name no path of its machine."""
+    if isinstance(data, str):
+        prefix = str(_SHIPPED_DIR)
+        if data == prefix or data.startswith(prefix + os.sep):
+            return os.path.relpath(data, _SHIPPED_DIR.parent).replace(os.sep, "/")
+        return data
+    if isinstance(data, dict):
+        return {k: repo_relative(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [repo_relative(v) for v in data]
+    return data
+
+
 def canonical(obj) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 

@@ -22,23 +22,24 @@ from harness.errors import MethodFailed, NonFiniteOutput, UsageError
 from harness.evaluation import distributed
 from harness.evaluation.lmeval import EvalConfig, run_lm_eval, validate_tasks
 from harness.evaluation.perplexity import perplexity
+from harness.evaluation.stability import DEFAULT_SCORES as DEFAULT_STABILITY_SCORES
+from harness.evaluation.stability import check_scores as check_stability_scores
 from harness.evaluation.stability import (
     compact_samples,
+    has_token_counts,
     load_samples,
+    rescored,
     samples_path,
     save_samples,
 )
 from harness.evaluation.stability import compare as stability_vs_dense
-from harness.evaluation.stability import DEFAULT_SCORES as DEFAULT_STABILITY_SCORES
-from harness.evaluation.stability import check_scores as check_stability_scores
-from harness.evaluation.stability import has_token_counts, rescored
 from harness.finite import (
     DEFAULT_MAX_LOSS_GROWTH,
     FirstForwardGuard,
     first_nonfinite,
     training_failure,
 )
-from harness.io import write_json_atomic
+from harness.io import repo_relative, write_json_atomic
 from harness.model.adapters import get_adapter
 from harness.model.loading import (
     check_model_source,
@@ -53,7 +54,6 @@ from harness.model.surgery import count_params
 from harness.model.target import Target, resolve_num_remove
 from harness.plugins.context import MethodContext
 from harness.plugins.pipeline import check_option_targets, resolve_method
-from harness.results.record import model_info, new_record
 from harness.results.cache import (
     calibration_identity,
     clean_output_dir,
@@ -62,6 +62,7 @@ from harness.results.cache import (
     read_cached,
     read_cached_gz,
 )
+from harness.results.record import model_info, new_record
 from harness.results.store import environment, run_path
 from harness.signals.calibration import CalibrationConfig, load_calibration
 
@@ -608,7 +609,9 @@ def _silent(*_args, **_kwargs) -> None:
 
 
 def _store(path: Path, rec: dict) -> dict:
-    write_json_atomic(path, {k: v for k, v in rec.items() if not k.startswith("_")})
+    clean = repo_relative({k: v for k, v in rec.items() if not k.startswith("_")})
+    rec.update(clean)  # the record in memory is the record on disk (shipped paths repository-relative)
+    write_json_atomic(path, clean)
     rec["_path"] = str(path)
     return rec
 

@@ -14,7 +14,7 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-from harness.io import write_json_atomic, write_text_atomic
+from harness.io import repo_relative, write_json_atomic, write_text_atomic
 
 
 def layout_dir(run_json: Path) -> Path:
@@ -62,8 +62,8 @@ def write_lm_eval_layout(run_json: Path, out: dict, *, model_name: str, method: 
     path = folder / f"results_{stamp}.json"
     results = lm_eval_results(out, model_name=model_name, method=method, label=label, model_args=model_args,
                               dtype=dtype, run_json=run_json, batch_size=batch_size, device=device)
-    write_json_atomic(path, json.loads(json.dumps(results, default=handle_non_serializable),
-                                       parse_constant=lambda _c: None))
+    write_json_atomic(path, repo_relative(json.loads(json.dumps(results, default=handle_non_serializable),
+                                                     parse_constant=lambda _c: None)))
     written.append(path)
     for task, rows in (samples or {}).items():
         p = folder / f"samples_{task}_{stamp}.jsonl"
