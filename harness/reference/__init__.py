@@ -18,7 +18,9 @@ SUITE_DIR = REFERENCE_DIR / "suite"
 CALIBRATION_PATH = REFERENCE_DIR / "calibration.txt"
 NAMES = {"small": "ref-opt-12l", "medium": "ref-opt-16l", "large": "ref-opt-24l"}
 REGIME_BAR = 0.60  # plain removal of the most similar 25% of layers keeps >= this share of dense accuracy
-BARE_MAX_LAYERS = 16  # deeper models make the bare command exceed 60 s on 2 cores (README)
+# ... and at most this share: pretrained LLMs keep 70-90.7% (README); above it removal is nearly free
+# and the bare command's table could not tell methods apart.
+REGIME_MAX = 0.90
 CALIB_SEQ_LEN = 24  # the length the models were trained on (one 13-17 word episode + </s> per row)
 
 
@@ -43,10 +45,10 @@ def resolve(name: str | None) -> Path | None:
 
 
 def default_model() -> str:
-    """The bare command's model, by the README's rule: the deepest shipped reference model of at
-    most ``BARE_MAX_LAYERS`` layers whose manifest records a converged training run and plain
-    removal at 25% keeping >= ``REGIME_BAR`` of dense accuracy. If none qualifies, the deepest
-    shipped model within the layer limit (``quality`` reports which bar it misses)."""
+    """The bare command's model, by the README's rule: the deepest shipped reference model whose
+    manifest records a converged training run and plain removal of the most similar 25% of its
+    layers keeping between ``REGIME_BAR`` and ``REGIME_MAX`` of dense accuracy (the pretrained-LLM
+    band). If none qualifies, the deepest shipped model (``quality`` reports which bar it misses)."""
     import json
 
     candidates = []
@@ -55,10 +57,10 @@ def default_model() -> str:
             m = json.loads((MODELS_DIR / name / "manifest.json").read_text())
         except (OSError, ValueError):
             continue
-        layers = m.get("size", {}).get("layers", 0)
-        if layers <= BARE_MAX_LAYERS:
-            ok = bool(m.get("converged")) and bool(m.get("quality", {}).get("regime", {}).get("meets_bar"))
-            candidates.append((ok, layers, name))
+        retained = m.get("quality", {}).get("regime", {}).get("retained_at_25")
+        ok = bool(m.get("converged")) and isinstance(retained, (int, float)) \
+            and 100 * REGIME_BAR <= retained <= 100 * REGIME_MAX
+        candidates.append((ok, m.get("size", {}).get("layers", 0), name))
     if not candidates:
         return NAMES["small"]
     return max(candidates)[2]

@@ -22,11 +22,12 @@ scored, did not train: a 16-layer d=64 model stayed at chance on all five tasks 
 steps (loss plateau ~1.45). Two changes made these small models learn within a 2-core CPU
 budget: episodes whose answer sits at a fixed offset (or is a small function of words at fixed
 offsets), and scoring only the part of each episode its context determines (see
-``train.doc_batches``; with every token scored even pure copying stayed at ln 40 for 900 steps).
+``train.step_batch``; with every token scored even pure copying stayed at ln 40 for 900 steps).
 
-Held-out items never occur verbatim (query + correct choice) in the training corpus: episodes
-whose context equals a test item's context are rejected while the corpus is drawn, and
-``check_no_leak`` asserts it when the files are written.
+Held-out items never occur verbatim (query + correct choice) in the training text: episodes
+whose context equals a test item's context are rejected whenever any stream is drawn (the
+per-step training streams ``train/<step>`` included), and ``check_no_leak`` asserts it on a
+12.3M-token sample of the "train" stream when the files are written.
 
 Command line: ``python -m harness.reference.world`` writes ``reference/suite/`` and
 ``reference/calibration.txt`` and prints the corpus sha256.
@@ -46,7 +47,7 @@ DEFAULT_SEED = 20240603
 SUITE_NAME = "refworld-v2"
 DEFAULT_N_PEOPLE = 200
 DEFAULT_ITEMS = 300
-DEFAULT_CORPUS_TOKENS = 12_300_000  # ~800k episodes: covers the 3000 x 128 training documents, leak-checked
+DEFAULT_CORPUS_TOKENS = 12_300_000  # ~800k episodes of the "train" stream, leak-checked as a sample
 CALIBRATION_DOCS = 4000
 
 ITEMS = ["cup", "pen", "hat", "box", "key", "bell", "coin", "lamp", "book", "ring", "shoe", "sock",
