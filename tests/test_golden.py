@@ -42,6 +42,18 @@ def test_regression_check_on_smallest_reference_model(capsys):
     assert "regression check passed" in out
 
 
+def test_regression_check_on_the_bare_command_model(capsys):
+    """The model users see first has its own golden file (bare command's methods plus remove)."""
+    name = R.default_model()
+    golden = REPO / "results" / "golden" / f"{name}.json"
+    assert golden.is_file(), f"no golden file for the bare command's model {name}; write it (README)"
+    assert json.loads(golden.read_text())["argv"][:2] == ["--model", name]
+    rc = main(["--check", str(golden), "--no-progress"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err[-2000:]
+    assert "regression check passed" in out
+
+
 def test_reference_model_through_real_task_files(tmp_path, capsys):
     data = shared_data_or_skip()
     _small_model()
