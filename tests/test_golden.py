@@ -34,24 +34,25 @@ def test_golden_covers_every_registered_method():
     assert any("+lora" in m for m in golden["metrics"]), "the golden run should exercise the +lora post-step"
 
 
-def test_regression_check_on_smallest_reference_model(capsys):
+@pytest.mark.parametrize("golden", sorted(p.name for p in (REPO / "results" / "golden").glob("*.json")))
+def test_regression_check(golden, capsys):
+    """Every golden file: the smallest model with every method, the bare command's model, and any other."""
     _small_model()
-    rc = main(["--check", str(GOLDEN), "--no-progress"])
+    rc = main(["--check", str(REPO / "results" / "golden" / golden), "--no-progress"])
     out, err = capsys.readouterr()
     assert rc == 0, err[-2000:]
     assert "regression check passed" in out
 
 
-def test_regression_check_on_the_bare_command_model(capsys):
-    """The model users see first has its own golden file (bare command's methods plus remove)."""
+def test_bare_command_model_has_a_golden_file():
+    """The model users see first is under regression too (its golden file is checked above)."""
+    _small_model()
     name = R.default_model()
     golden = REPO / "results" / "golden" / f"{name}.json"
     assert golden.is_file(), f"no golden file for the bare command's model {name}; write it (README)"
-    assert json.loads(golden.read_text())["argv"][:2] == ["--model", name]
-    rc = main(["--check", str(golden), "--no-progress"])
-    out, err = capsys.readouterr()
-    assert rc == 0, err[-2000:]
-    assert "regression check passed" in out
+    g = json.loads(golden.read_text())
+    assert g["argv"][:2] == ["--model", name]
+    assert {"streamline", "shortgpt"} <= set(g["metrics"])
 
 
 def test_reference_model_through_real_task_files(tmp_path, capsys):

@@ -22,6 +22,7 @@ import sys
 
 import torch
 
+from harness.defaults import CALIB_SAMPLES
 from harness.io import repo_relative, write_json_atomic
 
 from . import CALIB_SEQ_LEN, CALIBRATION_PATH, MODELS_DIR, NAMES, SUITE_DIR
@@ -48,7 +49,10 @@ def removal_n(num_layers: int, fraction: float) -> int:
     return max(1, round(fraction * num_layers))
 
 
-def measure(model_dir, tasks=None, calib_samples: int = 64) -> dict:
+def measure(model_dir, tasks=None, calib_samples: int = CALIB_SAMPLES) -> dict:
+    """Everything the manifest's ``quality`` holds. The calibration set is run_benchmarks.py's
+    default for a reference model (same blocks, same count), so the windows removed here are the
+    ones ``--methods remove`` removes."""
     import copy
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
