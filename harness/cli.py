@@ -222,7 +222,9 @@ def main(argv=None) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         verbose = getattr(exc, "verbose", None)  # set once the arguments (and any YAML config) are parsed
-        if exc.__cause__ is not None and (verbose if verbose is not None else _verbose(argv)):  # the underlying exception, for a bug report
+        if verbose is None:
+            verbose = _verbose(argv)
+        if exc.__cause__ is not None and verbose:  # the underlying exception, for a bug report
             import traceback
 
             print("".join(traceback.format_exception(exc.__cause__)).rstrip(), file=sys.stderr)
@@ -563,14 +565,13 @@ def _scores(args) -> int:
     """`scores --model M`: every layer score (CSV + JSON) and the heatmaps / BI plot; no lm-eval."""
     import time
 
+    from harness import validation
     from harness.model.adapters import get_adapter
     from harness.model.loading import check_model_source, load_model
     from harness.results import plots
     from harness.results.scores import compute_scores, write_scores
     from harness.results.store import slug
     from harness.signals.calibration import load_calibration
-
-    from harness import validation
 
     show_progress = _common_setup(args)
     cal_cfg = _calibration_config(args)

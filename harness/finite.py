@@ -177,10 +177,6 @@ class FirstForwardGuard:
 def finite_or_none(data):
     """A copy of JSON-like ``data`` with every NaN/inf replaced by None (for a failed run's
     diagnostic log, which is stored but never read as a number)."""
-    if _bad(data):
-        return None
-    if isinstance(data, dict):
-        return {k: finite_or_none(v) for k, v in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [finite_or_none(v) for v in data]
-    return data
+    from harness.io import map_leaves
+
+    return map_leaves(data, lambda v: None if _bad(v) else v)

@@ -22,20 +22,28 @@ _TMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # .NAME.XXXXXXXX.tmp, a
 _SHIPPED_DIR = Path(__file__).resolve().parents[1] / "reference"  # reference models, suite, calibration
 
 
+def map_leaves(data, fn):
+    """A copy of JSON-like ``data`` (dicts, lists, tuples as lists) with ``fn`` applied to every leaf."""
+    if isinstance(data, dict):
+        return {k: map_leaves(v, fn) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [map_leaves(v, fn) for v in data]
+    return fn(data)
+
+
+def _shipped_relative(value):
+    if isinstance(value, str):
+        prefix = str(_SHIPPED_DIR)
+        if value == prefix or value.startswith(prefix + os.sep):
+            return os.path.relpath(value, _SHIPPED_DIR.parent).replace(os.sep, "/")
+    return value
+
+
 def repo_relative(data):
     """A copy of JSON-like ``data`` in which every absolute path into the repository's shipped
     ``reference/`` folder is written relative to the repository (``reference/suite``), so result
     files and manifests committed from one clone name no path of its machine."""
-    if isinstance(data, str):
-        prefix = str(_SHIPPED_DIR)
-        if data == prefix or data.startswith(prefix + os.sep):
-            return os.path.relpath(data, _SHIPPED_DIR.parent).replace(os.sep, "/")
-        return data
-    if isinstance(data, dict):
-        return {k: repo_relative(v) for k, v in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [repo_relative(v) for v in data]
-    return data
+    return map_leaves(data, _shipped_relative)
 
 
 def canonical(obj) -> str:

@@ -7,9 +7,9 @@ Bars (the exit status): dense average accuracy on the suite >= 85%; removing 25%
 with ``remove`` (Streamline's most-similar window, no replacement) keeps >= 60% of dense accuracy
 (the regime of pretrained LLMs, which keep 70-90%); the per-layer Streamline similarity profile is
 not flat. Also recorded, not required: whether that removal loses >= 15 points (removal is not
-free, so methods can differ; the deepest model is so redundant that it is nearly free there). The regime table (removal of 12.5%, 25% and
-37.5% of the layers, retained %) is stored beside the bars. The
-measurements use the harness itself (calibration, streaming layer statistics, layer removal) and
+free, so methods can differ; the deepest model is so redundant that it is nearly free there). The
+regime table (removal of 12.5%, 25% and 37.5% of the layers, retained %) is stored beside the
+bars. The measurements use the harness itself (calibration, streaming layer statistics, layer removal) and
 ``scoring.evaluate_suite`` (lm-eval's acc definition). Results are printed and stored in the
 model's ``manifest.json`` under ``quality``.
 """
@@ -25,7 +25,7 @@ import torch
 from harness.defaults import CALIB_SAMPLES
 from harness.io import repo_relative, write_json_atomic
 
-from . import CALIB_SEQ_LEN, CALIBRATION_PATH, MODELS_DIR, NAMES, SUITE_DIR
+from . import CALIB_SEQ_LEN, CALIBRATION_PATH, MODELS_DIR, NAMES, REGIME_BAR, SUITE_DIR
 from .scoring import evaluate_suite, load_suite
 
 BARS = {"dense_acc_min": 0.85, "remove_drop_min": 0.15, "profile_spread_min": 0.05}
@@ -45,7 +45,8 @@ PRETRAINED_RETAINED = {
 
 
 def removal_n(num_layers: int, fraction: float) -> int:
-    """Layers removed for a fraction of the depth (rounded as ``--ratio`` rounds, at least 1)."""
+    """Layers removed for a fraction of the depth (nearest whole layer, at least 1; ``--ratio`` is a
+    fraction of all parameters, embeddings included, so it can round to a different count)."""
     return max(1, round(fraction * num_layers))
 
 
@@ -61,8 +62,6 @@ def measure(model_dir, tasks=None, calib_samples: int = CALIB_SAMPLES) -> dict:
     from harness.model.surgery import remove_layers
     from harness.signals.activations import collect_layer_stats
     from harness.signals.calibration import CalibrationConfig, load_calibration
-
-    from . import REGIME_BAR
 
     if tasks is None:
         _, tasks = load_suite(SUITE_DIR)
@@ -140,7 +139,8 @@ def regime_table(names: list[str]) -> str:
             profiles.append(f"- `{name}` cos(X_i, X_i+1), i = 0..{q['num_layers'] - 1}: "
                             + " ".join(f"{v:.2f}" for v in q["per_layer_cos"]))
     out = [tabulate(train_rows, headers=["model", "layers", "params", "steps", "constant LR ended",
-                                         "final held-out loss", "train time"], tablefmt="github", disable_numparse=True)]
+                                         "final held-out loss", "train time"],
+                    tablefmt="github", disable_numparse=True)]
     if regime_rows:
         out += ["", tabulate(regime_rows, headers=["model", "dense acc", "removal 12.5%: retained %",
                                                    "removal 25%", "removal 37.5%", ">= 60% at 25%"],

@@ -10,7 +10,8 @@ command resumes an interrupted run from there (``--fresh`` starts over).
 Writes ``reference/models/<name>/`` (``config.json``, ``model.safetensors``, the world tokenizer,
 ``manifest.json``) and ``reference/suite/`` + ``reference/calibration.txt``. The manifest records
 the command, seed, training-data hash, the stopping rule and why it stopped, the held-out and
-training loss curves, wall time, thread count and the dense model's accuracy on the suite. Same command + same machine (same thread count) -> same weights.
+training loss curves, wall time, thread count and the dense model's accuracy on the suite.
+Same command + same machine (same thread count) -> same weights.
 """
 from __future__ import annotations
 
@@ -272,8 +273,6 @@ def train(size_key: str, world: W.World, tasks: dict, out_dir: Path, *, log=prin
         opt.load_state_dict(ck["optimizer"])
         st = ck["state"]
         log(f"[{size.name}] resuming at step {st['step']} from {checkpoint.name}")
-    if st["rule"] is not None and "first" not in st["rule"] and st["heldout"]:  # a checkpoint from before min_progress
-        st["rule"]["first"] = st["heldout"][0]["loss"]
     rule = StopRule(size, st["rule"])
     model.train()
     t0 = time.perf_counter() - st["seconds"]
