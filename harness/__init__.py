@@ -9,7 +9,7 @@ The stages behind it, in pipeline order: ``model`` (loading, adapters, surgery, 
 ``plugins`` (registry, options, pipelines, context), ``evaluation``, ``results``.
 """
 from harness.errors import UsageError
-from harness.fitting.fit import fit_layer_to_boundaries, fit_to_boundaries
+from harness.fitting.fit import fit_layer_to_boundaries, fit_to_boundaries, heldout_mse
 from harness.fitting.scale import CACHE_CHOICES, CHECKPOINT_CHOICES, use_checkpointing
 from harness.fitting.training import steps_for, train_lm
 from harness.model.adapters import (
@@ -23,10 +23,12 @@ from harness.model.adapters import (
 from harness.model.replacement import (
                                     ACTIVATIONS,
                                     DEFAULT_HIDDEN_MULT,
+                                    INITS,
                                     MLPReplacement,
                                     MultiMLPReplacement,
                                     describe,
                                     describe_layer,
+                                    identity_check,
                                     mlp_params,
                                     mlp_width,
 )
@@ -60,7 +62,8 @@ __all__ = [
     "ReplacedBlock", "ReplacementLayer",
     # replacement networks and their training
     "MLPReplacement", "MultiMLPReplacement", "ACTIVATIONS", "DEFAULT_HIDDEN_MULT", "mlp_width", "mlp_params",
-    "describe", "describe_layer", "fit_to_boundaries", "fit_layer_to_boundaries", "train_lm", "steps_for",
+    "describe", "describe_layer", "fit_to_boundaries", "fit_layer_to_boundaries", "heldout_mse", "INITS",
+    "identity_check", "train_lm", "steps_for",
     "use_checkpointing", "CHECKPOINT_CHOICES", "CACHE_CHOICES",
     # data and saved models
     "CalibrationData", "save_pruned", "load_pruned",

@@ -91,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
                      "comma-separated list sweeps: every method at every ratio, dense evaluated once")
     tgt.add_argument("--layers", type=_list_of(_int, "--layers"), default=None,
                      help="number of decoder layers to remove; a comma-separated list (2,4,6) sweeps")
+    p.add_argument("--top-boundary", choices=("pre-norm", "post-norm"), default=defaults.TOP_BOUNDARY,
+                   help="X_L in window cosines, Block Influence and angular distances: the last layer's output "
+                   "before the final norm (default), or after it (post-norm: the released LLM-Streamline and "
+                   "ShortGPT code); only windows ending at the top layer change")
+    p.add_argument("--ratio-basis", choices=("params", "layers"), default="params",
+                   help="what --ratio counts: params = all dense parameters, embeddings included (default; the "
+                   "papers' count), layers = decoder layers (n = round(ratio x layers)); a --ratio that resolves "
+                   "to more than half of the layers is refused")
     p.add_argument("-o", "--method-opt", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="a method option, e.g. -o streamline.epochs=3 (repeatable; lists use a/b/c); a post-step's "
                    "options: -o lora.r=8 (every +lora run) or -o remove+lora.lora.r=8 (that run only)")
@@ -412,7 +420,7 @@ def _calibration_config(args):
         raise UsageError(f"calibration file '{args.calib_data}' does not exist; pass an existing .txt or .jsonl file")
     return CalibrationConfig(source=source, split=args.calib_split, field=args.calib_field,
                              num_samples=args.calib_samples, seq_len=args.calib_seq_len, seed=args.seed,
-                             batch_size=args.calib_batch_size)
+                             batch_size=args.calib_batch_size, top_boundary=args.top_boundary)
 
 
 def _run(args):
@@ -439,7 +447,7 @@ def _run(args):
     if args.layers:
         targets = [Target(layers=n) for n in args.layers]
     else:
-        targets = [Target(ratio=r) for r in (args.ratio or [defaults.RATIO])]
+        targets = [Target(ratio=r, basis=args.ratio_basis) for r in (args.ratio or [defaults.RATIO])]
     target = targets[0]
     opts = RunOptions(
         model=args.model,

@@ -10,3 +10,4 @@ EVAL_BATCH_SIZE = 8  # lm-eval batch size
 DTYPE = "float32"
 DEVICE = "cpu"
 OUTPUT_DIR = "results/runs"
+TOP_BOUNDARY = "pre-norm"  # X_L for window cosines, BI and angular distance: pre-norm | post-norm (README)

@@ -51,7 +51,7 @@ from harness.model.loading import (
 from harness.model.saving import save_pruned
 from harness.model.sharing import WeightGuard, own_tensors, shell_of
 from harness.model.surgery import count_params
-from harness.model.target import Target, resolve_num_remove
+from harness.model.target import Target, check_on_config, resolve_num_remove
 from harness.plugins.context import MethodContext
 from harness.plugins.pipeline import check_option_targets, resolve_method
 from harness.results.cache import (
@@ -114,9 +114,10 @@ def prepare(opts: RunOptions):
         plan.append((name, spec, cfg))
     check_option_targets(opts.method_options, opts.methods)
     validate_tasks(opts.eval)
-    check_model_source(opts.model)
+    check_model_source(opts.model, opts.eval.model_args)
     for target in opts.sweep():  # from the config alone: no weights are loaded for a bad --layers
         if target.layers is None:
+            check_on_config(target, load_config(opts.model, opts.eval.model_args))
             continue
         total = getattr(load_config(opts.model, opts.eval.model_args), "num_hidden_layers", None)
         if isinstance(total, int) and target.layers >= total:
@@ -157,7 +158,7 @@ def validate_inputs(opts: RunOptions, plan=()) -> None:
     validation.check_output_dir(opts.output_dir)
     if distributed.is_main():  # data-parallel: rank 0 owns the output folder
         clean_output_dir(opts.output_dir)
-    opts.identity = {"model": model_identity(opts.model), "calibration": calibration_identity(cal.source),
+    opts.identity = {"model": model_identity(opts.model, opts.eval.model_args), "calibration": calibration_identity(cal.source),
                      "data": data_identity(files, opts.eval.suite or opts.eval.data_dir)}
 
 

@@ -31,6 +31,7 @@ post-training learning rate or length; the defaults here (lr 1e-4, 8 blocks a st
 from __future__ import annotations
 
 import copy
+import sys
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -39,6 +40,7 @@ import torch
 from harness import (
     ACTIVATIONS,
     CACHE_CHOICES,
+    INITS,
     CHECKPOINT_CHOICES,
     DEFAULT_HIDDEN_MULT,
     MethodContext,
@@ -51,6 +53,8 @@ from harness import (
     describe_layer,
     fit_layer_to_boundaries,
     fit_to_boundaries,
+    heldout_mse,
+    identity_check,
     insert_layer_replacement,
     insert_replacement,
     mlp_width,
@@ -122,6 +126,10 @@ class StreamlineConfig(_TrainedConfig):
     hidden_mult: float = option(DEFAULT_HIDDEN_MULT, "MLP width as a multiple of d when hidden_size is None (paper: 2)")
     activation: str = option("relu", "MLP activation: relu, gelu, silu or tanh")
     residual: bool = option(False, "the paper's MLP has none; True fits x + MLP(x)")
+    init: str = option("identity", "identity: the MLP starts at ReLU(x) - ReLU(-x) = x, i.e. plain removal of the "
+                       "window (needs relu and h >= 2d); random: a fresh MLP (the paper's recipe)")
+    heldout_samples: int = option(16, "blocks of the training draw held out to measure the fit's MSE beside "
+                                  "plain removal's (0 = not measured)")
 
     method_name: ClassVar[str] = "streamline"
 
@@ -131,6 +139,14 @@ class StreamlineConfig(_TrainedConfig):
             raise UsageError(f"{name}.activation={self.activation} is unknown; use one of {', '.join(ACTIVATIONS)}")
         if (self.hidden_size is not None and self.hidden_size < 1) or self.hidden_mult <= 0:
             raise UsageError(f"{name} needs hidden_size >= 1 and hidden_mult > 0")
+        if self.init not in INITS:
+            raise UsageError(f"{name}.init={self.init} is unknown; use identity or random")
+        if self.init == "identity" and not self.residual and \
+                (self.activation != "relu" or (self.hidden_size is None and self.hidden_mult < 2)):
+            raise UsageError(f"{name}.init=identity needs activation=relu and hidden_mult >= 2 (ReLU(x) - ReLU(-x) = x); "
+                             f"pass -o {name}.init=random for a fresh MLP")
+        if self.heldout_samples < 0:
+            raise UsageError(f"{name}.heldout_samples must be >= 0")
         super().validate(num_layers, num_remove)
 
 
@@ -180,6 +196,15 @@ def _fresh_layer(ctx: MethodContext, index: int) -> torch.nn.Module:
     return layer
 
 
+def check_heldout(name: str, held: dict) -> dict:
+    """Warn when the fitted replacement is further from the window's output on held-out blocks than
+    plain removal is (the replacement then makes the model worse than no replacement)."""
+    if not held["better_than_removal"]:
+        print(f"warning: {name}: the replacement's held-out MSE {held['mse']:.4g} is above plain removal's "
+              f"{held['identity_mse']:.4g}; it is likely worse than removing the window", file=sys.stderr)
+    return held
+
+
 def run_streamline(ctx: MethodContext, cfg, kind: str) -> PruneResult:
     n = ctx.num_remove
     start, scores = _window(ctx, cfg)
@@ -190,20 +215,29 @@ def run_streamline(ctx: MethodContext, cfg, kind: str) -> PruneResult:
         return PruneResult(model=ctx.model, removed_layers=drop, scores=scores, extra={"streamline": info})
 
     train_n = cfg.train_samples or len(ctx.calibration)
-    data = ctx.training_data(train_n, cfg.train_seq_len)
+    mlp_kind = kind in ("mlp", "mlp-shared", "multi-mlp")
+    hold = getattr(cfg, "heldout_samples", 0) if cfg.loss == "mse" else 0
+    data = ctx.training_data(train_n + hold, cfg.train_seq_len)
+    heldout = None
+    if hold and len(data) > hold:  # the training draw's last blocks: the fit never sees them
+        data, heldout = data.split(hold)
     fit = dict(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
                seed=ctx.seed, progress=ctx.progress, activation_cache=cfg.activation_cache,
                activation_cache_gb=cfg.activation_cache_gb)
     checkpoint = use_checkpointing(cfg.grad_checkpointing, ctx.model)
     training: dict = {}
-    if kind in ("mlp", "mlp-shared", "multi-mlp"):
+    if mlp_kind:
         d = ctx.adapter.hidden_size
         h = mlp_width(d, cfg.hidden_size, cfg.hidden_mult)
+        why = identity_check(d, h, cfg.activation) if cfg.init == "identity" and not cfg.residual else None
+        if why:
+            raise UsageError(f"{cfg.method_name}.init=identity is impossible here: {why}; "
+                             f"pass -o {cfg.method_name}.init=random")
         if kind == "multi-mlp":
-            module = MultiMLPReplacement(d, h, n, activation=cfg.activation, residual=cfg.residual)
+            module = MultiMLPReplacement(d, h, n, activation=cfg.activation, residual=cfg.residual, init=cfg.init)
         else:
             module = MLPReplacement(d, h, activation=cfg.activation, residual=cfg.residual,
-                                    repeat=n if kind == "mlp-shared" else 1)
+                                    repeat=n if kind == "mlp-shared" else 1, init=cfg.init)
         ref = next(ctx.model.parameters())
         module.to(device=ref.device)  # fit in float32; cast to the model dtype on insertion
         if cfg.loss == "mse" and kind == "multi-mlp":  # MLP k: X_{i*+k} -> X_{i*+k+1}, its own layer
@@ -213,6 +247,11 @@ def run_streamline(ctx: MethodContext, cfg, kind: str) -> PruneResult:
                         "loss": "mse"}
         elif cfg.loss == "mse":
             training = fit_to_boundaries(ctx, module, data, start, start + n, **fit)
+        if heldout is not None:  # the dense window is still in place: its boundaries are the targets
+            training["heldout"] = check_heldout(cfg.method_name,
+                                                heldout_mse(ctx, module, heldout, start, start + n, cfg.batch_size))
+        training["init"] = "identity (plain removal)" if cfg.init == "identity" and not cfg.residual else \
+            ("zero residual (plain removal)" if cfg.residual else "random")
         remove_layers(ctx.adapter, drop)
         where = insert_replacement(ctx.adapter, start, module)
         replacement = {**describe(module), "position": start, "where": where}

@@ -28,10 +28,13 @@ TABLE3 = PAPER_DIR / "streamline_table3.yaml"
 TABLE3_TASKS = ["piqa", "winogrande", "hellaswag", "arc_easy", "arc_challenge", "openbookqa"]
 
 
-def _record(method, *, model="facebook/opt-1.3b", ratio=0.0, num_remove=0, metrics, label=None, created="1"):
+def _record(method, *, model="facebook/opt-1.3b", ratio=0.0, num_remove=0, metrics, label=None, created="1",
+            num_layers=None):
+    if num_layers is None:  # the real depth: OPT-1.3B 24 layers, Llama-2-7B 32
+        num_layers = 32 if "llama-2-7b" in model.lower() else 24
     return new_record(
         method=method, label=label or ("Dense" if method == "dense" else method), method_config={},
-        model=model_info(name=model, cls="OPTForCausalLM", model_type="opt", num_layers=24, hidden_size=2048,
+        model=model_info(name=model, cls="OPTForCausalLM", model_type="opt", num_layers=num_layers, hidden_size=2048,
                          params=1_300_000_000, dtype="float32", device="cpu"),
         eval={"tasks": sorted(metrics), "limit": None, "num_fewshot": 0},
         target=None if method == "dense" else {"ratio": ratio, "layers": None, "num_remove": num_remove},
@@ -132,8 +135,11 @@ def test_paper_rows_match_by_nearest_ratio_or_exact_layers():
     assert [(r.label, r.ratio) for r in match_rows(run, rows)] == [("Ours", 0.181)]
     run = _record("streamline", ratio=0.30, num_remove=8, metrics={})  # between blocks: no row within 2 points
     assert match_rows(run, rows) == []
-    run = _record("streamline", model="/models/OPT-2.7B", ratio=0.35, num_remove=12, metrics={})
+    run = _record("streamline", model="/models/OPT-2.7B", ratio=0.35, num_remove=11, metrics={}, num_layers=32)
     assert [(r.label, r.ratio) for r in match_rows(run, rows)] == [("Ours", 0.346)]  # name as the table shows it
+    # the same parameter ratio reached by removing most of the layers (embeddings dominate): not compared
+    run = _record("streamline", model="/models/OPT-2.7B", ratio=0.35, num_remove=20, metrics={}, num_layers=32)
+    assert match_rows(run, rows) == []
     # Table 1 prints two shortgpt rows at 27.1% (cited and reproduced): both match
     t1 = load_paper(str(PAPER_DIR / "streamline_table1.yaml")).rows
     run = _record("shortgpt", model="meta-llama/Llama-2-7b-hf", ratio=0.27, num_remove=9, metrics={})

@@ -83,6 +83,31 @@ def fit_to_boundaries(ctx, module: nn.Module, data, start: int, end: int, *, epo
     return log
 
 
+@torch.no_grad()
+def heldout_mse(ctx, module: nn.Module, data, start: int, end: int, batch_size: int = 8) -> dict:
+    """The fit on blocks it never saw: MSE of module(X_start) against X_end over real tokens, beside
+    the identity's (X_start against X_end: plain removal of the window). Run on the model whose
+    layers start..end-1 are still in place."""
+    module.eval()
+    ref = next(module.parameters())
+    fit_sum = identity_sum = 0.0
+    count = 0
+    for states, mask in ctx.boundary_pairs(data, start, end, batch_size=batch_size):
+        x = states[start][mask.to(states[start].device)]
+        y = states[end][mask.to(states[end].device)].float()
+        pred = module(x.to(device=ref.device, dtype=ref.dtype)).float().to(y.device)
+        fit_sum += float(((pred - y) ** 2).sum())
+        identity_sum += float(((x.float() - y) ** 2).sum())
+        count += y.numel()
+    mse, identity = fit_sum / max(count, 1), identity_sum / max(count, 1)
+    for value, what in ((mse, "held-out MSE"), (identity, "held-out identity MSE")):
+        if not math.isfinite(value):
+            raise MethodFailed(f"replacement fit: {what} is {value}")
+    return {"mse": mse, "identity_mse": identity, "ratio_to_identity": mse / identity if identity else None,
+            "better_than_removal": mse <= identity, "blocks": len(data), "tokens": count // x.shape[-1] if count else 0,
+            "sampled_with_replacement": bool(data.description.get("sampled_with_replacement"))}
+
+
 def fit_layer_to_boundaries(ctx, layer: nn.Module, data, start: int, end: int, *, repeat: int = 1, epochs: int,
                             lr: float, batch_size: int, weight_decay: float = 0.0, seed: int = 0,
                             progress: bool = True, grad_checkpointing: bool = False,

@@ -35,8 +35,38 @@ def looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
 
 
-def check_model_source(name: str) -> None:
-    """Fail early for a local path that does not exist (a Hub id is checked when loaded)."""
+_SOURCES: dict = {}
+
+
+def resolve_source(name: str, model_args: dict | None = None) -> tuple[str, dict | None]:
+    """Where ``name`` is loaded from, and the ``from_pretrained`` keywords that go with it: a GGUF
+    model (a ``.gguf`` file, a folder with ``gguf_file=``, or a packaged short name such as
+    ``gemma-3-270m``) is converted once to a safetensors folder (harness.model.gguf); anything else
+    is itself."""
+    from harness.model import gguf
+
+    key = (name, str((model_args or {}).get("gguf_file")))
+    if key not in _SOURCES:
+        found = gguf.materialize(name, model_args)
+        _SOURCES[key] = (found[0], found[1], found[2]) if found else (name, model_args, None)
+    path, rest, _info = _SOURCES[key]
+    return path, (rest if _info else model_args)
+
+
+def source_info(name: str, model_args: dict | None = None) -> dict | None:
+    """The GGUF origin of a resolved model (file name, sha256, package), else None."""
+    resolve_source(name, model_args)
+    return _SOURCES[(name, str((model_args or {}).get("gguf_file")))][2]
+
+
+def check_model_source(name: str, model_args: dict | None = None) -> None:
+    """Fail early for a local path that does not exist (a Hub id is checked when loaded); a GGUF
+    model is converted here, so a missing package or file fails before anything else."""
+    from harness.model import gguf
+
+    if name in gguf.PACKAGED or (model_args or {}).get("gguf_file") or str(name).lower().endswith(".gguf"):
+        resolve_source(name, model_args)
+        return
     if looks_like_path(name) and not Path(name).expanduser().exists():
         raise UsageError(f"model path '{name}' does not exist; pass a local model folder or a Hub id")
 
@@ -52,7 +82,8 @@ def _hub_args(model_args: dict | None) -> dict:
 def load_config(name: str, model_args: dict | None = None):
     from transformers import AutoConfig
 
-    check_model_source(name)
+    check_model_source(name, model_args)
+    name, model_args = resolve_source(name, model_args)
     saved = Path(os.path.expanduser(name)) / "config.json"
     if saved.is_file() and "streamline_base_model_type" in saved.read_text(errors="replace"):
         raise UsageError(f"'{name}' is a saved pruned model with replacement networks (harness.save_pruned); "
@@ -81,11 +112,12 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", config=No
 
     torch_dtype = resolve_dtype(dtype)
     device = resolve_device(device)
-    kwargs = {"dtype": torch_dtype, **(model_args or {})}
+    tokenizer_name, tokenizer_args = name, model_args
+    extra = {} if config is None else {"config": config}
     if config is None:
         config = load_config(name, model_args)
-    else:
-        kwargs["config"] = config
+    name, model_args = resolve_source(name, model_args)
+    kwargs = {"dtype": torch_dtype, **(model_args or {}), **extra}
     check_supported_config(config)
     path = os.path.expanduser(name)
     if device == "auto":
@@ -104,13 +136,14 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", config=No
     if device != "auto":
         model.to(device)
     model.eval()
-    tokenizer = load_tokenizer(name, config=kwargs.get("config"), model_args=model_args)
+    tokenizer = load_tokenizer(tokenizer_name, config=kwargs.get("config"), model_args=tokenizer_args)
     return model, tokenizer
 
 
 def load_tokenizer(name: str, config=None, model_args: dict | None = None):
     from transformers import AutoTokenizer
 
+    name, model_args = resolve_source(name, model_args)
     try:
         tok = AutoTokenizer.from_pretrained(os.path.expanduser(name), **({"config": config} if config else {}),
                                             **_hub_args(model_args))

@@ -2,6 +2,7 @@
 and their descriptions (enough to rebuild them when a saved model is loaded)."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 DEFAULT_HIDDEN_MULT = 2.0  # LLM-Streamline's replacement MLP width: h = 2d
@@ -18,6 +19,36 @@ def mlp_params(d: int, h: int) -> int:
 
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+INITS = ("random", "identity")
+
+
+def identity_check(d: int, h: int, activation: str) -> str | None:
+    """Why an MLP of width ``h`` over ``d`` cannot start at the identity, or None when it can."""
+    if activation != "relu":
+        return f"activation={activation} (identity needs relu: ReLU(x) - ReLU(-x) = x)"
+    if h < 2 * d:
+        return f"width h={h} < 2d={2 * d} (identity needs one +x and one -x unit per dimension)"
+    return None
+
+
+@torch.no_grad()
+def identity_init(up: nn.Linear, down: nn.Linear, activation: str = "relu") -> None:
+    """Set Linear(d, h) -> ReLU -> Linear(h, d) to compute exactly x: units 0..d-1 carry ReLU(x),
+    units d..2d-1 carry ReLU(-x), and ``down`` adds the first and subtracts the second. Units past
+    2d keep their random input weights and get zero output weights, so they start silent but
+    receive gradients. The MLP then starts as plain removal of the window it replaces."""
+    d, h = up.in_features, up.out_features
+    why = identity_check(d, h, activation)
+    if why:
+        raise ValueError(f"an identity MLP is impossible here: {why}")
+    eye = torch.eye(d, dtype=up.weight.dtype, device=up.weight.device)
+    up.weight[:d] = eye
+    up.weight[d:2 * d] = -eye
+    up.bias[:2 * d] = 0
+    down.weight.zero_()
+    down.weight[:, :d] = eye
+    down.weight[:, d:2 * d] = -eye
+    down.bias.zero_()
 
 
 class MLPReplacement(nn.Module):
@@ -25,12 +56,14 @@ class MLPReplacement(nn.Module):
     (parameter sharing) and optionally with a residual connection (x + MLP(x))."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, activation: str = "relu",
-                 repeat: int = 1, residual: bool = False):
+                 repeat: int = 1, residual: bool = False, init: str = "random"):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation '{activation}'; choose from {', '.join(ACTIVATIONS)}")
+        if init not in INITS:
+            raise ValueError(f"unknown init '{init}'; choose from {', '.join(INITS)}")
         self.init_kwargs = dict(hidden_size=hidden_size, intermediate_size=intermediate_size,
-                                activation=activation, repeat=repeat, residual=residual)
+                                activation=activation, repeat=repeat, residual=residual, init=init)
         self.up = nn.Linear(hidden_size, intermediate_size)
         self.act = ACTIVATIONS[activation]()
         self.down = nn.Linear(intermediate_size, hidden_size)
@@ -39,6 +72,8 @@ class MLPReplacement(nn.Module):
         if residual:  # start exactly at the identity (= plain removal) and improve from there
             nn.init.zeros_(self.down.weight)
             nn.init.zeros_(self.down.bias)
+        elif init == "identity":
+            identity_init(self.up, self.down, activation)
 
     def forward(self, x):
         for _ in range(self.repeat):
@@ -75,11 +110,11 @@ class MultiMLPReplacement(nn.Module):
     "Multiple MLP"); MLP k stands in for the k-th layer of the window."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, count: int, activation: str = "relu",
-                 residual: bool = False):
+                 residual: bool = False, init: str = "random"):
         super().__init__()
         self.init_kwargs = dict(hidden_size=hidden_size, intermediate_size=intermediate_size, count=count,
-                                activation=activation, residual=residual)
-        self.mlps = nn.ModuleList(MLPReplacement(hidden_size, intermediate_size, activation, 1, residual)
+                                activation=activation, residual=residual, init=init)
+        self.mlps = nn.ModuleList(MLPReplacement(hidden_size, intermediate_size, activation, 1, residual, init)
                                   for _ in range(count))
 
     def forward(self, x):

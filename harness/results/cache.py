@@ -39,11 +39,15 @@ def files_fingerprint(paths, root: Path | None = None) -> dict:
     return out
 
 
-def model_identity(name: str) -> dict:
+def model_identity(name: str, model_args: dict | None = None) -> dict:
     """What the model *is*, not where it lies: for a local folder, its config.json content and
-    a fingerprint of its files (weights, tokenizer); for a Hub id, the id."""
-    from harness.model.loading import looks_like_path
+    a fingerprint of its files (weights, tokenizer); for a GGUF model, the GGUF file's sha256
+    (the converted folder is derived from it); for a Hub id, the id."""
+    from harness.model.loading import looks_like_path, source_info
 
+    info = source_info(name, model_args)
+    if info is not None:
+        return {"gguf": info}
     path = Path(os.path.expanduser(name))
     if not (looks_like_path(name) and path.is_dir()):
         return {"hub_id": name}

@@ -233,6 +233,26 @@ def layers_removed(run: dict) -> int | None:
     return (run.get("target") or {}).get("num_remove")
 
 
+def paper_layers(row: PaperRow, num_layers: int) -> int | None:
+    """The layers a ratio-only paper row removed from a model of ``num_layers`` layers: the papers'
+    models (Llama-2, OPT >= 1.3B) keep their embeddings under 10% of the parameters, so their printed
+    parameter ratio is close to the share of layers removed (Llama-2-7B: 27.1% = 9 of 32)."""
+    if row.layers is not None:
+        return row.layers
+    return None if row.ratio is None else int(round(row.ratio * num_layers))
+
+
+def layers_agree(run: dict, row: PaperRow) -> bool:
+    """A ratio-matched row also removed about as many layers as the run (within 5% of the depth, at
+    least 1): a parameter ratio on a model whose embeddings dominate (Gemma 3 270M: 63%) resolves to
+    far more layers than the papers' rows at the same ratio, and such runs are not compared."""
+    n, total = layers_removed(run), (run.get("model") or {}).get("num_layers")
+    if run.get("method") == "dense" or not isinstance(n, int) or not isinstance(total, int) or total < 1:
+        return True
+    theirs = paper_layers(row, total)
+    return theirs is None or abs(theirs - n) <= max(1, round(0.05 * total))
+
+
 def _options_match(run: dict, row: PaperRow) -> bool:
     """A row with ``options`` (Table 4: train_samples) matches only runs whose method used them."""
     if not row.options:
@@ -256,7 +276,8 @@ def match_rows(run: dict, rows: list, tolerance: float = RATIO_TOLERANCE) -> lis
     ratio = measured_ratio(run)
     if ratio is None:
         return []
-    near = [(abs(r.ratio - ratio), r) for r in same if r.ratio is not None and abs(r.ratio - ratio) <= tolerance]
+    near = [(abs(r.ratio - ratio), r) for r in same if r.ratio is not None and abs(r.ratio - ratio) <= tolerance
+            and layers_agree(run, r)]
     if not near:
         return []
     best = min(d for d, _ in near)

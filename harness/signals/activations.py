@@ -1,9 +1,11 @@
 """Activation capture with forward hooks and streaming layer statistics.
 
 X_0 is the input of decoder layer 0 (embeddings output), X_{i+1} the output of decoder layer
-i; X_L is taken from the last layer's output, i.e. *before* the final norm (``hidden_states``
-from ``output_hidden_states`` would apply the final norm to the last entry in some
-architectures). Every statistic is a running sum over real tokens (attention mask = 1), so
+i; X_L is taken from the last layer's output, *before* the final norm, by default
+(``top_boundary='pre-norm'``). ``'post-norm'`` applies the model's final norm to it first, as the
+released LLM-Streamline ``get_cosine`` and the official ShortGPT code do by reading
+``hidden_states[-1]`` of ``output_hidden_states`` (post-norm in Llama-style models). Only windows
+that end at the top layer are affected. Every statistic is a running sum over real tokens (attention mask = 1), so
 one forward pass of the calibration set scores every window and every layer, with memory
 bounded by one batch.
 """
@@ -164,12 +166,27 @@ class StatsAccumulator:
         return stats
 
 
-def collect_layer_stats(model, adapter: ModelAdapter, calibration, lags=(1,), progress: bool = True) -> LayerStats:
-    """One forward pass over the calibration set; returns cosine/angular stats for ``lags``."""
+TOP_BOUNDARIES = ("pre-norm", "post-norm")
+
+
+def collect_layer_stats(model, adapter: ModelAdapter, calibration, lags=(1,), progress: bool = True,
+                        top_boundary: str | None = None) -> LayerStats:
+    """One forward pass over the calibration set; returns cosine/angular stats for ``lags``.
+    ``top_boundary`` (default: the calibration config's) says whether X_L is taken before or after
+    the final norm."""
     acc = StatsAccumulator(adapter.num_layers, lags)
     batches = list(calibration.batches())
-    # the pass stops right after X_L: the final norm and LM head are not needed (nor their logits' memory)
-    with boundary_hooks(adapter, acc, stop_after=adapter.num_layers):
+    top = top_boundary or getattr(calibration.config, "top_boundary", TOP_BOUNDARIES[0])
+    if top not in TOP_BOUNDARIES:
+        raise ValueError(f"unknown top boundary '{top}'; use one of {TOP_BOUNDARIES}")
+    norm = adapter.final_norm if top == "post-norm" else None
+    last = adapter.num_layers
+
+    def deliver(j, hidden):
+        acc(j, norm(hidden) if j == last and norm is not None else hidden)
+
+    # the pass stops right after X_L: the final norm (applied here when asked) and LM head are not run
+    with boundary_hooks(adapter, deliver, stop_after=adapter.num_layers):
         for input_ids, attention_mask in tqdm(batches, desc="scoring layers", disable=not progress):
             acc.begin_batch(attention_mask)
             run_forward(model, input_ids, attention_mask)

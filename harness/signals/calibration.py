@@ -30,6 +30,9 @@ class CalibrationConfig:
     seq_len: int = defaults.CALIB_SEQ_LEN
     seed: int = defaults.SEED
     batch_size: int = defaults.CALIB_BATCH_SIZE
+    # X_L in the layer statistics: the last layer's output before the final norm, or after it (the released
+    # LLM-Streamline get_cosine and ShortGPT code use hidden_states[-1], which is post-norm); harness.signals.activations
+    top_boundary: str = defaults.TOP_BOUNDARY
 
 
 @dataclass
@@ -41,6 +44,18 @@ class CalibrationData:
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+    def split(self, k: int) -> tuple["CalibrationData", "CalibrationData"]:
+        """``(first N-k blocks, last k blocks)``: training blocks and held-out blocks of one draw
+        (disjoint unless the draw was with replacement, which both descriptions record)."""
+        n = len(self) - k
+        if not 0 < k < len(self):
+            raise ValueError(f"cannot hold out {k} of {len(self)} blocks")
+        head = CalibrationData(self.input_ids[:n], self.attention_mask[:n], self.config,
+                               self.description | {"num_samples": n})
+        tail = CalibrationData(self.input_ids[n:], self.attention_mask[n:], self.config,
+                               self.description | {"num_samples": k, "held_out": True})
+        return head, tail
 
     def batches(self, batch_size: int | None = None):
         bs = batch_size or self.config.batch_size
