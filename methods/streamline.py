@@ -68,6 +68,9 @@ from harness import (
 )
 
 LOSSES = ("mse", "lm")
+CPU_TRAIN_SAMPLES = 256
+CPU_RECIPE = {"train_samples": CPU_TRAIN_SAMPLES, "init": "identity"}
+PAPER_RECIPE = {"train_samples": 3000, "init": "random"}  # paper v1, OPT-1.3B/2.7B: 3,000 samples, a fresh MLP
 LAYER_INITS = ("first", "random")
 
 
@@ -84,7 +87,8 @@ class _TrainedConfig(StreamlineNoneConfig):
     lr: float = option(4e-4, "AdamW learning rate (paper: 4e-4)")
     weight_decay: float = option(0.0, "AdamW weight decay")
     batch_size: int = option(8, "sequences per forward pass and optimiser step")
-    train_samples: int | None = option(3000, "the paper's OPT-1.3B/2.7B recipe; None = as many as the calibration set")
+    train_samples: int | None = option(CPU_TRAIN_SAMPLES, "training blocks (recipe=paper: 3,000, the paper's "
+                                       "OPT-1.3B/2.7B recipe); None = as many as the calibration set")
     train_seq_len: int | None = option(None, "None = calibration sequence length")
     loss: str = option("mse", "mse: fit X_{i*} -> X_{i*+n}; lm: the model's LM loss, all else frozen")
     post_train_steps: int = option(0, "> 0: then train only the replacement with the LM loss (Table 3 protocol)")
@@ -99,9 +103,20 @@ class _TrainedConfig(StreamlineNoneConfig):
     activation_cache: str = option("ram", "none|ram|disk: keep the first epoch's streamed (input, target) "
                                    "activations for epochs 2..E (MSE fit), within activation_cache_gb")
     activation_cache_gb: float = option(2.0, "size limit of the activation cache (GiB); over it, every epoch streams")
+    recipe: str = option("cpu", "cpu: 256 training blocks and MLPs that start at the identity (plain removal), "
+                         "affordable on a CPU; paper: the paper's 3,000 blocks and fresh random MLPs (applied to "
+                         "train_samples and init where they are left at their defaults)")
+
+    def __post_init__(self):
+        if self.recipe == "paper":
+            for key, value in PAPER_RECIPE.items():
+                if hasattr(self, key) and getattr(self, key) == CPU_RECIPE[key]:
+                    setattr(self, key, value)
 
     def validate(self, num_layers: int, num_remove: int) -> None:
         name = self.method_name
+        if self.recipe not in ("cpu", "paper"):
+            raise UsageError(f"{name}.recipe={self.recipe} is unknown; use cpu or paper")
         if self.grad_checkpointing not in CHECKPOINT_CHOICES:
             raise UsageError(f"{name}.grad_checkpointing={self.grad_checkpointing} is unknown; use auto, on or off")
         if self.activation_cache not in CACHE_CHOICES or not self.activation_cache_gb >= 0:

