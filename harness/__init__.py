@@ -31,6 +31,7 @@ from harness.model.replacement import (
                                     identity_check,
                                     mlp_params,
                                     mlp_width,
+                                    register_replacement,
 )
 from harness.model.saving import load_pruned, save_pruned
 from harness.model.surgery import (
@@ -62,7 +63,7 @@ __all__ = [
     "ReplacedBlock", "ReplacementLayer",
     # replacement networks and their training
     "MLPReplacement", "MultiMLPReplacement", "ACTIVATIONS", "DEFAULT_HIDDEN_MULT", "mlp_width", "mlp_params",
-    "describe", "describe_layer", "fit_to_boundaries", "fit_layer_to_boundaries", "heldout_mse", "INITS",
+    "describe", "describe_layer", "register_replacement", "fit_to_boundaries", "fit_layer_to_boundaries", "heldout_mse", "INITS",
     "identity_check", "train_lm", "steps_for",
     "use_checkpointing", "CHECKPOINT_CHOICES", "CACHE_CHOICES",
     # data and saved models

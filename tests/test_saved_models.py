@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from harness.errors import UsageError
 import torch
 from conftest import REPO, make_context, run_method, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -45,6 +47,8 @@ def ref():
 def _pruned(ref, name, **opts):
     model, _tok = ref
     ctx = make_context(copy.deepcopy(model), N)
+    if name in MLP_VARIANTS:  # a random start: after one epoch the MLP is far from the identity (plain removal)
+        opts = {"init": "random", **opts}
     return run_method(name, ctx, epochs=1, start=4, **opts)
 
 
@@ -217,6 +221,11 @@ def test_other_replacement_modules_need_load_pruned_and_stock_loading_fails(tmp_
     assert (out / "replacements.safetensors").is_file() and not (out / REMOTE_FILE).exists()
     with pytest.raises(ValueError, match="streamline_opt"):
         AutoModelForCausalLM.from_pretrained(out)  # a model type transformers does not know
+    with pytest.raises(UsageError, match="register_replacement"):  # not allowed until the plugin registers it
+        load_pruned(out)
+    from harness import register_replacement
+
+    register_replacement(TanhBridge)
     back, _tok, manifest = load_pruned(out)
     assert manifest["load_with"] == "harness.load_pruned"
     ids = torch.randint(3, 128, (2, 9))
@@ -252,3 +261,25 @@ def test_folders_in_the_earlier_layout_still_load(tmp_path):
         with torch.no_grad():
             assert torch.equal(back(ids).logits, expect)
         assert count_params(back) == params
+
+
+@pytest.mark.parametrize("entry", [
+    {"class": "subprocess.Popen", "kwargs": {"args": ["touch", "PWNED"]}},
+    {"class": "builtins.eval", "kwargs": {}},
+    {"class": "harness.model.replacement.MLPReplacement", "kwargs": {"hidden_size": 32, "intermediate_size": 64,
+                                                                     "activation": {"__import__": "os"}}},
+    {"class": "harness.model.replacement.MLPReplacement", "kwargs": {"hidden_size": 32, "intermediate_size": 64,
+                                                                     "evil": 1}},
+])
+def test_a_manifest_cannot_name_code_to_run(entry, tmp_path, monkeypatch):
+    """pruning_manifest.json is data: a class outside the harness's allow-list, or arguments its
+    constructor does not take, are refused with one error before anything is built."""
+    monkeypatch.chdir(tmp_path)
+    res = run_method("streamline", make_context(tiny_model("opt", layers=4), 2), epochs=1)
+    out = save_pruned(res.model, tiny_tokenizer(), tmp_path / "m", res.manifest())
+    manifest = json.loads((out / "pruning_manifest.json").read_text())
+    manifest["saved_replacements"][0].update(entry)
+    (out / "pruning_manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UsageError):
+        load_pruned(out)
+    assert not (tmp_path / "PWNED").exists()

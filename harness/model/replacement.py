@@ -92,17 +92,36 @@ def describe(module: nn.Module) -> dict:
             "params": sum(p.numel() for p in module.parameters())}
 
 
-# manifests written before the package layout (0.1) name the flat module
-_MOVED = {"harness.replacement": "harness.model.replacement"}
+# The replacement classes a saved model may name (its manifest is data: nothing it names is imported).
+REPLACEMENT_CLASSES: dict[str, type] = {}
+
+
+def register_replacement(cls: type) -> type:
+    """Allow ``cls`` in saved models' manifests (a plugin that inserts its own module registers it)."""
+    REPLACEMENT_CLASSES[f"{cls.__module__}.{cls.__qualname__}"] = cls
+    return cls
 
 
 def build_from_description(desc: dict) -> nn.Module:
-    import importlib
+    """Rebuild a replacement from a manifest entry: only classes in ``REPLACEMENT_CLASSES``, only with
+    keyword arguments their constructor names and plain JSON values."""
+    import inspect
 
-    module_name, _, qual = desc["class"].rpartition(".")
-    module_name = _MOVED.get(module_name, module_name)
-    cls = getattr(importlib.import_module(module_name), qual)
-    return cls(**desc.get("kwargs", {}))
+    from harness.errors import UsageError
+
+    name = desc.get("class") if isinstance(desc, dict) else None
+    cls = REPLACEMENT_CLASSES.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise UsageError(f"the saved model names replacement class {name!r}, which is not one the harness builds "
+                         f"({', '.join(sorted(REPLACEMENT_CLASSES))}); a plugin adds its own with "
+                         "harness.register_replacement")
+    kwargs = desc.get("kwargs", {})
+    accepted = set(inspect.signature(cls).parameters)
+    if not isinstance(kwargs, dict) or set(kwargs) - accepted or \
+            not all(isinstance(v, (int, float, str, bool)) for v in kwargs.values()):
+        raise UsageError(f"the saved model's arguments for {name} are not plain values of its parameters "
+                         f"({', '.join(sorted(accepted))}): {kwargs!r}")
+    return cls(**kwargs)
 
 
 class MultiMLPReplacement(nn.Module):
@@ -128,3 +147,7 @@ def describe_layer(layer: nn.Module, repeat: int, init: str) -> dict:
     cls = type(layer)
     return {"class": f"{cls.__module__}.{cls.__qualname__}", "kind": "decoder_layer", "repeat": repeat,
             "init": init, "params": sum(p.numel() for p in layer.parameters())}
+
+
+register_replacement(MLPReplacement)
+register_replacement(MultiMLPReplacement)

@@ -3,6 +3,7 @@ into a config, and the table label (name plus the options that differ from the d
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass
 from typing import ClassVar
@@ -103,9 +104,12 @@ def _coerce(value: str, typ, key: str):
         (inner,) = typing.get_args(typ)[:1] or (str,)
         return [_coerce(v, inner, key) for v in value.split("/") if v != ""]
     try:
-        return typ(value)
+        out = typ(value)
     except (TypeError, ValueError):
         raise UsageError(f"option {key} expects {getattr(typ, '__name__', typ)}, got '{value}'") from None
+    if isinstance(out, float) and not math.isfinite(out):  # nan slips through every `x <= 0` check
+        raise UsageError(f"option {key} must be a finite number, got '{value}'")
+    return out
 
 
 def build_config(spec, options: dict[str, str]):

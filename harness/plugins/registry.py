@@ -50,6 +50,9 @@ class PluginSpec:
     kind: str  # "method" | "post-step"
 
 
+RESERVED_NAMES = {"dense"}  # the harness's own run of the unpruned model
+
+
 class Registry:
     """Name -> ``PluginSpec`` for one kind of plugin. Built-in plugin modules are imported lazily,
     the first time any registry is read."""
@@ -64,8 +67,12 @@ class Registry:
     def register(self, name: str, config: type, help: str):
         if not (isinstance(config, type) and dataclasses.is_dataclass(config) and issubclass(config, MethodConfig)):
             raise TypeError(f"config for {self.kind} {name} must be a dataclass subclassing harness.MethodConfig")
-        if "+" in name or "." in name or "," in name or not name.strip():
-            raise ValueError(f"{self.kind} name '{name}' may not be empty or contain '+', '.' or ','")
+        if not name.strip() or any(c in name for c in "+.,/\\:") or name != name.strip() or " " in name:
+            raise ValueError(f"{self.kind} name '{name}' may not be empty or contain '+', '.', ',', '/', '\\', ':' "
+                             "or spaces (it names result files)")
+        if name in RESERVED_NAMES:
+            raise ValueError(f"'{name}' is a name the harness uses itself ({', '.join(sorted(RESERVED_NAMES))}); "
+                             f"pick another name for this {self.kind}")
 
         def deco(fn):
             old = self._specs.get(name)
