@@ -340,8 +340,6 @@ def _golden_argv(argv) -> list[str]:
 
 
 def _check(args, argv) -> int:
-    import tempfile
-
     from harness.results.regression import (
         DEFAULT_TOLERANCE,
         check,
@@ -353,7 +351,9 @@ def _check(args, argv) -> int:
     tol = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
     check_tolerance(tol)  # before the (long) re-run
     print(f"regression check against {args.check}: re-running `{golden['command']}` (tolerance {tol})")
-    with tempfile.TemporaryDirectory(prefix="sb_check_") as tmp:
+    from harness.io import make_temp_dir
+
+    with make_temp_dir("sb_check") as tmp:
         from harness.config_file import parse_args_with_config
 
         run_args = parse_args_with_config(build_parser(), golden["argv"] + ["--output-dir", tmp, "--force"]

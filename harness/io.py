@@ -267,3 +267,45 @@ def check_text_file(path, what: str) -> None:
         raise UsageError(f"{what} '{path}' cannot be read as text ({type(exc).__name__})") from None
     if not text.strip():
         raise UsageError(f"{what} '{path}' is empty; pass a file with text in it")
+
+
+# --- temporary folders: named by their process, removed by the next run when that process is gone
+
+TEMP_KINDS = ("sb_tasks", "sb_actcache", "sb_check")
+_TEMP_NAME = re.compile(r"(?P<kind>sb_[a-z]+)_(?P<pid>\d+)_")
+
+
+def make_temp_dir(kind: str) -> tempfile.TemporaryDirectory:
+    """A temporary folder that says which process made it (``<kind>_<pid>_…``), so a run killed with
+    SIGKILL (which runs no clean-up) leaves a folder ``clean_stale_temp_dirs`` recognises."""
+    return tempfile.TemporaryDirectory(prefix=f"{kind}_{os.getpid()}_")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def clean_stale_temp_dirs(root: str | None = None) -> list[Path]:
+    """Remove this harness's temporary folders whose process no longer runs; returns them."""
+    import shutil
+
+    removed = []
+    base = Path(root or tempfile.gettempdir())
+    try:
+        entries = list(base.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        m = _TEMP_NAME.match(p.name)
+        if not m or m["kind"] not in TEMP_KINDS or not p.is_dir() or p.is_symlink():
+            continue
+        if int(m["pid"]) != os.getpid() and not _alive(int(m["pid"])):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed

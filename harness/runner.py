@@ -99,6 +99,9 @@ class RunOptions:
 
 def prepare(opts: RunOptions):
     """Validate every input before anything runs; returns ``[(name, spec, cfg)]``."""
+    from harness.io import clean_stale_temp_dirs
+
+    clean_stale_temp_dirs()  # folders of runs killed with SIGKILL (named by their process)
     resolve_dtype(opts.dtype)
     resolve_device(opts.device)
     check_stability_scores(opts.stability_scores)

@@ -17,3 +17,50 @@ def test_float_options_refuse_non_finite_values_at_parse_time(key, value):
 def test_reserved_and_path_like_method_names_cannot_be_registered(name):
     with pytest.raises(ValueError):
         register_method(name, MethodConfig)(lambda ctx, cfg: None)
+
+
+@pytest.mark.parametrize("tasks", [
+    {"../../escaped": {"file": "copy.jsonl"}},
+    {"/abs": {"file": "copy.jsonl"}},
+    {"ok": {"file": "../copy.jsonl"}},
+    {"ok": {"file": "/etc/passwd"}},
+    {"ok": "copy.jsonl"},
+])
+def test_suite_names_and_files_never_become_paths(tasks, tmp_path):
+    import json
+
+    from harness.evaluation.lmeval import suite_tasks
+
+    (tmp_path / "copy.jsonl").write_text('{"query": "a", "choices": ["b", "c"], "label": 0}\n')
+    (tmp_path / "suite.json").write_text(json.dumps({"tasks": tasks}))
+    with pytest.raises(UsageError, match="suite"):
+        suite_tasks(str(tmp_path))
+    assert not (tmp_path.parent / "escaped.yaml").exists()
+
+
+def test_temp_folders_of_killed_runs_are_removed_by_the_next(tmp_path):
+    """A run killed with SIGKILL cannot clean up; its folders carry its pid and the next run removes
+    them once that process is gone (folders of live processes and other names are left alone)."""
+    import os
+    import subprocess
+    import sys
+
+    from harness.io import clean_stale_temp_dirs
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    stale = tmp_path / f"sb_tasks_{dead_pid}_abc"
+    live = tmp_path / f"sb_actcache_{child.pid}_abc"
+    mine = tmp_path / f"sb_check_{os.getpid()}_abc"
+    other = tmp_path / "sb_tasks_notapid"
+    for p in (stale, live, mine, other):
+        p.mkdir()
+        (p / "x.yaml").write_text("x")
+    try:
+        assert clean_stale_temp_dirs(str(tmp_path)) == [stale]
+        assert not stale.exists() and live.exists() and mine.exists() and other.exists()
+    finally:
+        child.kill()
+        child.wait()
+    assert clean_stale_temp_dirs(str(tmp_path)) == [live]

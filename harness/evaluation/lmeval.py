@@ -22,7 +22,7 @@ import difflib
 import hashlib
 import json
 import math
-import tempfile
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -643,6 +643,10 @@ def check_task_files(cfg: EvalConfig) -> list[Path]:
     return files
 
 
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
+_SAFE_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")
+
+
 def suite_tasks(suite_dir: str) -> dict:
     p = Path(suite_dir) / "suite.json"
     if not p.is_file():
@@ -653,9 +657,16 @@ def suite_tasks(suite_dir: str) -> dict:
     except (ValueError, KeyError, TypeError, AttributeError) as exc:  # not JSON, or not a suite
         raise UsageError(f"{p} is not a suite description ({type(exc).__name__}: {str(exc)[:120]}); "
                          "pass a directory written by the world generator") from None
-    for name, info in tasks:
-        if not (Path(suite_dir) / info["file"]).is_file():
-            raise UsageError(f"suite task '{name}' file {Path(suite_dir) / info['file']} is missing")
+    for name, info in tasks:  # names become file names in a temporary folder: never a path
+        if not (isinstance(name, str) and _SAFE_NAME.fullmatch(name)):
+            raise UsageError(f"{p}: suite task name {str(name)[:80]!r} is not a plain name (letters, digits, '_', '-'); "
+                             "rename it in suite.json")
+        file = info.get("file") if isinstance(info, dict) else None
+        if not (isinstance(file, str) and _SAFE_FILE.fullmatch(file) and file not in (".", "..")):
+            raise UsageError(f"{p}: suite task '{name}' must name its data file inside the suite folder "
+                             f"(a plain file name), got {str(file)[:80]!r}")
+        if not (Path(suite_dir) / file).is_file():
+            raise UsageError(f"suite task '{name}' file {Path(suite_dir) / file} is missing")
     return suite
 
 
@@ -738,7 +749,9 @@ def load_tasks(cfg: EvalConfig) -> LoadedTasks:
     from lm_eval.api.group import Group
     from lm_eval.tasks._index import Entry, Kind
 
-    workdir = tempfile.TemporaryDirectory(prefix="sb_tasks_")
+    from harness.io import make_temp_dir
+
+    workdir = make_temp_dir("sb_tasks")
     if cfg.suite:
         tm = _manager_over({})
         specs, res, notes = _suite_specs(cfg, workdir.name), None, []

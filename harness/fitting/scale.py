@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -155,7 +156,7 @@ class ActivationCache:
             self.items.append(_to(item, "cpu"))
         else:
             if self.dir is None:
-                self.dir = Path(tempfile.mkdtemp(prefix="sb_actcache_"))
+                self.dir = Path(tempfile.mkdtemp(prefix=f"sb_actcache_{os.getpid()}_"))
             path = self.dir / f"{len(self.items):06d}.pt"
             torch.save(_to(item, "cpu"), path)
             self.items.append(path)
