@@ -7,7 +7,9 @@ train a lightweight network to stand in for it.
    (``loss=lm``: f inserted, everything else frozen).
 3. Layers i*..i*+n-1 are removed and f runs in their place.
 4. Optional post-training (paper Table 3 protocol, OPT-1.3B/2.7B): ``post_train_steps=N``
-   trains only f with the LM loss on a training text (default: the calibration source).
+   trains only f with the LM loss on a training text (default: the calibration source, drawn by
+   ``ctx.lm_training_data``: blocks with every token scored, or for a reference model its
+   calibration episodes whole, the loss on the answers only, as the model was trained).
 
 Replacement variants, one method name each (paper Tables 5 and 6, "Lightweight Model" column):
 
@@ -190,7 +192,9 @@ def run_streamline(ctx: MethodContext, cfg, kind: str) -> PruneResult:
         return PruneResult(model=ctx.model, removed_layers=drop, scores=scores, extra={"streamline": info})
 
     train_n = cfg.train_samples or len(ctx.calibration)
-    data = ctx.training_data(train_n, cfg.train_seq_len)
+    # MSE fits activations on calibration blocks; the LM loss trains on the text in the model's own
+    # format (reference models: whole episodes, answers scored; any other model: the same blocks)
+    data = (ctx.lm_training_data if cfg.loss == "lm" else ctx.training_data)(train_n, cfg.train_seq_len)
     fit = dict(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
                seed=ctx.seed, progress=ctx.progress, activation_cache=cfg.activation_cache,
                activation_cache_gb=cfg.activation_cache_gb)
@@ -237,7 +241,7 @@ def run_streamline(ctx: MethodContext, cfg, kind: str) -> PruneResult:
         training["epochs"] = cfg.epochs
     extra = {"streamline": info, "training": {**training, "data": data.description}}
     if cfg.post_train_steps > 0:
-        pdata = ctx.training_data(cfg.post_train_samples or cfg.post_train_steps * cfg.post_train_batch_size,
+        pdata = ctx.lm_training_data(cfg.post_train_samples or cfg.post_train_steps * cfg.post_train_batch_size,
                                   cfg.train_seq_len, seed_offset=2, source=cfg.post_train_text,
                                   split=cfg.post_train_split if cfg.post_train_text else None,
                                   field=cfg.post_train_field if cfg.post_train_text else None)
