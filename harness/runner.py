@@ -53,9 +53,9 @@ from harness.model.sharing import WeightGuard, own_tensors, shell_of
 from harness.model.surgery import count_params
 from harness.model.target import Target, resolve_num_remove
 from harness.plugins.context import MethodContext
+from harness.plugins.pipeline import check_option_targets, resolve_method
 from harness.reference.episodes import identity as lm_text_identity
 from harness.reference.episodes import training_text as reference_training_text
-from harness.plugins.pipeline import check_option_targets, resolve_method
 from harness.results.cache import (
     calibration_identity,
     clean_output_dir,

@@ -100,7 +100,8 @@ def train_lm(model, params, data, *, steps: int, lr: float, batch_size: int, wei
     return {
         "loss": "lm", "optimizer": "AdamW", "lr": lr, "weight_decay": weight_decay, "schedule": "constant",
         "max_grad_norm": max_grad_norm, "steps": steps, "batch_size": batch_size, "samples": n,
-        "tokens": tokens, "scored_tokens": scored, "train_mode": train_mode, "grad_checkpointing": bool(grad_checkpointing),
+        "tokens": tokens, "scored_tokens": scored, "train_mode": train_mode,
+        "grad_checkpointing": bool(grad_checkpointing),
         "trainable_params": sum(p.numel() for p in params),
         "loss_first": sum(losses[:k]) / k if losses else None,
         "loss_last": sum(losses[-k:]) / k if losses else None,
