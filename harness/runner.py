@@ -54,6 +54,8 @@ from harness.model.surgery import count_params
 from harness.model.target import Target, check_on_config, resolve_num_remove
 from harness.plugins.context import MethodContext
 from harness.plugins.pipeline import check_option_targets, resolve_method
+from harness.reference.episodes import identity as lm_text_identity
+from harness.reference.episodes import training_text as reference_training_text
 from harness.results.cache import (
     calibration_identity,
     clean_output_dir,
@@ -161,8 +163,10 @@ def validate_inputs(opts: RunOptions, plan=()) -> None:
     validation.check_output_dir(opts.output_dir)
     if distributed.is_main():  # data-parallel: rank 0 owns the output folder
         clean_output_dir(opts.output_dir)
-    opts.identity = {"model": model_identity(opts.model, opts.eval.model_args), "calibration": calibration_identity(cal.source),
-                     "data": data_identity(files, opts.eval.suite or opts.eval.data_dir)}
+    opts.identity = {"model": model_identity(opts.model, opts.eval.model_args),
+                     "calibration": calibration_identity(cal.source),
+                     "data": data_identity(files, opts.eval.suite or opts.eval.data_dir),
+                     "lm_text": lm_text_identity(opts.model, cal.source)}
 
 
 def _eval_key(opts: RunOptions) -> dict:
@@ -218,6 +222,7 @@ class Session:
     calibration: Any
     num_remove: int
     dense_info: dict
+    lm_text: Any = None  # the calibration text in the model's own training format (reference models), or None
     timings: dict = field(default_factory=dict)  # load / calibration_load, reported once
     stats_cache: dict = field(default_factory=dict)
     dense_samples: dict | None = None
@@ -235,6 +240,7 @@ def open_session(opts: RunOptions, plan, echo=print) -> Session:
     # calibration first, with the tokenizer alone: a text shorter than one block fails before the weights load
     t = time.perf_counter()
     calibration = load_calibration(opts.calibration, load_tokenizer(opts.model, model_args=opts.eval.model_args))
+    lm_text = reference_training_text(opts.model, opts.calibration.source)
     calibration_seconds = time.perf_counter() - t
     t = time.perf_counter()
     model, tokenizer = load_model(opts.model, opts.dtype, opts.device, model_args=opts.eval.model_args)
@@ -247,7 +253,7 @@ def open_session(opts: RunOptions, plan, echo=print) -> Session:
 
     check_dense_finite(model, adapter, calibration, opts.model)
     session = Session(opts, model, tokenizer, adapter, calibration, n, _model_record(opts, model, adapter),
-                      timings={"load": load_seconds, "calibration_load": calibration_seconds})
+                      lm_text=lm_text, timings={"load": load_seconds, "calibration_load": calibration_seconds})
     echo(f"model {opts.model}: {adapter.num_layers} layers, {session.dense_params:,} parameters; "
          f"removing n={n} layers ({opts.target.to_dict()})")
     return session
@@ -460,6 +466,8 @@ def _method_path(s: Session, name: str, cfg) -> Path:
     key = {"model": ident["model"], "dtype": opts.dtype, "method": name, "method_config": cfg.to_dict(),
            "target": opts.target.to_dict(), "calibration": cal_key, "eval": _eval_key(opts),
            "data": ident["data"], "seed": opts.seed, "max_loss_growth": opts.max_loss_growth}
+    if ident.get("lm_text"):  # a reference model trains with the LM loss on its own episodes (absent: blocks)
+        key["lm_text"] = ident["lm_text"]
     return run_path(opts.output_dir, opts.model, name, key)
 
 
@@ -505,7 +513,8 @@ def _prune(s: Session, name: str, spec, cfg, timings: dict):
     timings["copy_model"] = time.perf_counter() - t
     ctx = MethodContext(model=work_model, adapter=get_adapter(work_model), tokenizer=s.tokenizer,
                         calibration=s.calibration, num_remove=s.num_remove, seed=opts.seed, progress=opts.progress,
-                        stats_cache=s.stats_cache, dense_stats_key=opts.model, timings=timings)
+                        stats_cache=s.stats_cache, dense_stats_key=opts.model, timings=timings,
+                        lm_text=s.lm_text)
     shared_layer_stats(s, timings)  # sweeps/plots: one pass for every window length, before any method needs it
     torch.manual_seed(opts.seed)
     t = time.perf_counter()

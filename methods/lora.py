@@ -3,7 +3,9 @@
 PEFT LoRA adapters on the remaining decoder layers' linear projections (default: the
 architecture's attention and MLP projections, from the model adapter; OPT: q/k/v/out_proj,
 fc1, fc2; Llama/Mistral/Qwen2: q/k/v/o_proj, gate/up/down_proj), trained with the LM loss on a
-training text (default: a fresh draw of blocks from the calibration source), then merged into
+training text (default: a fresh draw from the calibration source by ``ctx.lm_training_data``:
+blocks with every token scored, or for a reference model whole episodes with the loss on the
+answers, as it was trained), then merged into
 the weights (``merge_and_unload``): the result is a plain HF model again. Replacement networks
 inserted by a method (an MLP in a ``ReplacedBlock``, a ``ReplacementLayer``) get no adapters
 and stay as they are.
@@ -167,8 +169,9 @@ def lora(ctx: MethodContext, cfg: LoRAConfig, result: PruneResult) -> PruneResul
         n_samples = cfg.samples or cfg.steps * cfg.batch_size
     else:
         n_samples = cfg.samples or len(ctx.calibration)
-    data = ctx.training_data(n_samples, cfg.seq_len, seed_offset=SEED_OFFSET, source=cfg.text,
-                             split=cfg.text_split if cfg.text else None, field=cfg.text_field if cfg.text else None)
+    data = ctx.lm_training_data(n_samples, cfg.seq_len, seed_offset=SEED_OFFSET, source=cfg.text,
+                                split=cfg.text_split if cfg.text else None,
+                                field=cfg.text_field if cfg.text else None)
     steps = cfg.steps if cfg.steps is not None else steps_for(len(data), cfg.batch_size, cfg.epochs)
 
     peft_cfg = PeftLoraConfig(r=r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",

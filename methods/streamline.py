@@ -7,7 +7,9 @@ train a lightweight network to stand in for it.
    (``loss=lm``: f inserted, everything else frozen).
 3. Layers i*..i*+n-1 are removed and f runs in their place.
 4. Optional post-training (paper Table 3 protocol, OPT-1.3B/2.7B): ``post_train_steps=N``
-   trains only f with the LM loss on a training text (default: the calibration source).
+   trains only f with the LM loss on a training text (default: the calibration source, drawn by
+   ``ctx.lm_training_data``: blocks with every token scored, or for a reference model its
+   calibration episodes whole, the loss on the answers only, as the model was trained).
 
 Replacement variants, one method name each (paper Tables 5 and 6, "Lightweight Model" column):
 
@@ -232,7 +234,9 @@ def run_streamline(ctx: MethodContext, cfg, kind: str) -> PruneResult:
     train_n = cfg.train_samples or len(ctx.calibration)
     mlp_kind = kind in ("mlp", "mlp-shared", "multi-mlp")
     hold = getattr(cfg, "heldout_samples", 0) if cfg.loss == "mse" else 0
-    data = ctx.training_data(train_n + hold, cfg.train_seq_len)
+    # MSE fits activations on calibration blocks; the LM loss trains on the text in the model's own
+    # format (reference models: whole episodes, answers scored; any other model: the same blocks)
+    data = (ctx.lm_training_data if cfg.loss == "lm" else ctx.training_data)(train_n + hold, cfg.train_seq_len)
     heldout = None
     if hold and len(data) > hold:  # the training draw's last blocks: the fit never sees them
         data, heldout = data.split(hold)
@@ -291,7 +295,7 @@ def run_streamline(ctx: MethodContext, cfg, kind: str) -> PruneResult:
         training["epochs"] = cfg.epochs
     extra = {"streamline": info, "training": {**training, "data": data.description}}
     if cfg.post_train_steps > 0:
-        pdata = ctx.training_data(cfg.post_train_samples or cfg.post_train_steps * cfg.post_train_batch_size,
+        pdata = ctx.lm_training_data(cfg.post_train_samples or cfg.post_train_steps * cfg.post_train_batch_size,
                                   cfg.train_seq_len, seed_offset=2, source=cfg.post_train_text,
                                   split=cfg.post_train_split if cfg.post_train_text else None,
                                   field=cfg.post_train_field if cfg.post_train_text else None)

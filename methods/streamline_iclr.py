@@ -141,7 +141,9 @@ def streamline_iclr(ctx: MethodContext, cfg: StreamlineICLRConfig) -> PruneResul
     scores = {"window_cos": window_cos, "window_layers": width, "start": start,
               "similarity": f"mean over real tokens of cos(X_i, X_(i+{width}))", "calibration_tokens": stats.tokens}
 
-    data = ctx.training_data(cfg.train_samples or len(ctx.calibration), cfg.train_seq_len)
+    # MSE: calibration blocks; LM loss: the model's own format (reference models: episodes, answers scored)
+    data = (ctx.lm_training_data if cfg.loss == "lm" else ctx.training_data)(
+        cfg.train_samples or len(ctx.calibration), cfg.train_seq_len)
     # the copy is the method's own: the dense layer stays in place (shared) while the targets are computed
     layer = copy.deepcopy(unwrap_layer(ctx.adapter.layers[start]))
     training: dict = {}

@@ -2,7 +2,8 @@
 
 Used by the LoRA post-step (only the adapters train) and by LLM-Streamline's LM-loss fit and
 post-training (only the replacement trains). The loss is the model's own next-token
-cross-entropy over real tokens (pads are labelled -100).
+cross-entropy over real tokens (pads are labelled -100), or over the tokens the data's own
+``labels`` score (a ``DocumentText`` draw: a reference model's episodes, the answers only).
 """
 from __future__ import annotations
 
@@ -18,11 +19,16 @@ from harness.model.adapters import get_adapter
 from harness.model.loading import model_device
 
 
-def lm_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def lm_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+            labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled tokens; ``labels=None`` labels every real token."""
     device = model_device(model)
     input_ids = input_ids.to(device)
     attention_mask = attention_mask.to(device)
-    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    if labels is None:
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+    else:
+        labels = labels.to(device)
     out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False)
     return out.loss
 
@@ -56,7 +62,8 @@ def train_lm(model, params, data, *, steps: int, lr: float, batch_size: int, wei
     n = len(data)
     order: list[int] = []
     losses: list[float] = []
-    tokens = 0
+    tokens = scored = 0
+    data_labels = getattr(data, "labels", None)
     t0 = time.perf_counter()
     model.train(train_mode)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the HF model
@@ -68,7 +75,8 @@ def train_lm(model, params, data, *, steps: int, lr: float, batch_size: int, wei
                     order += torch.randperm(n, generator=gen).tolist()
                 pick, order = order[:batch_size], order[batch_size:]
                 input_ids, mask = data.input_ids[pick], data.attention_mask[pick]
-                loss = lm_loss(model, input_ids, mask)
+                labels = None if data_labels is None else data_labels[pick]
+                loss = lm_loss(model, input_ids, mask, labels)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if max_grad_norm:
@@ -80,6 +88,7 @@ def train_lm(model, params, data, *, steps: int, lr: float, batch_size: int, wei
                 opt.step()
                 losses.append(value)
                 tokens += int(mask.sum())
+                scored += int(((mask if labels is None else (labels != -100).long())[:, 1:]).sum())
     finally:
         opt.zero_grad(set_to_none=True)
         for p, flag in flags:
@@ -91,7 +100,8 @@ def train_lm(model, params, data, *, steps: int, lr: float, batch_size: int, wei
     return {
         "loss": "lm", "optimizer": "AdamW", "lr": lr, "weight_decay": weight_decay, "schedule": "constant",
         "max_grad_norm": max_grad_norm, "steps": steps, "batch_size": batch_size, "samples": n,
-        "tokens": tokens, "train_mode": train_mode, "grad_checkpointing": bool(grad_checkpointing),
+        "tokens": tokens, "scored_tokens": scored, "train_mode": train_mode,
+        "grad_checkpointing": bool(grad_checkpointing),
         "trainable_params": sum(p.numel() for p in params),
         "loss_first": sum(losses[:k]) / k if losses else None,
         "loss_last": sum(losses[-k:]) / k if losses else None,

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from harness.model.adapters import ModelAdapter
@@ -12,7 +12,7 @@ from harness.signals.activations import (
     collect_layer_stats,
     iter_boundary_pairs,
 )
-from harness.signals.calibration import CalibrationData, load_calibration
+from harness.signals.calibration import CalibrationData, DocumentText, load_calibration
 
 
 @dataclass
@@ -27,6 +27,10 @@ class MethodContext:
     stats_cache: dict = field(default_factory=dict)  # shared across methods of one run
     dense_stats_key: str = ""
     timings: dict = field(default_factory=dict)  # stage -> seconds, copied into the result JSON
+    # The calibration text in the model's own training format, for the LM loss: whole documents with
+    # the loss on their answers (the reference models' episodes; the runner sets it when the model
+    # declares such a format and the calibration text is its own). None: plain blocks, all tokens scored.
+    lm_text: DocumentText | None = None
 
     @property
     def num_layers(self) -> int:
@@ -64,10 +68,29 @@ class MethodContext:
         changes = {k: v for k, v in (("seq_len", seq_len), ("source", source), ("split", split), ("field", field))
                    if v is not None and v != getattr(cfg, k)}
         if changes:
-            from dataclasses import replace
-
             cfg = replace(cfg, **changes)
         return load_calibration(cfg, self.tokenizer, seed_offset=seed_offset, num_samples=num_samples)
+
+    def lm_training_data(self, num_samples: int, seq_len: int | None = None, seed_offset: int = 1,
+                         source: str | None = None, split: str | None = None, field: str | None = None
+                         ) -> CalibrationData:
+        """Training data for the LM loss (post-training, ``loss=lm`` fits, LoRA): the same arguments
+        and draw as :meth:`training_data`, in the format the model was trained in.
+
+        With ``lm_text`` set (a reference model calibrated on its world's text) and no other
+        ``source``, the draw is whole documents, one per row, labelled on the answers only
+        (``labels``); otherwise it is ``training_data``'s blocks, every real token scored. The
+        description records which (``format``: ``blocks`` or the document text's own, e.g.
+        ``episodes``; ``loss_mask``: what the loss scores).
+        """
+        cal = self.calibration.config
+        if self.lm_text is not None and (source is None or source == cal.source):
+            cfg = replace(cal, seq_len=seq_len) if seq_len is not None else cal
+            return self.lm_text.draw(cfg, seed_offset=seed_offset, num_samples=num_samples)
+        data = self.training_data(num_samples, seq_len, seed_offset=seed_offset, source=source, split=split,
+                                  field=field)
+        return replace(data, description={**data.description, "format": "blocks",
+                                          "loss_mask": "every real token"})
 
     def boundary_pairs(self, data: CalibrationData, start: int, end: int, batch_size: int | None = None,
                        boundaries=None):

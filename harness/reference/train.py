@@ -87,13 +87,19 @@ def tokenizer_for(world: W.World):
     return build_tokenizer(world.vocabulary(), model_max_length=256)
 
 
+def encode_episode(ctx: str, answer: str, ids: dict[str, int]) -> tuple[list[int], list[int]]:
+    """``(context ids, scored ids)`` of one episode as training sees it: the context words are input
+    only; what the context determines (the answer words, their ``.``) and the closing ``</s>`` are
+    scored. No BOS: a row starts with the episode's first word, as the suite's queries do."""
+    return [ids[w] for w in ctx.split()], [ids[w] for w in answer.split()] + [EOS_ID]
+
+
 def _rows(docs, n: int, seq_len: int, ids: dict[str, int]):
     x = torch.full((n, seq_len), PAD_ID, dtype=torch.long)
     y = torch.full((n, seq_len), -100, dtype=torch.long)
     for r in range(n):
-        ctx, answer = next(docs)
-        c = [ids[w] for w in ctx.split()]
-        toks = c + [ids[w] for w in answer.split()] + [EOS_ID]
+        c, a = encode_episode(*next(docs), ids)
+        toks = c + a
         if len(toks) > seq_len:
             raise ValueError(f"document of {len(toks)} tokens does not fit seq_len={seq_len}")
         x[r, :len(toks)] = torch.tensor(toks)

@@ -41,6 +41,9 @@ class CalibrationData:
     attention_mask: torch.Tensor  # (N, T) long; 1 = real token
     config: CalibrationConfig
     description: dict
+    # (N, T) long: the LM loss's labels, -100 where a token is not scored (a DocumentText draw: the
+    # answers only). None = every real token is scored (plain text blocks).
+    labels: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -143,3 +146,60 @@ def load_calibration(cfg: CalibrationConfig, tokenizer, seed_offset: int = 0,
         "bos_prepended": bos is not None,
     }
     return CalibrationData(input_ids, attention_mask, cfg, desc)
+
+
+@dataclass(frozen=True)
+class DocumentText:
+    """A training text given as whole documents, each ``(context ids, scored ids)``: the format of a
+    model whose own training was not plain text cut into blocks (the reference models: one
+    episode per row from position 0, right-padded, the loss on what the context determines).
+
+    ``draw`` gives blocks in that format: one document per row, no BOS, right-padded with
+    ``pad_id`` (attention mask 0), ``labels`` = the token on its scored positions and -100 on
+    the context and the padding. ``description`` says what the text is and is recorded with every
+    draw (``format``, ``loss_mask``, source, text hash, ...).
+    """
+    documents: tuple  # ((context ids, scored ids), ...)
+    pad_id: int
+    description: dict
+
+    def __len__(self) -> int:
+        return len(self.documents)
+
+    @property
+    def longest(self) -> int:
+        return max(len(c) + len(a) for c, a in self.documents)
+
+    def draw(self, cfg: CalibrationConfig, seed_offset: int = 0, num_samples: int | None = None
+             ) -> CalibrationData:
+        """``num_samples`` documents in a seeded random order (seed ``cfg.seed + seed_offset``,
+        without replacement when there are enough, as ``load_calibration`` draws blocks), each
+        padded to ``cfg.seq_len`` tokens."""
+        n = cfg.num_samples if num_samples is None else num_samples
+        if n < 1:
+            raise UsageError("a training draw needs at least 1 document")
+        if self.longest > cfg.seq_len:
+            raise UsageError(
+                f"{self.description.get('source', 'the training text')}: its documents have up to {self.longest} "
+                f"tokens and are trained whole, one per row; a row of {cfg.seq_len} tokens does not hold them "
+                f"(use a sequence length >= {self.longest})")
+        gen = torch.Generator().manual_seed(cfg.seed + seed_offset)
+        with_replacement = n > len(self.documents)
+        if with_replacement:
+            picks = torch.randint(len(self.documents), (n,), generator=gen).tolist()
+        else:
+            picks = torch.randperm(len(self.documents), generator=gen)[:n].tolist()
+        input_ids = torch.full((n, cfg.seq_len), self.pad_id, dtype=torch.long)
+        labels = torch.full((n, cfg.seq_len), -100, dtype=torch.long)
+        attention_mask = torch.zeros((n, cfg.seq_len), dtype=torch.long)
+        for r, k in enumerate(picks):
+            context, scored = self.documents[k]
+            toks = list(context) + list(scored)
+            input_ids[r, :len(toks)] = torch.tensor(toks, dtype=torch.long)
+            attention_mask[r, :len(toks)] = 1
+            labels[r, len(context):len(toks)] = input_ids[r, len(context):len(toks)]
+        desc = {**self.description, "num_samples": n, "seq_len": cfg.seq_len, "seed": cfg.seed + seed_offset,
+                "batch_size": cfg.batch_size, "available_documents": len(self.documents),
+                "sampled_with_replacement": bool(with_replacement), "bos_prepended": False,
+                "tokens": int(attention_mask.sum()), "scored_tokens": int((labels != -100).sum())}
+        return CalibrationData(input_ids, attention_mask, cfg, desc, labels=labels)
