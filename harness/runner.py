@@ -53,7 +53,7 @@ from harness.model.sharing import WeightGuard, own_tensors, shell_of
 from harness.model.surgery import count_params
 from harness.model.target import Target, check_on_config, resolve_num_remove
 from harness.plugins.context import MethodContext
-from harness.plugins.pipeline import check_option_targets, resolve_method
+from harness.plugins.pipeline import check_option_targets, code_identity, resolve_method
 from harness.reference.episodes import identity as lm_text_identity
 from harness.reference.episodes import training_text as reference_training_text
 from harness.results.cache import (
@@ -421,7 +421,7 @@ def run_dense(s: Session, echo=print) -> dict:
 
 def run_method(s: Session, name: str, spec, cfg, echo=print) -> dict:
     """Prune a shell of the dense model (shared weights) with one method, evaluate it, store its record."""
-    path = _method_path(s, name, cfg)
+    path = _method_path(s, name, cfg, spec)
     cached, action = _cached_action(s, name, path, echo)
     if action == "reuse":
         return cached
@@ -458,8 +458,9 @@ def run_method(s: Session, name: str, spec, cfg, echo=print) -> dict:
     return rec
 
 
-def _method_path(s: Session, name: str, cfg) -> Path:
-    """The run's file: its key names every input by content (model files, calibration text, task data)."""
+def _method_path(s: Session, name: str, cfg, spec=None) -> Path:
+    """The run's file: its key names every input by content (model files, calibration text, task data,
+    the method's source and the files its options name)."""
     opts = s.opts
     ident = _identity(opts)
     cal_key = dataclasses.asdict(opts.calibration) | {"source": ident["calibration"]}
@@ -468,6 +469,8 @@ def _method_path(s: Session, name: str, cfg) -> Path:
            "data": ident["data"], "seed": opts.seed, "max_loss_growth": opts.max_loss_growth}
     if ident.get("lm_text"):  # a reference model trains with the LM loss on its own episodes (absent: blocks)
         key["lm_text"] = ident["lm_text"]
+    if spec is not None:
+        key["method_inputs"] = code_identity(spec, cfg)
     return run_path(opts.output_dir, opts.model, name, key)
 
 

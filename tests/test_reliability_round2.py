@@ -64,3 +64,28 @@ def test_temp_folders_of_killed_runs_are_removed_by_the_next(tmp_path):
         child.kill()
         child.wait()
     assert clean_stale_temp_dirs(str(tmp_path)) == [live]
+
+
+def test_the_run_key_follows_the_methods_code_and_the_files_its_options_name(tmp_path):
+    """An edited plugin file, or an edited file an option names, gives another run key."""
+    from harness.plugins.pipeline import code_identity
+    from harness.plugins.registry import load_plugin_file
+
+    plugin = tmp_path / "my_method.py"
+    plugin.write_text(
+        "from dataclasses import dataclass\n"
+        "from harness import MethodConfig, option, register_method\n\n"
+        "@dataclass\nclass Cfg(MethodConfig):\n    text: str = option('none', 'a file')\n\n"
+        "@register_method('keyed-plugin', Cfg)\ndef run(ctx, cfg):\n    return None\n")
+    load_plugin_file(str(plugin))
+    text = tmp_path / "words.txt"
+    text.write_text("one")
+    spec, cfg = resolve_method("keyed-plugin", {"keyed-plugin": {"text": str(text)}})
+    first = code_identity(spec, cfg)
+    assert first["code"]["keyed-plugin"] and first["option_files"] == {str(text): first["option_files"][str(text)]}
+    plugin.write_text(plugin.read_text() + "# edited\n")
+    assert code_identity(spec, cfg)["code"] != first["code"]
+    text.write_text("two")
+    assert code_identity(spec, cfg)["option_files"] != first["option_files"]
+    builtin = code_identity(*resolve_method("remove+lora", {}))
+    assert set(builtin["code"]) == {"remove", "lora"} and all(builtin["code"].values())

@@ -139,3 +139,36 @@ def check_option_targets(options: dict[str, dict[str, str]], names: list[str]) -
     if unknown:
         raise UsageError(f"options given for methods not being run: {', '.join(sorted(unknown))} "
                          f"(running: {', '.join(names)})")
+
+
+def code_identity(spec, cfg) -> dict:
+    """What a run's method *is*, by content: the sha256 of each component's module source (a built-in
+    or a --plugins file: an edited plugin is not served from the cache) and of every file an option
+    names (laco.sentences_file, lora.text, streamline.post_train_text, ...)."""
+    import sys
+    from pathlib import Path
+
+    from harness.io import file_sha256
+
+    parts = [spec.method, *spec.steps] if isinstance(spec, PipelineSpec) else [spec]
+    code = {}
+    for part in parts:
+        module = sys.modules.get(part.module)
+        source = getattr(module, "__file__", None)
+        code[part.name] = file_sha256(source) if source and Path(source).is_file() else None
+    files = {}
+
+    def walk(value):
+        if isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, str) and value and len(value) < 4096:
+            p = Path(value).expanduser()
+            try:
+                if p.is_file():
+                    files[value] = file_sha256(p)
+            except OSError:
+                pass
+
+    walk(cfg.to_dict())
+    return {"code": code, **({"option_files": files} if files else {})}

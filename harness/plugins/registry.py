@@ -82,7 +82,7 @@ class Registry:
                 if other is not self and name in other._specs:
                     raise ValueError(f"'{name}' is registered both as a {other.kind} and as a {self.kind}; "
                                      "pick another name")
-            doc = help or (fn.__doc__ or "").strip().splitlines()[0]
+            doc = help or next(iter((fn.__doc__ or "").strip().splitlines()), "")  # no docstring: no help
             self._specs[name] = PluginSpec(name, fn, config, doc, fn.__module__, self.kind)
             return fn
 
