@@ -189,7 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", default=None, metavar="FILE",
                    help="re-run the golden file's command and fail (exit 1) if a metric drops below golden - tolerance")
     p.add_argument("--tolerance", type=_float("--tolerance"), default=None,
-                   help="allowed drop for --check, as a fraction of accuracy (default 0.02)")
+                   help="allowed change for --check, either way, as a fraction of accuracy (default 0.02)")
+    p.add_argument("--accept-better", action="store_true",
+                   help="with --check: a metric above golden + tolerance passes (reported as 'better') instead of "
+                   "failing; regenerate the golden file to record it")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="show lm-eval's and transformers' warnings and full error causes; with --list-methods: every option")
     return p
@@ -360,7 +363,7 @@ def _check(args, argv) -> int:
                                           + (["--no-progress"] if args.no_progress else []))
         records, _ = _run(run_args)
     print()
-    check(golden, records, tol)
+    check(golden, records, tol, accept_better=args.accept_better)
     return 0
 
 

@@ -2,7 +2,7 @@
 
 ``results/golden/ref-opt-12l.json`` was written by the command stored in it (see README,
 "Reference models and regression"); ``--check`` re-runs that command for every registered
-method and fails when a metric falls below golden - tolerance.
+method and fails when a metric moves beyond golden ± tolerance.
 """
 import json
 

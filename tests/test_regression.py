@@ -13,11 +13,15 @@ def _rec(method, **tasks):
             "params": {"ratio": 0.0}, "manifest": {}}
 
 
-def test_compare_flags_drops_beyond_tolerance_only():
+def test_compare_flags_changes_beyond_tolerance_either_way():
     golden = {"metrics": {"dense": {"a": {"acc": 0.9}}, "remove": {"a": {"acc": 0.6}, "b": {"acc": 0.5}}}}
     rows, fails = compare(golden, [_rec("dense", a=0.89), _rec("remove", a=0.57, b=0.55)], tolerance=0.02)
     status = {(r["method"], r["task"]): r["status"] for r in rows}
-    assert status == {("dense", "a"): "ok", ("remove", "a"): "FAIL", ("remove", "b"): "better"}
+    assert status == {("dense", "a"): "ok", ("remove", "a"): "FAIL", ("remove", "b"): "CHANGED"}
+    assert len(fails) == 2 and "remove a acc" in fails[0] and "--accept-better" in fails[1]
+    rows, fails = compare(golden, [_rec("dense", a=0.89), _rec("remove", a=0.57, b=0.55)], tolerance=0.02,
+                          accept_better=True)
+    assert {(r["method"], r["task"]): r["status"] for r in rows}[("remove", "b")] == "better"
     assert len(fails) == 1 and "remove a acc" in fails[0]
     rows, fails = compare(golden, [_rec("dense", a=0.9)], tolerance=0.02)
     assert sum(r["status"] == "MISSING" for r in rows) == 2 and len(fails) == 2

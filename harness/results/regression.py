@@ -4,7 +4,8 @@
 run and every metric it produced. ``run_benchmarks.py --check results/golden/NAME.json
 [--tolerance X]`` re-runs exactly that command line (fresh, into a temporary directory, so no
 cached result can mask a change), prints a per-method, per-task diff table and fails (exit 1)
-when any metric falls below golden - tolerance or a golden method/task/metric is missing.
+when any metric moves more than the tolerance from golden, either way (an unexplained improvement is a
+change too; ``--accept-better`` lets rises pass), or a golden method/task/metric is missing.
 """
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ def load_golden(path: str | Path) -> dict:
     return golden
 
 
-def compare(golden: dict, records: list[dict], tolerance: float) -> tuple[list[dict], list[str]]:
+def compare(golden: dict, records: list[dict], tolerance: float,
+            accept_better: bool = False) -> tuple[list[dict], list[str]]:
     """Rows of (method, task, metric, golden, now, diff, status) and the failure messages."""
     now = _metrics_by_method(records)
     failed = {r["method"]: r.get("failure") for r in records if r.get("status") == "failed"}
@@ -77,8 +79,15 @@ def compare(golden: dict, records: list[dict], tolerance: float) -> tuple[list[d
                     status = "FAIL"
                     failures.append(f"{method} {task} {metric}: {100 * v:.2f} < golden {100 * g:.2f} - "
                                     f"tolerance {100 * tolerance:.2f}")
+                elif v > g + tolerance:
+                    status = "better"
+                    if not accept_better:
+                        status = "CHANGED"
+                        failures.append(f"{method} {task} {metric}: {100 * v:.2f} > golden {100 * g:.2f} + "
+                                        f"tolerance {100 * tolerance:.2f} (pass --accept-better to allow rises, "
+                                        "or regenerate the golden file)")
                 else:
-                    status = "ok" if v <= g + tolerance else "better"
+                    status = "ok"
                 rows.append({"method": method, "task": task, "metric": metric, "golden": 100 * g,
                              "now": None if v is None else 100 * v,
                              "diff": None if v is None else 100 * (v - g), "status": status})
@@ -99,10 +108,11 @@ def check_tolerance(tolerance: float) -> None:
         raise UsageError(f"--tolerance {tolerance} is out of range; give a fraction of accuracy, e.g. 0.02")
 
 
-def check(golden: dict, records: list[dict], tolerance: float, echo=print) -> None:
-    """Print the diff table; raise ``RegressionFailure`` naming every metric below golden - tolerance."""
-    rows, failures = compare(golden, records, tolerance)
+def check(golden: dict, records: list[dict], tolerance: float, echo=print, accept_better: bool = False) -> None:
+    """Print the diff table; raise ``RegressionFailure`` naming every metric outside golden ± tolerance
+    (only below it with ``accept_better``)."""
+    rows, failures = compare(golden, records, tolerance, accept_better)
     echo(render_diff(rows))
     if failures:
-        raise RegressionFailure(f"{len(failures)} metric(s) below golden - {tolerance}: " + "; ".join(failures))
+        raise RegressionFailure(f"{len(failures)} metric(s) outside golden ± {tolerance}: " + "; ".join(failures))
     echo(f"regression check passed: {len(rows)} metrics within tolerance {tolerance} of the golden file")
