@@ -831,7 +831,7 @@ class TaskCache:
         self._loaded = None
 
     def get(self, cfg: EvalConfig) -> LoadedTasks:
-        key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+        key = json.dumps(cfg.identity_dict(), sort_keys=True, default=str)
         if self._key != key:
             self._loaded = load_tasks(cfg)
             self._key = key
