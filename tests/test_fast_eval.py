@@ -122,6 +122,22 @@ def test_gemma3_softcap_and_sliding_window_matter():
         assert max(abs(x[0] - y[0]) for x, y in zip(base, res)) > 1e-3
 
 
+def test_head_placed_by_accelerate():
+    """A model placed with device_map has accelerate hooks on its modules (moving inputs to each
+    module's device); the gathering pre-hook runs before them. Here both are on the CPU (no GPU
+    in CI), which still runs accelerate's wrapping of the head and the decoder."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    model = tiny_model("llama")
+    reqs = _requests(model, docs=6)
+    stock = _lms(model)[0].loglikelihood(reqs, disable_tqdm=True)
+    for module in (model.model, model.lm_head):
+        add_hook_to_module(module, AlignDevicesHook(execution_device="cpu", io_same_device=True))
+    fast = _lms(model)[1]
+    _compare(stock, fast.loglikelihood(reqs, disable_tqdm=True))
+    assert fast.eval_impl_used == "fast"
+
+
 def test_one_token_cache_and_batch_size_one():
     """Requests sharing context + continuation[:-1] use lm-eval's one-token cache (one row for all)."""
     from lm_eval.api.instance import Instance
