@@ -107,9 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batch-size", type=_eval_batch_size, default=defaults.EVAL_BATCH_SIZE, metavar="N|auto|auto:K",
                    help=f"lm-eval batch size: N, auto (lm-eval's detection) or auto:K (re-detected K times; "
                    f"default {defaults.EVAL_BATCH_SIZE})")
-    p.add_argument("--eval-impl", type=_eval_impl, default=defaults.EVAL_IMPL, metavar="fast|stock",
+    p.add_argument("--eval-impl", type=_eval_impl, default=defaults.EVAL_IMPL, metavar="fast|fast-shared|stock",
                    help="loglikelihood path: fast (LM head and log-softmax only at scored positions, same "
-                   f"numbers) or stock (lm-eval's HFLM as is); not part of the run key (default {defaults.EVAL_IMPL})")
+                   "numbers), fast-shared (also runs a context shared by several choices once, through the KV "
+                   "cache) or stock (lm-eval's HFLM as is); not part of the run key "
+                   f"(default {defaults.EVAL_IMPL})")
     p.add_argument("--num-fewshot", "--num_fewshot", dest="num_fewshot", default=None, metavar="N|TASK=N,...",
                    help="few-shot examples per task, lm-eval's semantics (its few-shot split, sampler and seed); "
                    "per task: mmlu=5,default=0 (default: each task's own, 0 for most)")

@@ -39,13 +39,15 @@ MODELS = {"opt": lambda: tiny_model("opt"), "llama": lambda: tiny_model("llama")
           "llama_replaced": _replaced_llama}
 
 
-def _lms(model, batch_size=3, max_length=MAX_LEN):
+def _lms(model, batch_size=3, max_length=MAX_LEN, impl="fast"):
     from lm_eval.models.huggingface import HFLM
 
     from harness.evaluation.fastlm import fast_class
 
     kw = dict(pretrained=model, tokenizer=tiny_tokenizer(), batch_size=batch_size, device="cpu", max_length=max_length)
-    return HFLM(**kw), fast_class(HFLM)(**kw)
+    fast = fast_class(HFLM)(**kw)
+    fast.eval_impl, fast.share_contexts = impl, impl == "fast-shared"  # as harness.evaluation.lmeval.make_lm
+    return HFLM(**kw), fast
 
 
 def _greedy(model, ids: list[int], n: int) -> list[int]:
@@ -99,10 +101,11 @@ def _acc(reqs, res):
     return [max(v)[1] == 0 for _, v in sorted(best.items())]
 
 
+@pytest.mark.parametrize("impl", ["fast", "fast-shared"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_loglikelihood_matches_hflm(name):
+def test_loglikelihood_matches_hflm(name, impl):
     model = MODELS[name]()
-    stock, fast = _lms(model)
+    stock, fast = _lms(model, impl=impl)
     reqs = _requests(model)
     assert any(len(fast.tok_encode(r.args[0] + r.args[1])) > MAX_LEN + 1 for r in reqs)  # truncation is exercised
     a = stock.loglikelihood(reqs, disable_tqdm=True)
@@ -110,7 +113,49 @@ def test_loglikelihood_matches_hflm(name):
     _compare(a, b)
     assert any(g for _ll, g in a) and not all(g for _ll, g in a)  # both greedy outcomes are exercised
     assert _acc(reqs, a) == _acc(reqs, b)
-    assert fast.eval_impl_used == "fast"
+    assert fast.eval_impl_used == impl
+
+
+def test_shared_contexts_run_once():
+    """fast-shared: a document's context runs once (one row), then its choices' remaining tokens
+    in one batch against the cache; documents alone in their group are batched as in fast."""
+    from lm_eval.api.instance import Instance
+
+    model = tiny_model("llama")
+    stock, fast = _lms(model, batch_size=8, impl="fast-shared")
+    reqs = [Instance(request_type="loglikelihood", doc={"d": d}, idx=c,
+                     arguments=(_text(range(10 + d, 20 + 2 * d)), " " + _text([30 + c, 40 + c, 50 + d])))
+            for d in range(3) for c in range(4)]
+    reqs.append(Instance(request_type="loglikelihood", doc={"d": 3}, idx=0, arguments=("t9 t8", " t7 t6")))
+    a = stock.loglikelihood(reqs, disable_tqdm=True)
+    shapes = []
+    handle = model.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.logits.shape[:2])))
+    b = fast.loglikelihood(reqs, disable_tqdm=True)
+    handle.remove()
+    _compare(a, b)
+    # the single first, then per document: the prefix's last position, then 4 members x 2 tokens
+    assert shapes == [(1, 2)] + [(1, 1), (1, 8)] * 3
+
+
+def test_shared_contexts_need_a_cache(monkeypatch, caplog):
+    from harness.evaluation import fastlm
+
+    monkeypatch.setattr(fastlm, "_WARNED", set())
+    model = tiny_model("opt")
+    reqs = _requests(model, docs=6)
+    stock, fast = _lms(model, impl="fast-shared")
+    forward = model.forward
+
+    def no_cache(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.past_key_values = None
+        return out
+
+    monkeypatch.setattr(model, "forward", no_cache)
+    with caplog.at_level(logging.WARNING, logger="harness.evaluation.fastlm"):
+        _compare(stock.loglikelihood(reqs, disable_tqdm=True), fast.loglikelihood(reqs, disable_tqdm=True))
+    assert fast.eval_impl_used == "fast (contexts not shared: the model returns no KV cache)"
+    assert len([r for r in caplog.records if "returned no KV cache" in r.message]) == 1
 
 
 def test_gemma3_softcap_and_sliding_window_matter():
@@ -157,12 +202,13 @@ def test_one_token_cache_and_batch_size_one():
     _compare(a, b)
 
 
-def test_loglikelihood_rolling_matches_hflm():
+@pytest.mark.parametrize("impl", ["fast", "fast-shared"])
+def test_loglikelihood_rolling_matches_hflm(impl):
     """Perplexity tasks: rolling windows score every position (lm-eval's windows of max_length)."""
     from lm_eval.api.instance import Instance
 
     model = tiny_model("opt")
-    stock, fast = _lms(model, max_length=16)
+    stock, fast = _lms(model, max_length=16, impl=impl)
     rng = random.Random(3)
     reqs = [Instance(request_type="loglikelihood_rolling", doc={}, idx=0,
                      arguments=(_text(rng.randrange(3, 128) for _ in range(n)),)) for n in (5, 16, 40, 71)]
@@ -243,7 +289,7 @@ def test_eval_impl_flag_and_config_key(tmp_path):
     cfg.write_text("eval_impl: stock\n")
     assert parse_args_with_config(build_parser(), ["--config", str(cfg)]).eval_impl == "stock"
     cfg.write_text("eval-impl: quick\n")
-    with pytest.raises(UsageError, match="--eval-impl expects one of fast, stock, got 'quick'"):
+    with pytest.raises(UsageError, match="--eval-impl expects one of fast, fast-shared, stock, got 'quick'"):
         load_config_file(str(cfg), build_parser())
 
 
@@ -260,11 +306,12 @@ def _task_run(model, tok, impl, limit=12):
     return run_lm_eval(model, tok, cfg, log_samples=True)
 
 
-def test_real_tasks_same_metrics_fast_and_stock():
+@pytest.mark.parametrize("impl", ["fast", "fast-shared"])
+def test_real_tasks_same_metrics_fast_and_stock(impl):
     tok = opt_tokenizer()
     model = tiny_model("opt", vocab_size=len(tok), layers=2)
-    stock, fast = _task_run(model, tok, "stock"), _task_run(model, tok, "fast")
-    assert stock["details"]["eval_impl"] == "stock" and fast["details"]["eval_impl"] == "fast"
+    stock, fast = _task_run(model, tok, "stock"), _task_run(model, tok, impl)
+    assert stock["details"]["eval_impl"] == "stock" and fast["details"]["eval_impl"] == impl
     assert fast["metrics"] == stock["metrics"]
     assert set(fast["metrics"]) == set(REAL_TASKS) and all("acc_norm" in m for m in fast["metrics"].values())
     diff, n = 0.0, 0

@@ -91,16 +91,30 @@ class _GatherScored:
         return (hidden.reshape(b * t, h).index_select(0, flat).unsqueeze(0),) + tuple(args[1:])
 
 
+def _collate(req):  # lm-eval's sort key: longest first, ties by tokens
+    toks = req[1] + req[2]
+    return -len(toks), tuple(toks)
+
+
+def _lookup_one_token_cont(req):  # lm-eval's one-token cache key: context + continuation[:-1]
+    return req[-2] + req[-1][:-1]
+
+
 class FastLoglikelihood:
     """Mixin over ``HFLM`` (or its data-parallel subclass): see the module docstring."""
 
-    eval_impl = "fast"
+    eval_impl = "fast"  # or "fast-shared" (make_lm sets both)
+    share_contexts = False  # also run a context shared by several requests once (shared_context.py)
     _fast_verified = False  # a first batch went through the fast path and passed every check
     _fast_fallback: str | None = None  # why this model uses lm-eval's path instead
 
     @property
     def eval_impl_used(self) -> str:
-        return "fast" if self._fast_fallback is None else f"stock (fast path unsupported: {self._fast_fallback})"
+        if self._fast_fallback is not None:
+            return f"stock (fast path unsupported: {self._fast_fallback})"
+        if self.eval_impl == "fast-shared" and not self.share_contexts:
+            return "fast (contexts not shared: the model returns no KV cache)"
+        return self.eval_impl
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         if self._fast_fallback is None and not self._fast_verified:
@@ -121,18 +135,9 @@ class FastLoglikelihood:
     # --- lm-eval's _loglikelihood_tokens (causal branch), scored positions only ------------------
     def _fast_loglikelihood_tokens(self, requests, disable_tqdm, override_bs):
         from lm_eval.models.utils import Collator
-        from lm_eval.models.utils_hf import pad_and_concat
         from tqdm import tqdm
 
         res = []
-
-        def _collate(req):  # lm-eval's: longest first, ties by tokens
-            toks = req[1] + req[2]
-            return -len(toks), tuple(toks)
-
-        def _lookup_one_token_cont(req):  # lm-eval's: context + continuation[:-1]
-            return req[-2] + req[-1][:-1]
-
         re_ord = Collator(requests, sort_fn=_collate, group_by="contexts" if self.logits_cache else None,
                           group_fn=_lookup_one_token_cont)
         n_reordered = len(re_ord)
@@ -141,63 +146,77 @@ class FastLoglikelihood:
                     else None)
         if batch_fn is not None:
             self.batch_sizes = {}  # lm-eval re-detects per call (its issue 1678)
-        chunks = re_ord.get_batched(n=batch_size, batch_fn=batch_fn)
         pbar = tqdm(total=len(requests), disable=(disable_tqdm or (self.rank != 0)),
                     desc="Running loglikelihood requests")
         try:
-            for chunk in chunks:
-                inps, cont_toks_list, inplens = [], [], []
-                for _, context_enc, continuation_enc in chunk:
-                    assert len(context_enc) > 0
-                    assert len(continuation_enc) > 0
-                    assert len(continuation_enc) <= self.max_length
-                    total_length = len(context_enc) + len(continuation_enc)
-                    if total_length > self.max_length + 1:
-                        _HF_LOG.warning(
-                            f"Combined length of context ({len(context_enc)}) and continuation "
-                            f"({len(continuation_enc)}) exceeds model's maximum length ({self.max_length}). "
-                            f"Truncating {total_length - self.max_length + 1} tokens from the left.")
-                    inp = torch.tensor((context_enc + continuation_enc)[-(self.max_length + 1):][:-1],
-                                       dtype=torch.long, device=self.device)
-                    inps.append(inp)
-                    cont_toks_list.append(continuation_enc)
-                    inplens.append(inp.shape[0])
-                padding_len_inp = max(inplens)
-                batched_inps = pad_and_concat(padding_len_inp, inps, padding_side="right")
-                scored = self._scored_log_probs(batched_inps, inplens, [len(c) for c in cont_toks_list])
-                self._fast_verified = True
+            if self.share_contexts and self.logits_cache and batch_fn is None:
+                from harness.evaluation.shared_context import score_shared
 
-                for (request_str, ctx_tokens, _), logits, cont_toks in zip(chunk, scored, cont_toks_list,
-                                                                           strict=True):
-                    logits = logits.unsqueeze(0)  # [1, contlen, vocab]
-                    greedy_tokens = logits.argmax(dim=-1)
-                    for request_str, cont_toks, logits in re_ord.get_cache(  # noqa: B020 - lm-eval's loop
-                            req_str=request_str, cxt_toks=ctx_tokens, cont_toks=cont_toks, logits=logits):
-                        cont_toks = torch.tensor(cont_toks, dtype=torch.long, device=logits.device).unsqueeze(0)
-                        max_equal = (greedy_tokens[:, -cont_toks.shape[1]:] == cont_toks).all()
-                        logits = torch.gather(logits, 2, cont_toks.unsqueeze(-1)).squeeze(-1)
-                        answer = (float(logits.sum()), bool(max_equal))
-                        res.append(answer)
-                        if request_str is not None:
-                            self.cache_hook.add_partial("loglikelihood", request_str, answer)
-                        pbar.update(1)
+                score_shared(self, re_ord, batch_size, res, pbar)
+            else:
+                for chunk in re_ord.get_batched(n=batch_size, batch_fn=batch_fn):
+                    self._score_chunk(chunk, re_ord, res, pbar)
         finally:
             pbar.close()
         return re_ord.get_original(res)
 
-    def _scored_log_probs(self, batched_inps: torch.Tensor, inplens: list[int],
-                          contlens: list[int]) -> tuple[torch.Tensor, ...]:
-        """Per row, the log-softmax ``[contlen, vocab]`` at the ``contlen`` positions before
-        ``inplen`` (lm-eval's ``_select_cont_toks``), the head applied at those positions only."""
-        rows = torch.cat([torch.full((c,), i, dtype=torch.long) for i, c in enumerate(contlens)])
-        cols = torch.cat([torch.arange(n - c, n, dtype=torch.long) for n, c in zip(inplens, contlens, strict=True)])
-        gather = _GatherScored(rows, cols, batched_inps.shape[0], batched_inps.shape[1])
+    def _input(self, context_enc: list[int], continuation_enc: list[int]) -> list[int]:
+        """lm-eval's model input for one request: left-truncated to max_length, last token dropped."""
+        assert len(context_enc) > 0
+        assert len(continuation_enc) > 0
+        assert len(continuation_enc) <= self.max_length
+        total_length = len(context_enc) + len(continuation_enc)
+        if total_length > self.max_length + 1:
+            _HF_LOG.warning(
+                f"Combined length of context ({len(context_enc)}) and continuation "
+                f"({len(continuation_enc)}) exceeds model's maximum length ({self.max_length}). "
+                f"Truncating {total_length - self.max_length + 1} tokens from the left.")
+        return (context_enc + continuation_enc)[-(self.max_length + 1):][:-1]
+
+    def _score_chunk(self, chunk, re_ord, res: list, pbar) -> None:
+        """One batch of lm-eval's: right-padded rows, one forward pass, answers appended to ``res``."""
+        from lm_eval.models.utils_hf import pad_and_concat
+
+        inps = [torch.tensor(self._input(ctx, cont), dtype=torch.long, device=self.device) for _, ctx, cont in chunk]
+        inplens = [inp.shape[0] for inp in inps]
+        batched_inps = pad_and_concat(max(inplens), inps, padding_side="right")
+        scored = self._scored_log_probs(batched_inps, inplens, [len(req[2]) for req in chunk])
+        self._fast_verified = True
+        for req, logits in zip(chunk, scored, strict=True):
+            self._answer(req, logits, re_ord, res, pbar)
+
+    def _answer(self, req, logits: torch.Tensor, re_ord, res: list, pbar) -> None:
+        """lm-eval's per-request scoring from the ``[contlen, vocab]`` log-probs of ``req`` (and of
+        the requests the one-token cache groups with it)."""
+        request_str, ctx_tokens, cont_toks = req
+        logits = logits.unsqueeze(0)  # [1, contlen, vocab]
+        greedy_tokens = logits.argmax(dim=-1)
+        for request_str, cont_toks, logits in re_ord.get_cache(  # noqa: B020 - lm-eval's loop
+                req_str=request_str, cxt_toks=ctx_tokens, cont_toks=cont_toks, logits=logits):
+            cont_toks = torch.tensor(cont_toks, dtype=torch.long, device=logits.device).unsqueeze(0)
+            max_equal = (greedy_tokens[:, -cont_toks.shape[1]:] == cont_toks).all()
+            logits = torch.gather(logits, 2, cont_toks.unsqueeze(-1)).squeeze(-1)
+            answer = (float(logits.sum()), bool(max_equal))
+            res.append(answer)
+            if request_str is not None:
+                self.cache_hook.add_partial("loglikelihood", request_str, answer)
+            pbar.update(1)
+
+    def _call(self, **kwargs):
+        """``self.model(**kwargs)`` under lm-eval's ``_model_call`` context (no_grad, autocast)."""
+        with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                                             enabled=self.mixed_precision_dtype is not None):
+            return self.model(**kwargs)
+
+    def _head_call(self, gather: "_GatherScored", n: int, fn):
+        """Run ``fn()`` (a forward pass) with ``gather`` on the LM head; check the head saw one
+        ``[B, T, H]`` input and the logits came back ``[1, n, V]``; returns the model output."""
         handle = self.model.get_output_embeddings().register_forward_pre_hook(gather)
         try:
-            logits = self._model_call(batched_inps)
+            out = fn()
         finally:
             handle.remove()
-        n = rows.numel()
+        logits = out if isinstance(out, torch.Tensor) else getattr(out, "logits", None)
         if gather.error is None and gather.calls != 1:
             gather.error = f"the LM head was called {gather.calls} times in one forward pass (expected once)"
         if gather.error is None and (not isinstance(logits, torch.Tensor) or logits.dim() != 3
@@ -206,6 +225,16 @@ class FastLoglikelihood:
             gather.error = f"the model's logits came back as {shape}, not [1, {n}, vocab]"
         if gather.error is not None:
             raise FastPathUnsupported(gather.error)
+        return out
+
+    def _scored_log_probs(self, batched_inps: torch.Tensor, inplens: list[int],
+                          contlens: list[int]) -> tuple[torch.Tensor, ...]:
+        """Per row, the log-softmax ``[contlen, vocab]`` at the ``contlen`` positions before
+        ``inplen`` (lm-eval's ``_select_cont_toks``), the head applied at those positions only."""
+        rows = torch.cat([torch.full((c,), i, dtype=torch.long) for i, c in enumerate(contlens)])
+        cols = torch.cat([torch.arange(n - c, n, dtype=torch.long) for n, c in zip(inplens, contlens, strict=True)])
+        gather = _GatherScored(rows, cols, batched_inps.shape[0], batched_inps.shape[1])
+        logits = self._head_call(gather, rows.numel(), lambda: self._model_call(batched_inps))
         logp = F.log_softmax(logits[0], dim=-1, dtype=self.softmax_dtype)  # [N, vocab]
         return logp.split(contlens, dim=0)
 

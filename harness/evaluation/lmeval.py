@@ -177,7 +177,7 @@ class EvalConfig:
     ppl_stride: int | None = None  # default: = seq_len (non-overlapping windows)
     ppl_max_windows: int | None = None
     suite: str | None = None  # a local suite directory (suite.json) instead of lm-eval tasks
-    eval_impl: str = defaults.EVAL_IMPL  # "fast" (harness.evaluation.fastlm) | "stock" (lm-eval's HFLM path)
+    eval_impl: str = defaults.EVAL_IMPL  # "fast" | "fast-shared" (harness.evaluation.fastlm) | "stock" (lm-eval's)
 
     # how the scores are computed, not what they are: left out of the run key and the record's
     # ``eval`` (``identity_dict``); the path that ran is in the record's ``eval_details.eval_impl``
@@ -878,11 +878,16 @@ def check_eval_impl(value: str) -> str:
 def make_lm(model, tokenizer, batch_size, impl: str = defaults.EVAL_IMPL):
     """lm-eval's HFLM over the in-memory model (data-parallel launches: its rank-aware
     subclass, see evaluation.distributed); ``impl="fast"``: with the fast loglikelihood path
-    (evaluation.fastlm), ``"stock"``: lm-eval's own."""
+    (evaluation.fastlm), ``"fast-shared"``: that path running shared contexts once
+    (evaluation.shared_context), ``"stock"``: lm-eval's own."""
     from harness.evaluation.distributed import hflm_class
 
-    return hflm_class(fast=check_eval_impl(impl) == "fast")(pretrained=model, tokenizer=tokenizer, batch_size=parse_batch_size(batch_size),
-                device=str(model_device(model)))
+    fast = check_eval_impl(impl) != "stock"
+    lm = hflm_class(fast=fast)(pretrained=model, tokenizer=tokenizer, batch_size=parse_batch_size(batch_size),
+                               device=str(model_device(model)))
+    if fast:
+        lm.eval_impl, lm.share_contexts = impl, impl == "fast-shared"
+    return lm
 
 
 def _clean(value):
