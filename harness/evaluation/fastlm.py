@@ -114,6 +114,8 @@ class FastLoglikelihood:
             return f"stock (fast path unsupported: {self._fast_fallback})"
         if self.eval_impl == "fast-shared" and not self.share_contexts:
             return "fast (contexts not shared: the model returns no KV cache)"
+        if self.eval_impl == "fast-shared" and self.batch_size == "auto":
+            return "fast (contexts not shared with lm-eval's automatic batch size)"
         return self.eval_impl
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):

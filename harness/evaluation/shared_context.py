@@ -13,7 +13,8 @@ with ``stock`` within float rounding (tests/test_fast_eval.py, with sliding-wind
 
 Groups are per document, so forward passes carry a few rows (one per choice): fewer FLOPs, but
 smaller batches than ``--eval-batch-size``; on CPU that wins, on a GPU it may not (opt-in).
-A model whose forward returns no KV cache falls back to the plain fast path with one warning.
+A model whose forward returns no KV cache falls back to the plain fast path with one warning;
+with ``--eval-batch-size auto`` (lm-eval's batch-size detection) contexts are not shared either.
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ def score_shared(lm, re_ord, batch_size: int, res: list, pbar) -> None:
         if scored is None:  # no KV cache from this model: the plain fast path for the rest
             lm._score_chunk([req for req, _ in members], re_ord, res, pbar)
             continue
+        lm._fast_verified = True  # a later structural failure is an error (fastlm), not a fallback
         for (req, _), logits in zip(members, scored, strict=True):
             lm._answer(req, logits, re_ord, res, pbar)
 
