@@ -105,7 +105,8 @@ def _acc(reqs, res):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_loglikelihood_matches_hflm(name, impl):
     model = MODELS[name]()
-    stock, fast = _lms(model, impl=impl)
+    # fast-shared with 16 rows: several documents (contexts of different lengths) share a pass
+    stock, fast = _lms(model, batch_size=16 if impl == "fast-shared" else 3, impl=impl)
     reqs = _requests(model)
     assert any(len(fast.tok_encode(r.args[0] + r.args[1])) > MAX_LEN + 1 for r in reqs)  # truncation is exercised
     a = stock.loglikelihood(reqs, disable_tqdm=True)
@@ -118,7 +119,8 @@ def test_loglikelihood_matches_hflm(name, impl):
 
 def test_shared_contexts_run_once():
     """fast-shared: a document's context runs once (one row), then its choices' remaining tokens
-    in one batch against the cache; documents alone in their group are batched as in fast."""
+    against the cache; several documents share each pass (contexts of different lengths: left
+    padding); requests alone in their group are batched as in fast."""
     from lm_eval.api.instance import Instance
 
     model = tiny_model("llama")
@@ -133,8 +135,9 @@ def test_shared_contexts_run_once():
     b = fast.loglikelihood(reqs, disable_tqdm=True)
     handle.remove()
     _compare(a, b)
-    # the single first, then per document: the prefix's last position, then 4 members x 2 tokens
-    assert shapes == [(1, 2)] + [(1, 1), (1, 8)] * 3
+    # the single first; then documents batched up to 8 continuation rows: two documents' prefixes
+    # (their last positions), their 8 members x 2 tokens; then the third document alone
+    assert shapes == [(1, 2), (1, 2), (1, 16), (1, 1), (1, 8)]
 
 
 def test_shared_contexts_need_a_cache(monkeypatch, caplog):

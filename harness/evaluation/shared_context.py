@@ -39,45 +39,65 @@ def score_shared(lm, re_ord, batch_size: int, res: list, pbar) -> None:
     step = batch_size or len(singles)  # lm-eval's batch size 0: one batch
     for start in range(0, len(singles), max(step, 1)):
         lm._score_chunk(singles[start:start + step], re_ord, res, pbar)
-    for prefix, members in groups.items():
-        if len(members) < 2:
-            continue
-        scored = _score_group(lm, list(prefix), members) if lm.share_contexts else None
-        if scored is None:  # no KV cache from this model: the plain fast path for the rest
-            lm._score_chunk([req for req, _ in members], re_ord, res, pbar)
-            continue
-        lm._fast_verified = True  # a later structural failure is an error (fastlm), not a fallback
-        for (req, _), logits in zip(members, scored, strict=True):
-            lm._answer(req, logits, re_ord, res, pbar)
+    multi = [(list(prefix), members) for prefix, members in groups.items() if len(members) > 1]
+    batch: list = []
+    for i, group in enumerate(multi):  # several documents per forward pass, <= batch_size continuation rows
+        batch.append(group)
+        rows = sum(len(m) for _, m in batch)
+        nxt = len(multi[i + 1][1]) if i + 1 < len(multi) else None
+        if nxt is None or (batch_size and rows + nxt > batch_size):
+            _run_groups(lm, batch, re_ord, res, pbar)
+            batch = []
 
 
-def _score_group(lm, prefix: list[int], members: list) -> list[torch.Tensor] | None:
-    """``[contlen, vocab]`` log-probs per member: the prefix's last position (the first scored
-    token of every member) from one prefix pass, the rest from one pass over the members'
-    remaining inputs against the prefix's cache."""
-    p = len(prefix)
-    ids = torch.tensor([prefix], dtype=torch.long, device=lm.device)
-    gather = _GatherScored(torch.zeros(1, dtype=torch.long), torch.tensor([p - 1]), 1, p)
-    out = lm._head_call(gather, 1, lambda: lm._call(input_ids=ids, use_cache=True))
+def _run_groups(lm, batch: list, re_ord, res: list, pbar) -> None:
+    scored = _score_groups(lm, batch) if lm.share_contexts else None
+    if scored is None:  # no KV cache from this model: the plain fast path for the rest
+        lm._score_chunk([req for _, members in batch for req, _ in members], re_ord, res, pbar)
+        return
+    lm._fast_verified = True  # a later structural failure is an error (fastlm), not a fallback
+    for (req, _), logits in zip([m for _, members in batch for m in members], scored, strict=True):
+        lm._answer(req, logits, re_ord, res, pbar)
+
+
+def _score_groups(lm, batch: list) -> list[torch.Tensor] | None:
+    """``[contlen, vocab]`` log-probs per member of each ``(prefix, members)`` group: every
+    prefix's last position (the first scored token of its members) from one pass over the
+    prefixes, left-padded so that they end together (attention mask, positions from 0 in each
+    row); the rest from one pass over all members' remaining inputs, right-padded, against the
+    prefix cache selected per member (positions continue after each row's own prefix)."""
+    lens = [len(prefix) for prefix, _ in batch]
+    width_p = max(lens)
+    dev = lm.device
+    ids = torch.tensor([[0] * (width_p - n) + prefix for (prefix, _), n in zip(batch, lens)], dtype=torch.long,
+                       device=dev)
+    mask = torch.tensor([[0] * (width_p - n) + [1] * n for n in lens], dtype=torch.long, device=dev)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    g = len(batch)
+    gather = _GatherScored(torch.arange(g), torch.full((g,), width_p - 1), g, width_p)
+    out = lm._head_call(gather, g, lambda: lm._call(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                                    use_cache=True))
     cache = getattr(out, "past_key_values", None)
-    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+    if cache is None or not hasattr(cache, "batch_select_indices"):
         lm.share_contexts = False
         _warn_once(f"{type(lm.model).__name__} returned no KV cache, so shared contexts are not reused "
                    "(fast-shared runs as fast)")
         return None
-    first = F.log_softmax(out.logits[0], dim=-1, dtype=lm.softmax_dtype)  # [1, vocab]
-    rests = [inp[p:] for _, inp in members]  # each member's inputs after the prefix (contlen - 1 tokens)
+    first = F.log_softmax(out.logits[0], dim=-1, dtype=lm.softmax_dtype)  # [g, vocab]
+    owner = [j for j, (_, members) in enumerate(batch) for _ in members]
+    rests = [inp[lens[j]:] for j, (_, members) in enumerate(batch) for _, inp in members]  # contlen - 1 each
     width = max(len(r) for r in rests)
     if width == 0:
-        return [first for _ in members]
-    k = len(members)
-    cache.batch_repeat_interleave(k)
-    rows = torch.cat([torch.full((len(r),), j, dtype=torch.long) for j, r in enumerate(rests)])
+        return [first[j:j + 1] for j in owner]
+    cache.batch_select_indices(torch.tensor(owner, device=dev))  # each member's own prefix (repeated)
+    k = len(rests)
+    rows = torch.cat([torch.full((len(r),), m, dtype=torch.long) for m, r in enumerate(rests)])
     cols = torch.cat([torch.arange(len(r), dtype=torch.long) for r in rests])
-    pad = 0  # right padding, as lm-eval's pad_and_concat: later positions never reach earlier ones
-    batch = torch.tensor([r + [pad] * (width - len(r)) for r in rests], dtype=torch.long, device=lm.device)
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rests], dtype=torch.long, device=dev)  # right padding
+    mask = torch.cat([mask[owner], torch.ones(k, width, dtype=torch.long, device=dev)], dim=1)
+    pos = torch.tensor(lens, device=dev)[owner].unsqueeze(1) + torch.arange(width, device=dev)
     gather = _GatherScored(rows, cols, k, width)
-    out = lm._head_call(gather, rows.numel(), lambda: lm._call(input_ids=batch, past_key_values=cache,
-                                                                 use_cache=True))
+    out = lm._head_call(gather, rows.numel(), lambda: lm._call(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                                               past_key_values=cache, use_cache=True))
     rest = F.log_softmax(out.logits[0], dim=-1, dtype=lm.softmax_dtype).split([len(r) for r in rests], dim=0)
-    return [torch.cat([first, r.to(first.device)], dim=0) for r in rest]
+    return [torch.cat([first[j:j + 1], r.to(first.device)], dim=0) for j, r in zip(owner, rest)]
