@@ -325,3 +325,43 @@ def test_real_tasks_same_metrics_fast_and_stock(impl):
                 assert ls[1] == lf[1]
                 n += 1
     assert n > 100 and diff <= TOL, (n, diff)
+
+
+def test_cli_records_eval_impl_outside_the_run_key(tmp_path, capsys):
+    """One run key for every --eval-impl: a stock result is reused by a fast run; --force with fast
+    rewrites the same file with the same metrics; eval_details.eval_impl says which path ran."""
+    import json
+    from pathlib import Path
+
+    from conftest import REPO
+
+    from harness import reference as R
+    from harness.cli import main
+
+    model = R.MODELS_DIR / R.NAMES["small"]
+    if not (model / "model.safetensors").is_file():
+        pytest.skip(f"reference model {model.name} not trained; run python -m harness.reference.train")
+    out = tmp_path / "runs"
+    base = ["--model", str(model), "--suite", str(REPO / "reference" / "suite"), "--limit", "6", "--methods",
+            "remove", "--layers", "3", "--eval-batch-size", "4", "--output-dir", str(out), "--no-progress"]
+
+    def records() -> dict[str, tuple[Path, dict]]:
+        found = {}
+        for path in sorted(out.rglob("*.json")):
+            rec = json.loads(path.read_text())
+            if isinstance(rec, dict) and "method" in rec and "metrics" in rec:
+                found[rec["method"]] = (path, rec)
+        return found
+
+    assert main(base + ["--eval-impl", "stock"]) == 0, capsys.readouterr().err[-2000:]
+    stock = records()
+    assert {r["eval_details"]["eval_impl"] for _p, r in stock.values()} == {"stock"}
+    assert all("eval_impl" not in r["eval"] for _p, r in stock.values())
+    assert main(base + ["--eval-impl", "fast"]) == 0
+    assert "result exists, skipping" in capsys.readouterr().out
+    assert main(base + ["--eval-impl", "fast", "--force"]) == 0, capsys.readouterr().err[-2000:]
+    fast = records()
+    assert set(fast) == set(stock) == {"dense", "remove"}
+    for method, (path, rec) in fast.items():
+        assert path == stock[method][0] and rec["eval_details"]["eval_impl"] == "fast"
+        assert rec["metrics"] == stock[method][1]["metrics"] and rec["eval"] == stock[method][1]["eval"]
