@@ -117,14 +117,15 @@ def test_loglikelihood_matches_hflm(name, impl):
     assert fast.eval_impl_used == impl
 
 
-def test_shared_contexts_run_once():
-    """fast-shared: a document's context runs once (one row), then its choices' remaining tokens
-    against the cache; several documents share each pass (contexts of different lengths: left
-    padding); requests alone in their group are batched as in fast."""
+@pytest.mark.parametrize("batch_size", [8, 1])
+def test_shared_contexts_run_once(batch_size):
+    """fast-shared: a document's context runs once, then its choices' remaining tokens against the
+    cache; documents share passes while both hold at most lm-eval's batch of tokens (batch size x
+    longest input); requests alone in their group are batched as in fast."""
     from lm_eval.api.instance import Instance
 
     model = tiny_model("llama")
-    stock, fast = _lms(model, batch_size=8, impl="fast-shared")
+    stock, fast = _lms(model, batch_size=batch_size, impl="fast-shared")
     reqs = [Instance(request_type="loglikelihood", doc={"d": d}, idx=c,
                      arguments=(_text(range(10 + d, 20 + 2 * d)), " " + _text([30 + c, 40 + c, 50 + d])))
             for d in range(3) for c in range(4)]
@@ -135,9 +136,10 @@ def test_shared_contexts_run_once():
     b = fast.loglikelihood(reqs, disable_tqdm=True)
     handle.remove()
     _compare(a, b)
-    # the single first; then documents batched up to 8 continuation rows: two documents' prefixes
-    # (their last positions), their 8 members x 2 tokens; then the third document alone
-    assert shapes == [(1, 2), (1, 2), (1, 16), (1, 1), (1, 8)]
+    if batch_size == 8:  # the single; the three prefixes (their last positions); 12 members x 2 tokens
+        assert shapes == [(1, 2), (1, 3), (1, 24)]
+    else:  # budget 1 x 16 tokens: one document per pair of passes (4 members x 2 tokens)
+        assert shapes == [(1, 2)] + [(1, 1), (1, 8)] * 3
 
 
 def test_shared_contexts_need_a_cache(monkeypatch, caplog):

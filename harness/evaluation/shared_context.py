@@ -4,15 +4,17 @@ A multiple-choice document asks lm-eval for one request per choice, each ``conte
 HFLM runs the context again for every choice. Here the requests (lm-eval's representatives after
 its one-token-continuation grouping, in its order) are grouped by their *prefix*: the model input
 (left-truncated to ``max_length`` as lm-eval does) up to and including the first scored position.
-A group of two or more runs its prefix once (one row, ``use_cache=True``), then every member's
-remaining continuation tokens as one right-padded batch against the prefix's KV cache repeated
-per member (positions continue after the prefix, as in the full sequence). Requests alone in
-their group go through the fast path's batches unchanged. Every request's answer is lm-eval's
-(``FastLoglikelihood._answer``), only the forward passes are split differently, so numbers agree
+A group of two or more runs its prefix once (``use_cache=True``), then every member's remaining
+continuation tokens against that prefix's KV cache (positions continue after the prefix, as in
+the full sequence). Several groups share each pair of passes: prefixes left-padded to end
+together (attention mask; positions count from 0 in each row, and sliding windows measure true
+distances because every prefix ends at the same cache index), members right-padded, as many
+groups as keep both passes within the tokens of lm-eval's batch (``--eval-batch-size`` rows of
+the longest input), so memory stays within ``stock``'s. Requests alone in their group go through
+the fast path's batches unchanged. Every request's answer is lm-eval's
+(``FastLoglikelihood._answer``); only the forward passes are split differently, so numbers agree
 with ``stock`` within float rounding (tests/test_fast_eval.py, with sliding-window layers).
-
-Groups are per document, so forward passes carry a few rows (one per choice): fewer FLOPs, but
-smaller batches than ``--eval-batch-size``; on CPU that wins, on a GPU it may not (opt-in).
+Opt-in: it saves FLOPs, but two passes per batch of documents, not measured on a GPU yet.
 A model whose forward returns no KV cache falls back to the plain fast path with one warning;
 with ``--eval-batch-size auto`` (lm-eval's batch-size detection) contexts are not shared either.
 """
@@ -41,13 +43,20 @@ def score_shared(lm, re_ord, batch_size: int, res: list, pbar) -> None:
         lm._score_chunk(singles[start:start + step], re_ord, res, pbar)
     multi = [(list(prefix), members) for prefix, members in groups.items() if len(members) > 1]
     batch: list = []
-    for i, group in enumerate(multi):  # several documents per forward pass, <= batch_size continuation rows
+    for i, group in enumerate(multi):  # several documents per forward pass, as many tokens as lm-eval's batch
         batch.append(group)
-        rows = sum(len(m) for _, m in batch)
-        nxt = len(multi[i + 1][1]) if i + 1 < len(multi) else None
-        if nxt is None or (batch_size and rows + nxt > batch_size):
+        if i + 1 == len(multi) or (batch_size and not _fits(batch + [multi[i + 1]], batch_size)):
             _run_groups(lm, batch, re_ord, res, pbar)
             batch = []
+
+
+def _fits(batch: list, batch_size: int) -> bool:
+    """Whether both passes over ``batch`` hold at most the tokens of lm-eval's batch of
+    ``batch_size`` rows of its longest input (so memory stays within what ``stock`` uses)."""
+    budget = batch_size * max(len(inp) for _, members in batch for _, inp in members)
+    prefix_tokens = len(batch) * max(len(prefix) for prefix, _ in batch)
+    rest_tokens = sum(len(m) for _, m in batch) * max(len(inp) - len(prefix) for prefix, m in batch for _, inp in m)
+    return max(prefix_tokens, rest_tokens) <= budget
 
 
 def _run_groups(lm, batch: list, re_ord, res: list, pbar) -> None:
