@@ -63,7 +63,7 @@ def bench(name: str, model, tok, tasks: str, limit: int, args) -> dict:
 
     from harness.evaluation import lmeval as ev
 
-    fewshot = args.num_fewshot if name == "gemma" and "mmlu" in tasks.split(",") else None
+    fewshot = args.num_fewshot if name == "gemma" and any(t.startswith("mmlu") for t in tasks.split(",")) else None
     impls = ("fast", "fast-shared", "stock")
     cfgs = {impl: ev.EvalConfig(tasks=tasks.split(","), data_dir=str(args.data_dir), limit=limit,
                                 batch_size=args.batch_size, num_fewshot=fewshot, eval_impl=impl) for impl in impls}
@@ -149,6 +149,7 @@ def parse_args(argv=None):
     p.add_argument("--no-warmup", dest="warmup", action="store_false",
                    help="no untimed first round (long runs); a short forward pass still warms the kernels")
     p.add_argument("--output", default=str(REPO / "benchmarks" / "eval_speed_results.json"))
+    p.add_argument("--key", default=None, help="the results file's key for this run (default: the model name)")
     args = p.parse_args(argv)
     args.data_dir = Path(args.data_dir)
     if not (args.data_dir / "SOURCES.md").is_file():
@@ -197,7 +198,7 @@ def main(argv=None) -> int:
             r["model"] = "Gemma 3 270M (GGUF q4_k_m, dequantised to float32)"
         r["load_average"] = os.getloadavg()
         r["seconds_total"] = time.perf_counter() - t0
-        results[name] = r
+        results[args.key or name] = r
         m = r["medians"]
         for k, ratio in r["ratios"].items():
             print(f"{name}: {k} / raw lm_eval.simple_evaluate ({r['tasks']}, limit {r['limit']}): CPU {ratio['cpu']:.3f} "
