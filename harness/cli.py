@@ -45,6 +45,12 @@ def _eval_batch_size(value):
     return check_batch_size(value)
 
 
+def _eval_impl(value):
+    if value not in defaults.EVAL_IMPLS:
+        raise argparse.ArgumentTypeError(f"--eval-impl expects one of {', '.join(defaults.EVAL_IMPLS)}, got '{value}'")
+    return value
+
+
 def _labels(items: list[str]) -> dict[str, str]:
     out = {}
     for item in items or []:
@@ -109,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batch-size", type=_eval_batch_size, default=defaults.EVAL_BATCH_SIZE, metavar="N|auto|auto:K",
                    help=f"lm-eval batch size: N, auto (lm-eval's detection) or auto:K (re-detected K times; "
                    f"default {defaults.EVAL_BATCH_SIZE})")
+    p.add_argument("--eval-impl", type=_eval_impl, default=defaults.EVAL_IMPL, metavar="fast|fast-shared|stock",
+                   help="loglikelihood path: fast (LM head and log-softmax only at scored positions, same "
+                   "numbers), fast-shared (also runs a context shared by several choices once, through the KV "
+                   "cache) or stock (lm-eval's HFLM as is); not part of the run key "
+                   f"(default {defaults.EVAL_IMPL})")
     p.add_argument("--num-fewshot", "--num_fewshot", dest="num_fewshot", default=None, metavar="N|TASK=N,...",
                    help="few-shot examples per task, lm-eval's semantics (its few-shot split, sampler and seed); "
                    "per task: mmlu=5,default=0 (default: each task's own, 0 for most)")
@@ -461,7 +472,7 @@ def _run(args):
                         batch_size=args.eval_batch_size, ppl=args.ppl, ppl_seq_len=args.ppl_seq_len,
                         ppl_stride=args.ppl_stride, ppl_max_windows=args.ppl_max_windows, suite=args.suite,
                         num_fewshot=args.num_fewshot, include_path=args.include_path,
-                        model_args=parse_model_args(args.model_args)),
+                        model_args=parse_model_args(args.model_args), eval_impl=args.eval_impl),
         calibration=_calibration_config(args),
         dtype=args.dtype, device=args.device, seed=args.seed, output_dir=args.output_dir, force=args.force,
         save_models=args.save_models, progress=show_progress,

@@ -170,8 +170,9 @@ def validate_inputs(opts: RunOptions, plan=()) -> None:
 
 
 def _eval_key(opts: RunOptions) -> dict:
-    """The evaluation settings without where the data lies (its content is in identity.data)."""
-    ev = opts.eval.to_dict()
+    """The evaluation settings without where the data lies (its content is in identity.data) and
+    without how scores are computed (``--eval-impl``: the results must not depend on it)."""
+    ev = opts.eval.identity_dict()
     for where in ("data_dir", "suite"):
         if ev.get(where):
             ev[where] = True
@@ -377,7 +378,7 @@ def pruned_efficiency(s: Session, pruned) -> dict:
 
 def run_dense(s: Session, echo=print) -> dict:
     opts = s.opts
-    eval_dict = opts.eval.to_dict()
+    eval_dict = opts.eval.identity_dict()  # --eval-impl: in eval_details (the path that ran)
     ident = _identity(opts)
     path = run_path(opts.output_dir, opts.model, "dense", {"model": ident["model"], "dtype": opts.dtype,
                                                            "eval": _eval_key(opts), "data": ident["data"]})
@@ -431,7 +432,7 @@ def run_method(s: Session, name: str, spec, cfg, echo=print) -> dict:
         timings["calibration_load"] = s.timings.pop("calibration_load")
     opts = s.opts
     base = {"method": name, "label": cfg.label(name), "method_config": cfg.to_dict(), "model": s.dense_info,
-            "eval": opts.eval.to_dict(), "target": opts.target.to_dict() | {"num_remove": s.num_remove},
+            "eval": opts.eval.identity_dict(), "target": opts.target.to_dict() | {"num_remove": s.num_remove},
             "calibration": s.calibration.description, "seed": opts.seed, "timings": timings}
     result, reason = _prune(s, name, spec, cfg, timings)
     if reason is not None:

@@ -115,6 +115,7 @@ CASES = {
     "layers = model layers": (["--layers", "12"], ["12 layers", "12 decoder layers"]),
     "layers past model layers": (["--layers", "40"], ["40 layers"]),
     "limit 0": (["--limit", "0"], ["--limit 0"]),
+    "eval impl unknown": (["--eval-impl", "quick"], ["--eval-impl", "quick"]),
     "limit not an integer": (["--limit", "four"], ["--limit", "four"]),
     "eval batch size 0": (["--eval-batch-size", "0"], ["--eval-batch-size", "0"]),
     "eval batch size negative": (["--eval-batch-size", "-3"], ["--eval-batch-size", "-3"]),

@@ -111,8 +111,10 @@ def barrier() -> None:
 _LM_CLASS = None
 
 
-def hflm_class():
-    """lm-eval's ``HFLM``, or in a data-parallel launch its subclass ``DataParallelHFLM``.
+def hflm_class(fast: bool = False):
+    """lm-eval's ``HFLM``, or in a data-parallel launch its subclass ``DataParallelHFLM``;
+    ``fast=True``: that class with the fast loglikelihood path mixed in
+    (``harness.evaluation.fastlm.FastLoglikelihood``, e.g. ``FastDataParallelHFLM``).
 
     HFLM given a model object (not a name) says rank 0 of 1; the subclass reports this
     process's rank and the world size - lm-eval's own mechanism: its evaluator then builds
@@ -122,6 +124,13 @@ def hflm_class():
     through an ``accelerate.Accelerator`` it creates only for models it loads itself, come
     from torch.distributed here.
     """
+    from harness.evaluation.fastlm import fast_class
+
+    base = _base_class()
+    return fast_class(base) if fast else base
+
+
+def _base_class():
     global _LM_CLASS
     from lm_eval.models.huggingface import HFLM
 

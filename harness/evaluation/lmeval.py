@@ -29,6 +29,7 @@ from pathlib import Path
 from harness import defaults
 from harness.errors import UsageError
 from harness.evaluation.distributed import broadcast_object
+from harness.evaluation.fastlm import IMPLS
 from harness.model.loading import model_device
 
 # the built-in local layouts, by task name (kept for callers that list them)
@@ -176,6 +177,15 @@ class EvalConfig:
     ppl_stride: int | None = None  # default: = seq_len (non-overlapping windows)
     ppl_max_windows: int | None = None
     suite: str | None = None  # a local suite directory (suite.json) instead of lm-eval tasks
+    eval_impl: str = defaults.EVAL_IMPL  # "fast" | "fast-shared" (harness.evaluation.fastlm) | "stock" (lm-eval's)
+
+    # how the scores are computed, not what they are: left out of the run key and the record's
+    # ``eval`` (``identity_dict``); the path that ran is in the record's ``eval_details.eval_impl``
+    IMPLEMENTATION_KEYS = ("eval_impl",)
+
+    def identity_dict(self) -> dict:
+        """``to_dict`` without the implementation choices (results must not depend on them)."""
+        return {k: v for k, v in self.to_dict().items() if k not in self.IMPLEMENTATION_KEYS}
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -834,7 +844,7 @@ class TaskCache:
         self._loaded = None
 
     def get(self, cfg: EvalConfig) -> LoadedTasks:
-        key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+        key = json.dumps(cfg.identity_dict(), sort_keys=True, default=str)
         if self._key != key:
             self._loaded = load_tasks(cfg)
             self._key = key
@@ -872,13 +882,25 @@ def column_metrics(cfg: EvalConfig, cache: TaskCache | None = None) -> dict[str,
     return out
 
 
-def make_lm(model, tokenizer, batch_size):
+def check_eval_impl(value: str) -> str:
+    if value not in IMPLS:
+        raise UsageError(f"--eval-impl '{value}' is not one of {', '.join(IMPLS)}")
+    return value
+
+
+def make_lm(model, tokenizer, batch_size, impl: str = defaults.EVAL_IMPL):
     """lm-eval's HFLM over the in-memory model (data-parallel launches: its rank-aware
-    subclass, see evaluation.distributed)."""
+    subclass, see evaluation.distributed); ``impl="fast"``: with the fast loglikelihood path
+    (evaluation.fastlm), ``"fast-shared"``: that path running shared contexts once
+    (evaluation.shared_context), ``"stock"``: lm-eval's own."""
     from harness.evaluation.distributed import hflm_class
 
-    return hflm_class()(pretrained=model, tokenizer=tokenizer, batch_size=parse_batch_size(batch_size),
-                device=str(model_device(model)))
+    fast = check_eval_impl(impl) != "stock"
+    lm = hflm_class(fast=fast)(pretrained=model, tokenizer=tokenizer, batch_size=parse_batch_size(batch_size),
+                               device=str(model_device(model)))
+    if fast:
+        lm.eval_impl, lm.share_contexts = impl, impl == "fast-shared"
+    return lm
 
 
 def _clean(value):
@@ -934,7 +956,7 @@ def run_lm_eval(model, tokenizer, cfg: EvalConfig, log_samples: bool = False, ca
 
     cfg.batch_size = parse_batch_size(cfg.batch_size)
     cfg.num_fewshot = parse_num_fewshot(cfg.num_fewshot)
-    lm = make_lm(model, tokenizer, cfg.batch_size)
+    lm = make_lm(model, tokenizer, cfg.batch_size, cfg.eval_impl)
     loaded = (cache or _DEFAULT_CACHE).get(cfg)
     num_fewshot = _apply_fewshot(loaded, cfg)
     out = lm_eval.simple_evaluate(
@@ -969,6 +991,7 @@ def run_lm_eval(model, tokenizer, cfg: EvalConfig, log_samples: bool = False, ca
         "versions": out.get("versions", {}),
         "batch_sizes": list(getattr(lm, "batch_sizes", {}).values()),
         "notes": list(loaded.notes),
+        "eval_impl": getattr(lm, "eval_impl_used", "stock"),  # the loglikelihood path that ran
     }
     result = {"metrics": metrics, "details": serializable(details), "lm_eval": serializable(out)}
     if log_samples:
