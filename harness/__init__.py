@@ -9,7 +9,7 @@ The stages behind it, in pipeline order: ``model`` (loading, adapters, surgery, 
 ``plugins`` (registry, options, pipelines, context), ``evaluation``, ``results``.
 """
 from harness.errors import UsageError
-from harness.fitting.fit import fit_layer_to_boundaries, fit_to_boundaries, heldout_mse
+from harness.fitting.fit import FIT_LOSSES, fit_layer_to_boundaries, fit_to_boundaries, heldout_mse
 from harness.fitting.scale import CACHE_CHOICES, CHECKPOINT_CHOICES, use_checkpointing
 from harness.fitting.training import steps_for, train_lm
 from harness.model.adapters import (
@@ -63,7 +63,7 @@ __all__ = [
     "ReplacedBlock", "ReplacementLayer",
     # replacement networks and their training
     "MLPReplacement", "MultiMLPReplacement", "ACTIVATIONS", "DEFAULT_HIDDEN_MULT", "mlp_width", "mlp_params",
-    "describe", "describe_layer", "register_replacement", "fit_to_boundaries", "fit_layer_to_boundaries", "heldout_mse", "INITS",
+    "describe", "describe_layer", "register_replacement", "fit_to_boundaries", "fit_layer_to_boundaries", "heldout_mse", "INITS", "FIT_LOSSES",
     "identity_check", "train_lm", "steps_for",
     "use_checkpointing", "CHECKPOINT_CHOICES", "CACHE_CHOICES",
     # data and saved models

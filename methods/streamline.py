@@ -54,6 +54,7 @@ from harness import (
     describe,
     describe_layer,
     fit_layer_to_boundaries,
+    FIT_LOSSES,
     fit_to_boundaries,
     heldout_mse,
     identity_check,
@@ -71,8 +72,9 @@ from harness import (
 
 LOSSES = ("mse", "lm")
 CPU_TRAIN_SAMPLES = 256
-CPU_RECIPE = {"train_samples": CPU_TRAIN_SAMPLES, "init": "identity"}
-PAPER_RECIPE = {"train_samples": 3000, "init": "random"}  # paper v1, OPT-1.3B/2.7B: 3,000 samples, a fresh MLP
+CPU_RECIPE = {"train_samples": CPU_TRAIN_SAMPLES, "init": "identity", "fit_loss": "cosine"}
+# paper v1, OPT-1.3B/2.7B: 3,000 samples, a fresh MLP, MSE
+PAPER_RECIPE = {"train_samples": 3000, "init": "random", "fit_loss": "mse"}
 LAYER_INITS = ("first", "random")
 
 
@@ -145,8 +147,10 @@ class StreamlineConfig(_TrainedConfig):
     residual: bool = option(False, "the paper's MLP has none; True fits x + MLP(x)")
     init: str = option("identity", "identity: the MLP starts at ReLU(x) - ReLU(-x) = x, i.e. plain removal of the "
                        "window (needs relu and h >= 2d); random: a fresh MLP (the paper's recipe)")
-    heldout_samples: int = option(16, "blocks of the training draw held out to measure the fit's MSE beside "
+    heldout_samples: int = option(16, "blocks of the training draw held out to measure the fit's loss beside "
                                   "plain removal's (0 = not measured)")
+    fit_loss: str = option("cosine", "mse: the paper's; cosine: 1 - cos + log-norm-ratio^2 per token, blind to the "
+                           "residual stream's scale (README: Streamline on a real model)")
 
     method_name: ClassVar[str] = "streamline"
 
@@ -162,6 +166,8 @@ class StreamlineConfig(_TrainedConfig):
                 (self.activation != "relu" or (self.hidden_size is None and self.hidden_mult < 2)):
             raise UsageError(f"{name}.init=identity needs activation=relu and hidden_mult >= 2 (ReLU(x) - ReLU(-x) = x); "
                              f"pass -o {name}.init=random for a fresh MLP")
+        if self.fit_loss not in FIT_LOSSES:
+            raise UsageError(f"{name}.fit_loss={self.fit_loss} is unknown; use one of {', '.join(FIT_LOSSES)}")
         if self.heldout_samples < 0:
             raise UsageError(f"{name}.heldout_samples must be >= 0")
         super().validate(num_layers, num_remove)
@@ -217,8 +223,9 @@ def check_heldout(name: str, held: dict) -> dict:
     """Warn when the fitted replacement is further from the window's output on held-out blocks than
     plain removal is (the replacement then makes the model worse than no replacement)."""
     if not held["better_than_removal"]:
-        print(f"warning: {name}: the replacement's held-out MSE {held['mse']:.4g} is above plain removal's "
-              f"{held['identity_mse']:.4g}; it is likely worse than removing the window", file=sys.stderr)
+        key = "mse" if held["judged_by"] == "mse" else "cosine"
+        print(f"warning: {name}: the replacement's held-out {key} loss {held[key]:.4g} is above plain removal's "
+              f"{held['identity_' + key]:.4g}; it is likely worse than removing the window", file=sys.stderr)
     return held
 
 
@@ -260,15 +267,16 @@ def run_streamline(ctx: MethodContext, cfg, kind: str) -> PruneResult:
         ref = next(ctx.model.parameters())
         module.to(device=ref.device)  # fit in float32; cast to the model dtype on insertion
         if cfg.loss == "mse" and kind == "multi-mlp":  # MLP k: X_{i*+k} -> X_{i*+k+1}, its own layer
-            logs = [fit_to_boundaries(ctx, mlp, data, start + k, start + k + 1, **fit)
+            logs = [fit_to_boundaries(ctx, mlp, data, start + k, start + k + 1, fit_loss=cfg.fit_loss, **fit)
                     for k, mlp in enumerate(module.mlps)]
             training = {"per_mlp": logs, "epoch_loss": [sum(v) / len(v) for v in zip(*(g["epoch_loss"] for g in logs))],
                         "loss": "mse"}
         elif cfg.loss == "mse":
-            training = fit_to_boundaries(ctx, module, data, start, start + n, **fit)
+            training = fit_to_boundaries(ctx, module, data, start, start + n, fit_loss=cfg.fit_loss, **fit)
         if heldout is not None:  # the dense window is still in place: its boundaries are the targets
             training["heldout"] = check_heldout(cfg.method_name,
-                                                heldout_mse(ctx, module, heldout, start, start + n, cfg.batch_size))
+                                                heldout_mse(ctx, module, heldout, start, start + n, cfg.batch_size,
+                                                            fit_loss=cfg.fit_loss))
         training["init"] = "identity (plain removal)" if cfg.init == "identity" and not cfg.residual else \
             ("zero residual (plain removal)" if cfg.residual else "random")
         remove_layers(ctx.adapter, drop)

@@ -83,15 +83,20 @@ def test_heldout_mse_is_recorded_and_a_worse_fit_warns(capsys):
     res = run_method("streamline", make_context(model, 2), epochs=0, init="random")
     held = res.extra["training"]["heldout"]
     assert held["blocks"] == 16 and held["tokens"] > 0
-    assert held["mse"] > held["identity_mse"] and held["better_than_removal"] is False
+    assert held["judged_by"] == "cosine" and held["better_than_removal"] is False
+    assert held["cosine"] > held["identity_cosine"] and held["mse"] > held["identity_mse"]
     assert "above plain removal's" in capsys.readouterr().err
-    trained = run_method("streamline", make_context(tiny_model("opt", layers=6), 2), epochs=3)
-    assert trained.extra["training"]["heldout"]["mse"] <= trained.extra["training"]["heldout"]["identity_mse"]
+    for loss in ("cosine", "mse"):
+        trained = run_method("streamline", make_context(tiny_model("opt", layers=6), 2), epochs=3, fit_loss=loss)
+        held = trained.extra["training"]["heldout"]
+        key = "cosine" if loss == "cosine" else "mse"
+        assert held["judged_by"] == loss and held[key] <= held["identity_" + key]
 
 
 def test_identity_init_options_are_checked_before_running():
     model = tiny_model("opt", layers=6)
-    for bad in ({"activation": "gelu"}, {"hidden_mult": 1.5}, {"init": "zeros"}, {"heldout_samples": -1}):
+    for bad in ({"activation": "gelu"}, {"hidden_mult": 1.5}, {"init": "zeros"}, {"heldout_samples": -1},
+                {"fit_loss": "l1"}, {"recipe": "fast"}):
         with pytest.raises(UsageError):
             run_method("streamline", make_context(model, 2), epochs=0, **bad)
     res = run_method("streamline", make_context(model, 2), epochs=0, activation="gelu", init="random")
@@ -138,4 +143,26 @@ def test_the_table_marks_a_fit_worse_than_removal():
             rec("streamline-mlp-shared", 0.7, {"mse": 0.5, "identity_mse": 1.0, "better_than_removal": True})]
     ((_title, df, notes),) = report.build_tables(runs, "acc")
     assert list(df["Method"]) == ["dense", "streamline [fit>removal]", "streamline-mlp-shared"]
-    assert any("held-out MSE 2 is above plain removal's 1" in n for n in notes)
+    assert any("held-out mse loss 2 is above plain removal's 1" in n for n in notes)
+
+
+def test_cosine_fit_loss_is_scale_free_and_zero_at_the_target():
+    from harness.fitting.fit import boundary_loss
+
+    y = torch.randn(6, 16, dtype=torch.float64) * torch.tensor([3e4] + [1.0] * 15, dtype=torch.float64)  # Gemma-like
+    assert boundary_loss(y, y, "cosine").item() == pytest.approx(0.0, abs=1e-6)
+    p = y + torch.randn(6, 16, dtype=torch.float64) * 100
+    assert boundary_loss(p * 1000, y * 1000, "cosine").item() == pytest.approx(boundary_loss(p, y, "cosine").item(),
+                                                                                rel=1e-4)
+    assert boundary_loss(2 * y, y, "cosine").item() == pytest.approx(torch.log(torch.tensor(2.0)).item() ** 2, rel=1e-4)
+
+
+def test_paper_recipe_is_one_option_away():
+    from harness.plugins.pipeline import resolve_method
+
+    _spec, cpu = resolve_method("streamline", {})
+    assert (cpu.init, cpu.fit_loss, cpu.train_samples) == ("identity", "cosine", 256)
+    _spec, paper = resolve_method("streamline", {"streamline": {"recipe": "paper"}})
+    assert (paper.init, paper.fit_loss, paper.train_samples) == ("random", "mse", 3000)
+    _spec, mixed = resolve_method("streamline", {"streamline": {"recipe": "paper", "train_samples": "20000"}})
+    assert mixed.train_samples == 20000 and mixed.init == "random"

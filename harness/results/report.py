@@ -331,8 +331,9 @@ def build_tables(runs: list[dict], metric_spec: str | None = None, method_order:
         for r in others:
             if _fit_worse(r):
                 held = r["manifest"]["training"]["heldout"]
+                key = "cosine" if held.get("judged_by") == "cosine" else "mse"
                 notes.append(f"{labels.get(r['method']) or r.get('label') or r['method']} [fit>removal]: its replacement's "
-                             f"held-out MSE {held['mse']:.4g} is above plain removal's {held['identity_mse']:.4g} "
+                             f"held-out {key} loss {held[key]:.4g} is above plain removal's {held['identity_' + key]:.4g} "
                              "(the replacement moves the window's output further from the dense model's than nothing would).")
             if r.get("status") == "failed":
                 notes.append(f"{labels.get(r['method']) or r.get('label') or r['method']} [failed]: "
