@@ -131,6 +131,8 @@ def higher_is_better(run: dict, task: str, metric: str) -> bool:
 
 def _fit_worse(run: dict) -> bool:
     """A replacement fit whose held-out MSE ended above plain removal's (methods/streamline.py)."""
+    if run.get("status") == "failed":  # a failed run shows no numbers and no verdict
+        return False
     held = ((run.get("manifest") or {}).get("training") or {}).get("heldout")
     return isinstance(held, dict) and held.get("better_than_removal") is False
 
