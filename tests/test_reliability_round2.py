@@ -78,6 +78,17 @@ def test_the_run_key_follows_the_methods_code_and_the_files_its_options_name(tmp
         "@dataclass\nclass Cfg(MethodConfig):\n    text: str = option('none', 'a file')\n\n"
         "@register_method('keyed-plugin', Cfg)\ndef run(ctx, cfg):\n    return None\n")
     load_plugin_file(str(plugin))
+    try:
+        _check_keys(plugin, tmp_path)
+    finally:  # the registry is process-wide: other tests run every registered method
+        from harness.plugins.registry import METHODS
+
+        METHODS._specs.pop("keyed-plugin", None)
+
+
+def _check_keys(plugin, tmp_path):
+    from harness.plugins.pipeline import code_identity
+
     text = tmp_path / "words.txt"
     text.write_text("one")
     spec, cfg = resolve_method("keyed-plugin", {"keyed-plugin": {"text": str(text)}})

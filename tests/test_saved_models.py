@@ -47,8 +47,8 @@ def ref():
 def _pruned(ref, name, **opts):
     model, _tok = ref
     ctx = make_context(copy.deepcopy(model), N)
-    if name in MLP_VARIANTS:  # a random start: after one epoch the MLP is far from the identity (plain removal)
-        opts = {"init": "random", **opts}
+    if name in MLP_VARIANTS:  # the paper's fit: after one epoch the MLP is far from the identity (plain removal)
+        opts = {"recipe": "paper", "train_samples": 8, **opts}
     return run_method(name, ctx, epochs=1, start=4, **opts)
 
 
@@ -156,7 +156,8 @@ def _suite_task(tmp_path) -> tuple[Path, str]:
     suite.mkdir()
     info = json.loads((SUITE / "suite.json").read_text())
     info["tasks"] = {"copy": info["tasks"]["copy"]}
-    info["tasks"]["copy"]["file"] = str(SUITE / "copy.jsonl")
+    (suite / "copy.jsonl").write_bytes((SUITE / info["tasks"]["copy"]["file"]).read_bytes())
+    info["tasks"]["copy"]["file"] = "copy.jsonl"  # a suite names files inside its own folder
     (suite / "suite.json").write_text(json.dumps(info))
     yamls = tmp_path / "tasks"
     yamls.mkdir()
