@@ -120,11 +120,12 @@ def prepare(opts: RunOptions):
     check_option_targets(opts.method_options, opts.methods)
     validate_tasks(opts.eval)
     check_model_source(opts.model, opts.eval.model_args)
-    for target in opts.sweep():  # from the config alone: no weights are loaded for a bad --layers
+    config = load_config(opts.model, opts.eval.model_args)
+    for target in opts.sweep():  # from the config alone: no weights are loaded for a bad --ratio or --layers
         if target.layers is None:
-            check_on_config(target, load_config(opts.model, opts.eval.model_args))
+            check_on_config(target, config)
             continue
-        total = getattr(load_config(opts.model, opts.eval.model_args), "num_hidden_layers", None)
+        total = getattr(config, "num_hidden_layers", None)
         if isinstance(total, int) and target.layers >= total:
             raise UsageError(f"removing {target.layers} layers does not fit a model with {total} decoder "
                              f"layers; ask for fewer (--layers < {total})")

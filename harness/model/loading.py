@@ -35,7 +35,16 @@ def looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
 
 
-_SOURCES: dict = {}
+_SOURCES: dict = {}  # (name, gguf_file) -> (folder, from_pretrained keywords, GGUF origin or None)
+
+
+def _resolved(name: str, model_args: dict | None) -> tuple:
+    from harness.model import gguf
+
+    key = (name, str((model_args or {}).get("gguf_file")))
+    if key not in _SOURCES:
+        _SOURCES[key] = gguf.materialize(name, model_args) or (name, model_args, None)
+    return _SOURCES[key]
 
 
 def resolve_source(name: str, model_args: dict | None = None) -> tuple[str, dict | None]:
@@ -43,31 +52,19 @@ def resolve_source(name: str, model_args: dict | None = None) -> tuple[str, dict
     model (a ``.gguf`` file, a folder with ``gguf_file=``, or a packaged short name such as
     ``gemma-3-270m``) is converted once to a safetensors folder (harness.model.gguf); anything else
     is itself."""
-    from harness.model import gguf
-
-    key = (name, str((model_args or {}).get("gguf_file")))
-    if key not in _SOURCES:
-        found = gguf.materialize(name, model_args)
-        _SOURCES[key] = (found[0], found[1], found[2]) if found else (name, model_args, None)
-    path, rest, _info = _SOURCES[key]
-    return path, (rest if _info else model_args)
+    path, rest, _info = _resolved(name, model_args)
+    return path, rest
 
 
 def source_info(name: str, model_args: dict | None = None) -> dict | None:
     """The GGUF origin of a resolved model (file name, sha256, package), else None."""
-    resolve_source(name, model_args)
-    return _SOURCES[(name, str((model_args or {}).get("gguf_file")))][2]
+    return _resolved(name, model_args)[2]
 
 
 def check_model_source(name: str, model_args: dict | None = None) -> None:
     """Fail early for a local path that does not exist (a Hub id is checked when loaded); a GGUF
     model is converted here, so a missing package or file fails before anything else."""
-    from harness.model import gguf
-
-    if name in gguf.PACKAGED or (model_args or {}).get("gguf_file") or str(name).lower().endswith(".gguf"):
-        resolve_source(name, model_args)
-        return
-    if looks_like_path(name) and not Path(name).expanduser().exists():
+    if source_info(name, model_args) is None and looks_like_path(name) and not Path(name).expanduser().exists():
         raise UsageError(f"model path '{name}' does not exist; pass a local model folder or a Hub id")
 
 

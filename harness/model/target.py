@@ -64,36 +64,39 @@ def resolve_num_remove(target: Target, model, adapter: ModelAdapter) -> int:
     """
     target.validate()
     L = adapter.num_layers
+    by_layers = None if target.ratio is None else max(1, _round_half_up(target.ratio * L))
+    share = None  # the parameters outside the decoder layers (embeddings, final norm, untied head)
     if target.layers is not None:
         n = target.layers
     elif target.basis == "layers":
-        n = max(1, _round_half_up(target.ratio * L))
+        n = by_layers
     else:
         total = count_params(model)
         per_layer = count_params(adapter.layers[0])
         n = max(1, round(target.ratio * total / per_layer))
-        share = 1.0 - per_layer * L / total  # embeddings, final norm, untied head
+        share = 1.0 - per_layer * L / total
         if share > EMBEDDING_SHARE_WARN and 2 * n <= L:
             _warn(f"--ratio {target.ratio} counts all parameters, and {100 * share:.0f}% of this model's are "
                   f"embeddings: it resolves to {n} of {L} decoder layers; --ratio-basis layers would remove "
-                  f"{max(1, _round_half_up(target.ratio * L))}")
-        if 2 * n > L and n < L:
-            raise UsageError(
-                f"--ratio {target.ratio} of all parameters resolves to {n} of {L} decoder layers "
-                f"({100 * share:.0f}% of the parameters are embeddings and other non-layer weights); a --ratio "
-                "that removes more than half of the layers is refused: use --ratio-basis layers (the ratio "
-                f"counts decoder layers: {max(1, _round_half_up(target.ratio * L))} layers) or --layers N")
+                  f"{by_layers}")
     if n >= L:
         raise UsageError(
             f"removing {n} layers does not fit a model with {L} decoder layers; ask for fewer "
             f"(--layers < {L} or a smaller --ratio)"
         )
     if 2 * n > L:
-        if target.layers is None:
+        if target.layers is not None:
+            _warn(f"--layers {n} removes more than half of this model's {L} decoder layers")
+        elif share is not None:
+            raise UsageError(
+                f"--ratio {target.ratio} of all parameters resolves to {n} of {L} decoder layers "
+                f"({100 * share:.0f}% of the parameters are embeddings and other non-layer weights); a --ratio "
+                "that removes more than half of the layers is refused: use --ratio-basis layers (the ratio "
+                f"counts decoder layers: {by_layers} layers) or --layers N")
+        else:
             raise UsageError(f"--ratio {target.ratio} ({target.basis}) resolves to {n} of {L} decoder layers; a "
                              "--ratio that removes more than half of the layers is refused: ask for a smaller "
                              "ratio or pass --layers N explicitly")
-        _warn(f"--layers {n} removes more than half of this model's {L} decoder layers")
     return n
 
 
