@@ -151,14 +151,10 @@ def parse_args(argv=None):
     p.add_argument("--output", default=str(REPO / "benchmarks" / "eval_speed_results.json"))
     p.add_argument("--key", default=None, help="the results file's key for this run (default: the model name)")
     args = p.parse_args(argv)
-    args.data_dir = Path(args.data_dir)
-    if not (args.data_dir / "SOURCES.md").is_file():
-        p.error(f"--data-dir {args.data_dir} is not a shared/data checkout (no SOURCES.md)")
+    args.data_dir = perf.data_dir_or_exit(p, args.data_dir)
     if min(args.limit, args.gemma_limit, args.repeats, args.batch_size, args.threads) < 1:
         p.error("--limit, --gemma-limit, --repeats, --batch-size and --threads must be >= 1")
-    unknown = set(args.models.split(",")) - set(TARGETS)
-    if unknown:
-        p.error(f"--models: unknown {', '.join(sorted(unknown))}; choose from {', '.join(TARGETS)}")
+    perf.known_or_exit(p, "--models", args.models, TARGETS)
     return args
 
 

@@ -273,17 +273,28 @@ def parse_args(argv=None):
     p.add_argument("--_child-train-samples", dest="child_train_samples", type=int, default=None,
                    help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    args.data_dir = Path(args.data_dir)
-    if not (args.data_dir / "SOURCES.md").is_file():
-        p.error(f"--data-dir {args.data_dir} is not a shared/data checkout (no SOURCES.md)")
+    args.data_dir = data_dir_or_exit(p, args.data_dir)
     if args.window < 1 or not 0 <= args.window_start <= OPT_125M["num_hidden_layers"] - args.window:
         p.error("--window/--window-start do not fit 12 layers")
     if min(args.calib_samples, args.train_samples, args.repeats, args.eval_limit, args.batch_size) < 1:
         p.error("sample counts, --repeats, --eval-limit and --batch-size must be >= 1")
-    unknown = set(args.only.split(",")) - set(TARGETS)
-    if unknown:
-        p.error(f"--only: unknown part(s) {', '.join(sorted(unknown))}; choose from {', '.join(TARGETS)}")
+    known_or_exit(p, "--only", args.only, TARGETS)
     return args
+
+
+def data_dir_or_exit(p: argparse.ArgumentParser, value) -> Path:
+    """``--data-dir`` as a Path, or the parser's error when it is not a shared/data checkout."""
+    path = Path(value)
+    if not (path / "SOURCES.md").is_file():
+        p.error(f"--data-dir {path} is not a shared/data checkout (no SOURCES.md)")
+    return path
+
+
+def known_or_exit(p: argparse.ArgumentParser, flag: str, value: str, known) -> None:
+    """The parser's error for names in the comma-list ``value`` that are not in ``known``."""
+    unknown = set(value.split(",")) - set(known)
+    if unknown:
+        p.error(f"{flag}: unknown {', '.join(sorted(unknown))}; choose from {', '.join(known)}")
 
 
 def main(argv=None) -> int:
