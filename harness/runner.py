@@ -416,8 +416,8 @@ def run_dense(s: Session, echo=print) -> dict:
                      params={"dense": p, "pruned": p, "removed": 0, "added": 0, "ratio": 0.0},
                      metrics=metrics, eval_details=extra.get("details"), perplexity=ppl, timings=timings,
                      environment=environment())
+    _write_lm_eval_layout(path, rec, extra, opts)  # before the record: a stored record means a complete run
     _store(path, rec)
-    _write_lm_eval_layout(path, rec, extra, opts)
     return rec
 
 
@@ -454,8 +454,8 @@ def run_method(s: Session, name: str, spec, cfg, echo=print) -> dict:
                      stability=stability_vs_dense(s.dense_samples, samples, scores=opts.stability_scores))
     save_samples(path, samples)
     _save_and_measure(s, rec, pruned, manifest, path, timings)
+    _write_lm_eval_layout(path, rec, extra, opts)  # before the record: a stored record means a complete run
     _store(path, rec)
-    _write_lm_eval_layout(path, rec, extra, opts)
     echo(f"{name}: removed layers {manifest['removed_layers']}, measured ratio {100 * rec['params']['ratio']:.1f}%")
     return rec
 

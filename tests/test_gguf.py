@@ -81,3 +81,14 @@ def test_gemma_converted_logits_equal_the_gguf_readers(gemma_folder):
     assert torch.equal(a, b)
     with torch.no_grad():
         assert torch.equal(ref(a).logits, model(b).logits)
+
+
+def test_resolved_sources_keep_each_calls_own_model_args(tmp_path):
+    """The resolution cache must not hand one call's keywords to another call for the same model
+    (a later --model-args attn_implementation=eager once came back as the first call's none)."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    assert loading.resolve_source(str(folder), None) == (str(folder), None)
+    eager = {"attn_implementation": "eager"}
+    assert loading.resolve_source(str(folder), eager) == (str(folder), eager)
+    assert loading.resolve_source(str(folder), {"revision": "main"})[1] == {"revision": "main"}

@@ -35,13 +35,13 @@ def looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
 
 
-_SOURCES: dict = {}  # (name, gguf_file) -> (folder, from_pretrained keywords, GGUF origin or None)
+_SOURCES: dict = {}  # (name, model_args) -> (folder, from_pretrained keywords, GGUF origin or None)
 
 
 def _resolved(name: str, model_args: dict | None) -> tuple:
     from harness.model import gguf
 
-    key = (name, str((model_args or {}).get("gguf_file")))
+    key = (name, repr(sorted((model_args or {}).items())))  # all of them: the cached keywords are returned
     if key not in _SOURCES:
         _SOURCES[key] = gguf.materialize(name, model_args) or (name, model_args, None)
     return _SOURCES[key]

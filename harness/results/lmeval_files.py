@@ -50,12 +50,14 @@ def write_lm_eval_layout(run_json: Path, out: dict, *, model_name: str, method: 
                          model_args: dict | None = None, dtype: str | None = None, batch_size=None,
                          device: str | None = None, samples: dict | None = None) -> list[Path]:
     """Write ``results_<time>.json`` (and ``samples_<task>_<time>.jsonl`` when ``samples`` is
-    given) into the run's ``.lm_eval`` folder, replacing what an earlier write of the run left."""
+    given) into the run's ``.lm_eval`` folder, replacing what an earlier write of the run left
+    (its files, and the temp files of a write that was killed: the runner writes this folder before
+    the run's record, so a run whose record exists has its layout complete)."""
     from lm_eval.utils import handle_non_serializable
 
     folder = layout_dir(run_json)
     folder.mkdir(parents=True, exist_ok=True)
-    for old in list(folder.glob("results_*.json")) + list(folder.glob("samples_*.jsonl")):
+    for old in [*folder.glob("results_*.json"), *folder.glob("samples_*.jsonl"), *folder.glob(".*.tmp")]:
         old.unlink()
     stamp = datetime.now().isoformat().replace(":", "-")
     written = []
