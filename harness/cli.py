@@ -311,6 +311,11 @@ def _dispatch(args, argv) -> int:
     if args.tolerance is not None:
         raise UsageError("--tolerance only applies with --check FILE")
     records, _ = _run(args)
+    failed = [r.get("label") or r["method"] for r in records if r.get("status") == "failed"]
+    if failed:  # every other run is stored and the table printed; the exit code says not all went well
+        print(f"{len(failed)} run(s) failed: {', '.join(failed)} (the reason is in each run's JSON, 'failure')",
+              file=sys.stderr)
+        return 1
     if args.write_golden:
         from harness.results.regression import write_golden
 

@@ -11,6 +11,7 @@ import dataclasses
 import gc
 import logging
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ from harness.model.sharing import WeightGuard, own_tensors, shell_of
 from harness.model.surgery import count_params
 from harness.model.target import Target, check_on_config, resolve_num_remove
 from harness.plugins.context import MethodContext
+from harness.plugins.registry import PruneResult
 from harness.plugins.pipeline import check_option_targets, code_identity, resolve_method
 from harness.reference.episodes import identity as lm_text_identity
 from harness.reference.episodes import training_text as reference_training_text
@@ -510,8 +512,18 @@ def _cached_action(s: Session, name: str, path: Path, echo) -> tuple[dict | None
     return cached, "reuse"
 
 
+class Failure(str):
+    """A failed run's reason, with the traceback when the method raised (stored beside it)."""
+
+    def __new__(cls, reason: str, traceback_text: str | None = None):
+        obj = super().__new__(cls, reason)
+        obj.traceback = traceback_text
+        return obj
+
+
 def _prune(s: Session, name: str, spec, cfg, timings: dict):
-    """Run the method on its own shell of the dense model; ``(result, failure reason or None)``."""
+    """Run the method on its own shell of the dense model; ``(result, failure reason or None)``
+    (a method that raises, exits or returns something else fails its own run; the sweep goes on)."""
     opts = s.opts
     t = time.perf_counter()
     work_model = copy_model(s)
@@ -530,8 +542,17 @@ def _prune(s: Session, name: str, spec, cfg, timings: dict):
         guard.check(f"method '{name}'")
         timings["prune"] = time.perf_counter() - t
         return None, str(exc)
+    except (UsageError, KeyboardInterrupt):  # bad input ends the sweep with one error line; Ctrl-C ends it
+        raise
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - a method's bug fails its own run, not the sweep
+        guard.check(f"method '{name}'")
+        timings["prune"] = time.perf_counter() - t
+        trace = "".join(traceback.format_exception(exc)).rstrip()
+        return None, Failure(f"the method raised {type(exc).__name__}: {str(exc).strip()[:300]}", trace)
     guard.check(f"method '{name}'")  # the dense model is shared by every run: a leak stops the sweep
     timings["prune"] = time.perf_counter() - t  # includes "score" and any training
+    if not isinstance(result, PruneResult):
+        return None, f"the method returned {type(result).__name__}, not a PruneResult"
     result.model.eval()
     if distributed.active():  # data-parallel: every process evaluates rank 0's plan and tensors
         distributed.same_on_every_rank(result.removed_layers, f"method '{name}': the removed layers")
@@ -598,7 +619,8 @@ def _fail(s: Session, path: Path, base: dict, reason: str, manifest: dict, echo=
     failed in the table, never a number in Per. or --check."""
     from harness.finite import finite_or_none
 
-    rec = new_record(**base, status="failed", failure=reason, manifest=finite_or_none(manifest),
+    rec = new_record(**base, status="failed", failure=str(reason), failure_traceback=getattr(reason, "traceback", None),
+                     manifest=finite_or_none(manifest),
                      params={"dense": s.dense_params}, metrics={}, perplexity=None, stability=None,
                      environment=environment())
     _store(path, rec)

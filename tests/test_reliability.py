@@ -95,7 +95,8 @@ def test_diverging_training_fails_that_method_only(tmp_path, capsys, monkeypatch
                     "-o", "streamline.train_samples=8", "-o", "streamline.epochs=3", "--progress",
                     "--plugins", str(plugin)))
     captured = capsys.readouterr()
-    assert rc == 0, captured.err[-3000:]
+    assert rc == 1, captured.err[-3000:]  # the failed runs are stored and shown; the exit code says so
+    assert "2 run(s) failed" in captured.err
     (ns,) = _records(out)["nanscore_test"]
     assert ns["status"] == "failed" and "non-finite layer score" in ns["failure"] and ns["metrics"] == {}
     assert ns["manifest"]["scores"]["bi"][1] is None  # stored, as strict JSON
@@ -120,8 +121,67 @@ def test_diverging_training_fails_that_method_only(tmp_path, capsys, monkeypatch
     assert rows[0]["status"] == "FAILED" and rows[0]["now"] is None and failures
     # a re-run serves the failed result from the cache, saying so
     assert main(_args(REF, out, CALIB, "--methods", "streamline,remove", "-o", "streamline.lr=1e6",
-                      "-o", "streamline.train_samples=8", "-o", "streamline.epochs=3", "--no-progress")) == 0
+                      "-o", "streamline.train_samples=8", "-o", "streamline.epochs=3", "--no-progress")) == 1
     assert "streamline: result exists (failed:" in capsys.readouterr().out
+
+
+BROKEN_PLUGIN = """
+import sys
+from dataclasses import dataclass
+
+from harness import MethodConfig, register_method
+
+
+@dataclass
+class C(MethodConfig):
+    pass
+
+
+@register_method("raises_test", C, "test: a bug")
+def raises(ctx, cfg):
+    raise RuntimeError("boom in the method")
+
+
+@register_method("exits_test", C, "test: calls sys.exit")
+def exits(ctx, cfg):
+    sys.exit(3)
+
+
+@register_method("nothing_test", C, "test: returns nothing")
+def nothing(ctx, cfg):
+    return None
+"""
+
+
+def test_a_method_that_raises_exits_or_returns_nothing_fails_only_its_own_run(tmp_path, capsys):
+    """Each broken method is stored as failed (type, message, traceback in its JSON), the sweep goes
+    on to the next, the table shows them failed, and the process exits 1 at the end."""
+    from harness.plugins.registry import METHODS
+
+    out = tmp_path / "runs"
+    plugin = tmp_path / "broken.py"
+    plugin.write_text(BROKEN_PLUGIN)
+    try:
+        rc = main(_args(REF, out, CALIB, "--methods", "raises_test,exits_test,remove,nothing_test", "--no-progress",
+                        "--plugins", str(plugin)))
+    finally:
+        for name in ("raises_test", "exits_test", "nothing_test"):
+            METHODS._specs.pop(name, None)
+    captured = capsys.readouterr()
+    assert rc == 1, captured.err[-3000:]
+    assert "3 run(s) failed: raises_test, exits_test, nothing_test" in captured.err
+    recs = _records(out)
+    (raised,) = recs["raises_test"]
+    assert raised["status"] == "failed" and raised["failure"] == "the method raised RuntimeError: boom in the method"
+    assert "broken.py" in raised["failure_traceback"] and "RuntimeError: boom" in raised["failure_traceback"]
+    (exited,) = recs["exits_test"]
+    assert exited["status"] == "failed" and exited["failure"] == "the method raised SystemExit: 3"
+    (nothing,) = recs["nothing_test"]
+    assert nothing["failure"] == "the method returned NoneType, not a PruneResult" and not nothing["failure_traceback"]
+    (rm,) = recs["remove"]
+    assert rm["status"] == "ok" and rm["metrics"] and rm["failure_traceback"] is None
+    rows = [line.split()[0] for line in captured.out.splitlines() if "[failed]" in line and line.rstrip().endswith("-")]
+    assert rows == ["raises_test", "exits_test", "nothing_test"], captured.out
 
 
 def test_cache_keys_on_content_and_recovers_from_damage(tmp_path, capfd, monkeypatch):

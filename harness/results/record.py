@@ -46,7 +46,8 @@ class RunRecord(TypedDict, total=False):
     method: str  # "dense" or the registered method / pipeline name
     label: str  # table label: name plus non-default options
     status: str  # "ok", or "failed": the method's own numbers went wrong (see failure); no metrics then
-    failure: Optional[str]  # why it failed (training diverged, non-finite scores or outputs); None when ok
+    failure: Optional[str]  # why it failed (training diverged, non-finite scores or outputs, the method raised); None when ok
+    failure_traceback: Optional[str]  # where the method raised, when it did (a bug to report); None otherwise
     method_config: dict  # every option of the method, defaults included
     model: ModelInfo  # the dense model the run started from
     eval: dict  # tasks, data dir, limit, batch size, few-shot, perplexity settings
