@@ -7,6 +7,13 @@ CALIB_SEQ_LEN = 512  # tokens per calibration block (reference models: harness.r
 CALIB_BATCH_SIZE = 8  # blocks per forward pass while scoring
 SEED = 0
 EVAL_BATCH_SIZE = 8  # lm-eval batch size
+# --eval-batch-size auto on CPU: lm-eval's detection looks for the largest batch that does not raise an
+# out-of-memory error, but a CPU raises none (the kernel kills the process instead), so there auto may
+# pick at most the batch whose full logits (sequence of AUTO_CPU_SEQ_LEN tokens x vocabulary, float32)
+# fit in AUTO_CPU_MEMORY_SHARE of the machine's memory, and never more than AUTO_CPU_MAX_BATCH
+AUTO_CPU_MAX_BATCH = 16
+AUTO_CPU_SEQ_LEN = 2048
+AUTO_CPU_MEMORY_SHARE = 0.25
 EVAL_IMPLS = ("fast", "fast-shared", "stock")
 EVAL_IMPL = "fast"  # loglikelihood path: "fast" (harness.evaluation.fastlm) or "stock" (lm-eval's HFLM)
 DTYPE = "float32"

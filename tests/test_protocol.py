@@ -376,9 +376,26 @@ def test_model_args_and_auto_batch_size_are_used_and_recorded(tmp_path, capsys):
     dense = _records(out)["dense"]
     assert dense["eval"]["model_args"] == {"attn_implementation": "eager", "revision": "main"}
     assert dense["eval"]["batch_size"] == "auto" and dense["eval_details"]["batch_sizes"]
+    assert max(dense["eval_details"]["batch_sizes"]) <= 16  # auto on CPU is capped (lm-eval alone picked 64 here)
     lm = json.loads(next(_path_of(out, dense).with_suffix(".lm_eval").glob("results_*.json")).read_text())
     assert lm["config"]["model_args"] == "pretrained=ref-opt-12l,dtype=float32,attn_implementation=eager,revision=main"
     from harness.model.loading import load_model
 
     model, _tok = load_model(str(_model_dir()), model_args=dense["eval"]["model_args"])
     assert model.config._attn_implementation == "eager"
+
+
+def test_auto_batch_cap_on_cpu_follows_the_stated_rule():
+    """A quarter of the memory over the full logits of one 2048-token sequence, within 1..16."""
+    from types import SimpleNamespace
+
+    from harness.evaluation.lmeval import auto_cpu_batch_cap
+
+    def model(vocab):
+        return SimpleNamespace(config=SimpleNamespace(vocab_size=vocab))
+
+    gib = 1 << 30
+    assert auto_cpu_batch_cap(model(262144), 24 * gib) == 3  # Gemma 3: 2 GiB of logits per sequence
+    assert auto_cpu_batch_cap(model(50272), 24 * gib) == 15  # OPT
+    assert auto_cpu_batch_cap(model(128), 24 * gib) == 16  # the reference models: the ceiling
+    assert auto_cpu_batch_cap(model(262144), 4 * gib) == 1  # never zero

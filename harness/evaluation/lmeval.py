@@ -888,6 +888,17 @@ def check_eval_impl(value: str) -> str:
     return value
 
 
+def auto_cpu_batch_cap(model, total_memory: int | None = None) -> int:
+    """The largest batch ``--eval-batch-size auto`` may choose on CPU (the rule: harness.defaults,
+    AUTO_CPU_*): full logits of that many sequences of AUTO_CPU_SEQ_LEN tokens fit in a quarter of
+    the machine's memory, at most AUTO_CPU_MAX_BATCH, at least 1."""
+    import psutil
+
+    total = total_memory or psutil.virtual_memory().total
+    per_sequence = defaults.AUTO_CPU_SEQ_LEN * int(model.config.vocab_size) * 4
+    return max(1, min(defaults.AUTO_CPU_MAX_BATCH, int(total * defaults.AUTO_CPU_MEMORY_SHARE) // per_sequence))
+
+
 def make_lm(model, tokenizer, batch_size, impl: str = defaults.EVAL_IMPL):
     """lm-eval's HFLM over the in-memory model (data-parallel launches: its rank-aware
     subclass, see evaluation.distributed); ``impl="fast"``: with the fast loglikelihood path
@@ -896,8 +907,12 @@ def make_lm(model, tokenizer, batch_size, impl: str = defaults.EVAL_IMPL):
     from harness.evaluation.distributed import hflm_class
 
     fast = check_eval_impl(impl) != "stock"
-    lm = hflm_class(fast=fast)(pretrained=model, tokenizer=tokenizer, batch_size=parse_batch_size(batch_size),
-                               device=str(model_device(model)))
+    batch_size = parse_batch_size(batch_size)
+    extra = {}
+    if str(batch_size).startswith("auto") and model_device(model).type == "cpu":
+        extra["max_batch_size"] = auto_cpu_batch_cap(model)
+    lm = hflm_class(fast=fast)(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                               device=str(model_device(model)), **extra)
     if fast:
         lm.eval_impl, lm.share_contexts = impl, impl == "fast-shared"
     return lm
