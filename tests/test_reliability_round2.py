@@ -1,4 +1,6 @@
 """Reliability, round two (part): non-finite option values, reserved and path-like method names."""
+from pathlib import Path
+
 import pytest
 
 from harness import MethodConfig, register_method
@@ -100,3 +102,66 @@ def _check_keys(plugin, tmp_path):
     assert code_identity(spec, cfg)["option_files"] != first["option_files"]
     builtin = code_identity(*resolve_method("remove+lora", {}))
     assert set(builtin["code"]) == {"remove", "lora"} and all(builtin["code"].values())
+
+
+def _broken_copy(tmp_path, edit):
+    """A copy of the reference model folder, changed by ``edit(folder)``."""
+    import shutil
+
+    src = Path(__file__).resolve().parents[1] / "reference" / "models" / "ref-opt-12l"
+    folder = tmp_path / "model"
+    shutil.copytree(src, folder)
+    edit(folder)
+    return folder
+
+
+def _set_config(key, value):
+    def edit(folder):
+        import json
+
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg[key] = value
+        (folder / "config.json").write_text(json.dumps(cfg))
+    return edit
+
+
+def _drop_tensor(folder):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors.pop(next(k for k in tensors if "layers.3.fc1.weight" in k))
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _extra_tokens(folder):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    tok.add_tokens(["<extra_a>", "<extra_b>"])
+    tok.save_pretrained(str(folder))
+
+
+@pytest.mark.parametrize("edit,needles", [
+    (_set_config("num_hidden_layers", 14), ["do not match its config.json", "missing tensor(s)", "layers.12."]),
+    (_set_config("num_hidden_layers", 10), ["do not match its config.json", "unexpected tensor(s)", "layers.10."]),
+    (_drop_tensor, ["missing tensor(s)", "layers.3.fc1.weight"]),
+    (_set_config("ffn_dim", 96), ["model", "fc1"]),
+    (_extra_tokens, ["token ids up to 283", "only 282 rows"]),
+], ids=["more-layers-in-config", "fewer-layers-in-config", "missing-tensor", "mis-shaped", "tokenizer-too-big"])
+def test_model_folders_whose_weights_disagree_with_their_config_are_refused(tmp_path, capsys, edit, needles):
+    """One error line and exit 2, nothing written: transformers alone would add random layers,
+    drop tensors or initialise a missing one at random."""
+    from harness.cli import main
+
+    folder = _broken_copy(tmp_path, edit)
+    out = tmp_path / "runs"
+    suite = Path(__file__).resolve().parents[1] / "reference" / "suite"
+    rc = main(["--model", str(folder), "--methods", "remove", "--layers", "1", "--limit", "2", "--output-dir",
+               str(out), "--no-progress", "--suite", str(suite), "--calib-data", str(suite.parent / "calibration.txt"),
+               "--calib-seq-len", "24", "--calib-samples", "4"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2, err
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in err[0], (needle, err[0])
+    assert not list(out.rglob("*.json")) if out.exists() else True

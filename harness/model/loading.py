@@ -94,7 +94,35 @@ def load_config(name: str, model_args: dict | None = None):
         ) from exc
 
 
-def load_model(name: str, dtype: str = "float32", device: str = "cpu", config=None, model_args: dict | None = None):
+def check_weights_match(name: str, info: dict, allow_prefix: str | None = None) -> None:
+    """Refuse a folder whose weights and config disagree (transformers would fill missing tensors
+    at random and drop unexpected ones without a word): missing, unexpected or mis-shaped tensors,
+    e.g. a config with more or fewer layers than the weights. ``allow_prefix``: unexpected tensors
+    under it belong to the caller (saved replacement networks)."""
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(k if isinstance(k, str) else k[0]) for k in info.get(kind) or [])
+        if kind == "unexpected_keys" and allow_prefix:
+            keys = [k for k in keys if not k.startswith(allow_prefix)]
+        if keys:
+            problems.append(f"{len(keys)} {kind.split('_')[0]} tensor(s) (e.g. {', '.join(keys[:3])})")
+    if problems:
+        raise UsageError(f"the weights in '{name}' do not match its config.json: {'; '.join(problems)}; the config "
+                         "must describe the saved tensors (same layer count and sizes): re-save the model or fix "
+                         "config.json")
+
+
+def check_tokenizer_fits(name: str, tokenizer, model) -> None:
+    """A tokenizer whose ids reach past the embedding matrix would index out of range mid-evaluation."""
+    rows = model.get_input_embeddings().num_embeddings
+    top = max(tokenizer.get_vocab().values(), default=-1)
+    if top >= rows:
+        raise UsageError(f"the tokenizer of '{name}' has token ids up to {top}, but the model's embedding has only "
+                         f"{rows} rows; use the tokenizer the model was trained with")
+
+
+def load_model(name: str, dtype: str = "float32", device: str = "cpu", config=None, model_args: dict | None = None,
+               allow_unexpected_prefix: str | None = None):
     """Return ``(model, tokenizer)`` in eval mode.
 
     ``device='auto'`` uses accelerate's ``device_map='auto'`` so models larger than one device
@@ -125,15 +153,19 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", config=No
         if share:
             kwargs["max_memory"] = share
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        # mis-shaped tensors are reported (then refused below, naming them), not raised as "see the report above"
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True,
+                                                           **{"ignore_mismatched_sizes": True, **kwargs})
     except Exception as exc:  # noqa: BLE001
         raise UsageError(
             f"could not load model weights from '{name}' ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
         ) from exc
+    check_weights_match(name, info, allow_unexpected_prefix)
     if device != "auto":
         model.to(device)
     model.eval()
     tokenizer = load_tokenizer(tokenizer_name, config=kwargs.get("config"), model_args=tokenizer_args)
+    check_tokenizer_fits(name, tokenizer, model)
     return model, tokenizer
 
 

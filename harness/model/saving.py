@@ -208,7 +208,8 @@ def load_pruned(path, dtype: str = "float32", device: str = "cpu"):
     hide = _HideOwnKeysReport()
     report_logger.addFilter(hide)
     try:
-        model, tok = load_model(str(p), dtype=dtype, device=device, config=config)
+        model, tok = load_model(str(p), dtype=dtype, device=device, config=config,
+                                allow_unexpected_prefix=REMOTE_PREFIX + ".")
     finally:
         report_logger.removeFilter(hide)
     adapter = get_adapter(model)
