@@ -232,9 +232,10 @@ def iter_jsonl(path, what: str):
         raise UsageError(f"{what} '{path}' is not UTF-8 text ({exc.reason}); pass a UTF-8 file") from None
 
 
-def check_jsonl_file(path, what: str, fields: tuple[str, ...] = (), head: int = 3) -> int:
-    """A JSON-lines file whose every line is a JSON object (the first ``head`` ones holding
-    ``fields``); missing, empty, binary, truncated or wrong-schema files are errors. Returns
+def check_jsonl_file(path, what: str, fields: tuple[str, ...] = (), row_check=None) -> int:
+    """A JSON-lines file whose every line is a JSON object holding ``fields`` (and passing
+    ``row_check(row) -> problem or None``, e.g. harness.evaluation.rows); missing, empty, binary,
+    truncated or wrong-schema files and bad rows are one error naming the file and line. Returns
     the number of records."""
     path = Path(path)
     if not path.is_file():
@@ -244,11 +245,13 @@ def check_jsonl_file(path, what: str, fields: tuple[str, ...] = (), head: int = 
     _check_not_binary(path, what)
     n = 0
     for line_no, row in iter_jsonl(path, what):
-        if n < head:
-            missing = [f for f in fields if f not in row]
-            if missing:
-                raise UsageError(f"{what} '{path}' line {line_no} lacks field(s) {', '.join(missing)} "
-                                 f"(has {', '.join(list(row)[:8])}); is it the right file?")
+        missing = [f for f in fields if f not in row]
+        if missing:
+            raise UsageError(f"{what} '{path}' line {line_no} lacks field(s) {', '.join(missing)} "
+                             f"(has {', '.join(list(row)[:8])}); is it the right file?")
+        problem = row_check(row) if row_check is not None else None
+        if problem:
+            raise UsageError(f"{what} '{path}' line {line_no}: {problem}; fix or remove that row")
         n += 1
     if n == 0:
         raise UsageError(f"{what} '{path}' holds no records")

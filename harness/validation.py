@@ -143,69 +143,29 @@ def check_calibration_source(source: str, field: str = "text") -> None:
     if p.suffix == ".txt":
         check_text_file(p, "calibration file")
     else:
-        check_jsonl_file(p, "calibration file", (field,))
+        from harness.evaluation.rows import text_field
 
-
-# task -> fields of its rows (the schema lm-eval's task YAML reads)
-TASK_FIELDS = {
-    "piqa": ("goal", "sol1", "sol2", "label"),
-    "hellaswag": ("ctx", "endings", "label", "activity_label"),
-    "winogrande": ("sentence", "option1", "option2", "answer"),
-    "boolq": ("question", "passage", "label"),
-    "arc_easy": ("question", "choices", "answerKey"),
-    "arc_challenge": ("question", "choices", "answerKey"),
-    "openbookqa": ("question_stem", "choices", "answerKey"),
-}
-SUITE_FIELDS = ("query", "choices", "label")
+        check_jsonl_file(p, "calibration file", (field,), text_field(field))
 
 
 def check_task_data(cfg) -> list[Path]:
-    """Open every task data file the evaluation reads and check its records; returns the files.
-
-    Uses ``harness.evaluation.lmeval.check_task_files`` where it exists (it knows every task's
-    layout); otherwise checks the built-in local layouts and suite files here."""
+    """Open every task data file the evaluation reads and check every row (fields, types, the
+    answer among the choices: harness.evaluation.lmeval.check_task_files); returns the files."""
     from harness.evaluation import lmeval
 
     if cfg.ppl and not cfg.data_dir and (os.environ.get("HF_DATASETS_OFFLINE") == "1"
                                          or os.environ.get("HF_HUB_OFFLINE") == "1"):
         raise UsageError("--ppl reads wikitext-2 test from the Hub, which is offline here; pass --data-dir "
                          "(a folder laid out like shared/data) so it is read from wikitext2/wikitext-2-raw-v1/test.jsonl")
-    checker = getattr(lmeval, "check_task_files", None)
-    if checker is not None:
-        try:
-            files = checker(cfg)
-        except (ValueError, KeyError, TypeError, OSError) as exc:  # e.g. a suite.json that is not JSON
-            raise UsageError(f"task data could not be read ({type(exc).__name__}: {str(exc)[:200]}); "
-                             "check --suite / --data-dir") from None
-        if isinstance(files, (list, tuple)):
-            files = [Path(f) for f in files]
-            wikitext = Path(cfg.data_dir) / lmeval.WIKITEXT_LOCAL if cfg.data_dir else None
-            if cfg.ppl and wikitext is not None and wikitext not in files:  # --ppl next to a --suite
-                check_jsonl_file(wikitext, "wikitext-2 test file (--ppl)", ("text",))
-                files.append(wikitext)
-            return files
-    files: list[Path] = []
-    if getattr(cfg, "suite", None):
-        suite = lmeval.suite_tasks(cfg.suite)
-        files.append(Path(cfg.suite) / "suite.json")
-        for name, info in suite["tasks"].items():
-            f = Path(cfg.suite) / info["file"]
-            check_jsonl_file(f, f"suite task '{name}' file", SUITE_FIELDS)
-            files.append(f)
-        return files
-    if getattr(cfg, "data_dir", None):
-        root = Path(cfg.data_dir)
-        for t in cfg.tasks:
-            layout = lmeval.LOCAL_TASK_FILES.get(t)
-            if layout is None:
-                continue
-            f = root / layout[1]
-            check_jsonl_file(f, f"data file for task '{t}'", TASK_FIELDS.get(t, ()))
-            files.append(f)
-        if cfg.ppl:
-            f = root / lmeval.WIKITEXT_LOCAL
-            check_jsonl_file(f, "wikitext-2 test file (--ppl)", ("text",))
-            files.append(f)
+    try:
+        files = [Path(f) for f in lmeval.check_task_files(cfg)]
+    except (ValueError, KeyError, TypeError, OSError) as exc:  # e.g. a suite.json that is not JSON
+        raise UsageError(f"task data could not be read ({type(exc).__name__}: {str(exc)[:200]}); "
+                         "check --suite / --data-dir") from None
+    wikitext = Path(cfg.data_dir) / lmeval.WIKITEXT_LOCAL if cfg.data_dir else None
+    if cfg.ppl and wikitext is not None and wikitext not in files:  # --ppl next to a --suite
+        check_jsonl_file(wikitext, "wikitext-2 test file (--ppl)", ("text",))
+        files.append(wikitext)
     return files
 
 

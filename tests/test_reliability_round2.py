@@ -165,3 +165,76 @@ def test_model_folders_whose_weights_disagree_with_their_config_are_refused(tmp_
     for needle in needles:
         assert needle in err[0], (needle, err[0])
     assert not list(out.rglob("*.json")) if out.exists() else True
+
+
+@pytest.mark.parametrize("row,needle", [
+    ({"query": "q", "choices": [" a", " b", " c", " d"], "label": 7}, "'label' is 7, outside 0..3"),
+    ({"query": "q", "choices": [" a", " b"], "label": -1}, "'label' is -1, outside 0..1"),
+    ({"query": "q", "choices": [" a", " b"], "label": "0"}, "'label' must be a whole number"),
+    ({"query": "q", "choices": [" a", " b"], "label": 1.5}, "'label' must be a whole number"),
+    ({"query": "q", "choices": [" a", " b"], "label": True}, "'label' must be a whole number"),
+    ({"query": "q", "choices": [], "label": 0}, "'choices' must be a list of at least 2 strings"),
+    ({"query": "q", "choices": " a b", "label": 0}, "'choices' must be a list of at least 2 strings"),
+    ({"query": 3, "choices": [" a", " b"], "label": 0}, "'query' must be a string"),
+    ({"query": "q", "label": 0}, "lacks field(s) choices"),
+])
+def test_every_suite_row_is_checked_before_the_model_loads(tmp_path, capsys, monkeypatch, row, needle):
+    """A bad row at the end of a 300-row file (not only the first three) is one error line naming
+    the file and line; lm-eval alone would score it as wrong."""
+    import json
+    import shutil
+
+    import harness.runner
+    from harness.cli import main
+
+    suite = tmp_path / "suite"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "reference" / "suite", suite)
+    rows = (suite / "copy.jsonl").read_text().splitlines()
+    (suite / "copy.jsonl").write_text("\n".join(rows + [json.dumps(row)]) + "\n")
+    monkeypatch.setattr(harness.runner, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    out = tmp_path / "runs"
+    model = Path(__file__).resolve().parents[1] / "reference" / "models" / "ref-opt-12l"
+    rc = main(["--model", str(model), "--methods", "remove", "--layers", "1", "--suite", str(suite),
+               "--output-dir", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert f"line {len(rows) + 1}" in err[0] and needle in err[0], err[0]
+    assert not out.exists() or not list(out.rglob("*.json"))
+
+
+@pytest.mark.parametrize("task,row,needle", [
+    ("piqa", {"goal": "g", "sol1": "a", "sol2": "b", "label": 2}, "'label' is 2, outside 0..1"),
+    ("hellaswag", {"activity_label": "x", "ctx_a": "a", "ctx_b": "b", "endings": ["1", "2", "3", "4"],
+                   "label": "4"}, "'label' is 4, outside 0..3"),
+    ("winogrande", {"sentence": "a _ b", "option1": "x", "option2": "y", "answer": 1}, "'answer' must be"),
+    ("arc_easy", {"question": "q", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "E"},
+     "'answerKey' 'E' is not one of the choice labels"),
+    ("boolq", {"question": "q", "passage": "p", "label": 1.5}, "'label' must be a whole number"),
+])
+def test_every_local_task_row_is_checked(tmp_path, task, row, needle):
+    """The local layout of shared/data, with one bad row appended to a task's evaluated file."""
+    import json
+    import shutil
+
+    from harness.evaluation.lmeval import EvalConfig, check_task_files
+
+    data = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not data.is_dir():
+        pytest.skip("../shared/data (the real benchmark files) is not next to this checkout")
+    root = tmp_path / "data"
+    src = {"piqa": "piqa/validation.jsonl", "hellaswag": "hellaswag/validation.jsonl.gz",
+           "winogrande": "winogrande/validation.jsonl", "arc_easy": "arc_easy/test.jsonl",
+           "boolq": "boolq/validation.jsonl"}[task]
+    (root / src).parent.mkdir(parents=True)
+    if src.endswith(".gz"):
+        import gzip
+
+        text = gzip.open(data / src, "rt").read()
+        target = root / src[:-3]
+    else:
+        text, target = (data / src).read_text(), root / src
+    target.write_text(text.rstrip("\n") + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(UsageError, match="line") as info:
+        check_task_files(EvalConfig(tasks=[task], data_dir=str(root)))
+    assert needle in str(info.value), str(info.value)
+    assert check_task_files(EvalConfig(tasks=[task], data_dir=str(data)))  # the real files pass

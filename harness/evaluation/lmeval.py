@@ -484,6 +484,7 @@ class LocalData:
     """Where a leaf task's splits come from under --data-dir."""
     files: dict  # split -> Path
     fields: tuple
+    kind: str  # the local dataset (piqa, hellaswag, ..., mmlu): how its rows are checked (evaluation.rows)
     splits: dict  # training_split/validation_split/test_split/fewshot_split -> split or None
     fewshot_from: str | None  # which local split lm-eval draws the few shots from
     note: str | None = None
@@ -529,7 +530,7 @@ def local_data(name: str, task_cfg: dict, root: Path, shots: int | None = None) 
     if shots and wanted and source != wanted:
         note = (f"{name}: no local {wanted} split, so its {shots} few-shot examples come from its {source} split "
                 "(lm-eval's fallback; the evaluated item itself is never one of them)")
-    return LocalData(files, fields, splits, source, note)
+    return LocalData(files, fields, stem.split("/")[0], splits, source, note)
 
 
 def _leaf_cfg(res: Resolution, leaf: str) -> dict:
@@ -628,6 +629,7 @@ def check_fewshot_keys(cfg: EvalConfig, res: Resolution) -> None:
 def check_task_files(cfg: EvalConfig) -> list[Path]:
     """Open every local file the evaluation reads and check its records (missing, empty,
     binary, truncated, wrong fields: one UsageError naming the file); returns the files."""
+    from harness.evaluation import rows
     from harness.io import check_jsonl_file
 
     files: list[Path] = []
@@ -636,7 +638,7 @@ def check_task_files(cfg: EvalConfig) -> list[Path]:
         files.append(Path(cfg.suite) / "suite.json")
         for name, info in suite["tasks"].items():
             f = Path(cfg.suite) / info["file"]
-            check_jsonl_file(f, f"suite task '{name}' file", ("query", "choices", "label"))
+            check_jsonl_file(f, f"suite task '{name}' file", ("query", "choices", "label"), rows.suite)
             files.append(f)
         return files
     if cfg.data_dir:
@@ -644,7 +646,7 @@ def check_task_files(cfg: EvalConfig) -> list[Path]:
         for leaf, ld in data_plan(cfg, res).items():
             for split, f in sorted(ld.files.items()):
                 if f not in files:
-                    check_jsonl_file(f, f"{split} file of task '{leaf}'", ld.fields)
+                    check_jsonl_file(f, f"{split} file of task '{leaf}'", ld.fields, rows.CHECKS.get(ld.kind))
                     files.append(f)
         if cfg.ppl:
             f = Path(cfg.data_dir) / WIKITEXT_LOCAL
