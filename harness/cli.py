@@ -453,7 +453,9 @@ def _run(args):
     if args.suite and args.tasks:
         raise UsageError("give either --tasks or --suite, not both")
     report.parse_metric_spec(args.table_metric, args.table_preset)
-    _labels(args.label)
+    idle = sorted(set(_labels(args.label)) - set(methods or []) - {"dense"})
+    if idle:  # e.g. a shared config file's labels, run with fewer --methods
+        print(f"note: --label given for methods not being run: {', '.join(idle)}")
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # lm-eval warns about every task's fewshot default and every in-memory model

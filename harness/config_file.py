@@ -62,6 +62,28 @@ def _labels(value, path: str) -> list[str]:
     raise UsageError(f"config file {path}: labels maps method names to row labels, e.g. {{shortgpt: ShortGPT}}")
 
 
+def _strict_yaml(text: str, path: str):
+    """``yaml.safe_load``, except that a key given twice in one mapping is an error (PyYAML keeps the
+    last one silently, so a duplicated ``layers:`` would quietly change what runs)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        seen = set()
+        for key_node, _value in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise UsageError(f"config file {path} line {key_node.start_mark.line + 1}: key '{key}' is given twice; "
+                                 "keep one")
+            seen.add(key)
+        return loader.construct_mapping(node, deep=deep)
+
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
     """The file's values as parser defaults (``{dest: value}``)."""
     import yaml
@@ -70,7 +92,9 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
     if not p.is_file():
         raise UsageError(f"config file '{path}' does not exist; pass a YAML file with keys like model, methods")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = _strict_yaml(p.read_text(encoding="utf-8"), path)
+    except UnicodeDecodeError:
+        raise UsageError(f"config file {path} is not UTF-8 text; pass a YAML file") from None
     except yaml.YAMLError as exc:
         raise UsageError(f"config file {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
     if data is None:

@@ -28,6 +28,9 @@ class RemoveConfig(WindowConfig):
             drop = sorted(set(self.layers))
             if drop[0] < 0 or drop[-1] >= num_layers or len(drop) >= num_layers:
                 raise UsageError(f"remove.layers={self.layers} does not fit a model with {num_layers} layers")
+            if len(drop) != num_remove:  # the record's target must say what was removed
+                raise UsageError(f"remove.layers lists {len(drop)} layer(s) but the target removes {num_remove}; "
+                                 f"pass --layers {len(drop)} with it")
         else:
             super().validate(num_layers, num_remove)
 

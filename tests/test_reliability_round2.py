@@ -238,3 +238,43 @@ def test_every_local_task_row_is_checked(tmp_path, task, row, needle):
         check_task_files(EvalConfig(tasks=[task], data_dir=str(root)))
     assert needle in str(info.value), str(info.value)
     assert check_task_files(EvalConfig(tasks=[task], data_dir=str(data)))  # the real files pass
+
+
+def test_inputs_that_would_silently_change_what_runs_are_refused(tmp_path):
+    """A key given twice in a config file (PyYAML keeps the last), a task given twice in
+    --num-fewshot, a config file that is not UTF-8, remove.layers disagreeing with the target."""
+    from harness.cli import build_parser
+    from harness.config_file import load_config_file
+    from harness.evaluation.lmeval import parse_num_fewshot
+
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("model: m\nlayers: 2\nmethods: [remove]\nlayers: 4\n")
+    with pytest.raises(UsageError, match="line 4: key 'layers' is given twice"):
+        load_config_file(str(dup), build_parser())
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("model: m\nmethod_opt:\n  streamline: {lr: 1, lr: 2}\n")
+    with pytest.raises(UsageError, match="key 'lr' is given twice"):
+        load_config_file(str(nested), build_parser())
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"model: \xff\xfe\n")
+    with pytest.raises(UsageError, match="is not UTF-8 text"):
+        load_config_file(str(binary), build_parser())
+    with pytest.raises(UsageError, match="gives 'copy' twice"):
+        parse_num_fewshot("copy=1,copy=0")
+    assert parse_num_fewshot("copy=1,copy=1") == {"copy": 1}
+    with pytest.raises(UsageError, match="remove.layers lists 2 layer.* removes 1; pass --layers 2"):
+        resolve_method("remove", {"remove": {"layers": "1/2"}})[1].validate(12, 1)
+
+
+def test_labels_for_methods_not_run_are_a_note(tmp_path, capsys):
+    from harness.cli import main
+
+    suite = Path(__file__).resolve().parents[1] / "reference" / "suite"
+    model = suite.parent / "models" / "ref-opt-12l"
+    rc = main(["--model", str(model), "--methods", "remove", "--layers", "1", "--limit", "2", "--suite", str(suite),
+               "--calib-data", str(suite.parent / "calibration.txt"), "--calib-seq-len", "24", "--calib-samples", "4",
+               "--output-dir", str(tmp_path / "runs"), "--no-progress", "--label", "shortgpt=ShortGPT",
+               "--label", "remove=Removal"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "note: --label given for methods not being run: shortgpt" in out
+    assert "Removal" in out

@@ -114,6 +114,8 @@ def parse_num_fewshot(value) -> int | dict | None:
             raise UsageError(f"--num-fewshot: '{name}' needs a number of examples, got '{n}'") from None
         if isinstance(n, bool) or n < 0:
             raise UsageError(f"--num-fewshot: '{name}={n}' is out of range; use 0 or more examples")
+        if str(name) in out and out[str(name)] != n:
+            raise UsageError(f"--num-fewshot gives '{name}' twice ({out[str(name)]} and {n}); keep one")
         out[str(name)] = n
     return out
 

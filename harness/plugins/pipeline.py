@@ -130,15 +130,26 @@ def resolve_method(name: str, options: dict[str, dict[str, str]] | None = None):
     return PipelineSpec(name, method, steps), PipelineConfig(components)
 
 
-def check_option_targets(options: dict[str, dict[str, str]], names: list[str]) -> None:
-    """Every ``-o TARGET.KEY=VALUE`` must address a run's method, one of its components, or a pipeline."""
+def check_option_targets(options: dict[str, dict[str, str]], names: list[str], echo=print) -> None:
+    """Every ``-o TARGET.KEY=VALUE`` must address a run's method, one of its components, or a
+    pipeline. Options for a known method that is not being run (a shared config file run with fewer
+    --methods) are dropped with a note; a name no registry knows is an error (a typo)."""
+    from harness.plugins.registry import available_methods, available_post_steps
+
     allowed = set(names)
     for name in names:
         allowed.update(split_pipeline(name))
     unknown = set(options) - allowed
-    if unknown:
-        raise UsageError(f"options given for methods not being run: {', '.join(sorted(unknown))} "
-                         f"(running: {', '.join(names)})")
+    known = set(available_methods()) | set(available_post_steps())
+    idle = sorted(n for n in unknown if all(part.strip() in known for part in n.split("+")))
+    typos = sorted(unknown - set(idle))
+    if typos:
+        raise UsageError(f"options given for unknown methods: {', '.join(typos)} (running: {', '.join(names)}; "
+                         "see --list-methods)")
+    if idle:
+        echo(f"note: ignoring the options given for methods not being run: {', '.join(idle)}")
+        for name in idle:
+            options.pop(name)
 
 
 def code_identity(spec, cfg) -> dict:
