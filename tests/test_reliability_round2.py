@@ -278,3 +278,40 @@ def test_labels_for_methods_not_run_are_a_note(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0 and "note: --label given for methods not being run: shortgpt" in out
     assert "Removal" in out
+
+
+def test_report_reads_records_strictly_and_counts_copies_once(tmp_path, capsys):
+    """NaN/Infinity in the JSON, a metric that is a string, a metrics list: named and left out with a
+    warning, never rendered; a copied record counts once."""
+    import json
+    import shutil
+
+    from harness.results.record import new_record
+    from harness.results.store import load_runs
+
+    def rec(method, acc):
+        return new_record(method=method, label=method, method_config={}, model={"name": "m"}, eval={"limit": 2},
+                          seed=0, target=None if method == "dense" else {"layers": 1, "ratio": None, "num_remove": 1},
+                          manifest={}, params={"dense": 10, "pruned": 9, "ratio": 0.1}, metrics={"copy": {"acc": acc}},
+                          environment={})
+
+    root = tmp_path / "runs" / "m"
+    root.mkdir(parents=True)
+    for name, data in [("dense__a.json", rec("dense", 0.5)), ("remove__b.json", rec("remove", 0.4))]:
+        (root / name).write_text(json.dumps(data))
+    (root / "copy").mkdir()
+    shutil.copy(root / "remove__b.json", root / "copy" / "remove__b.json")
+    (root / "nan__c.json").write_text(json.dumps(rec("shortgpt", 0.3)).replace("0.3", "NaN"))
+    (root / "str__d.json").write_text(json.dumps(rec("angular", "inf")))
+    bad = rec("laco", 0.2)
+    bad["metrics"] = [0.2]
+    (root / "list__e.json").write_text(json.dumps(bad))
+    (root / "results_x.json").write_text(json.dumps({"results": {}}))  # lm-eval's file: not a record, quiet
+    runs = load_runs(str(tmp_path / "runs"))
+    err = capsys.readouterr().err
+    assert sorted(r["method"] for r in runs) == ["dense", "remove"]
+    assert "nan__c.json is not strict JSON" in err
+    assert "str__d.json is damaged: metrics.copy.acc is str, not a number" in err
+    assert "list__e.json is damaged: 'metrics' must be an object" in err
+    assert "is a copy of" in err and "counted once" in err
+    assert "results_x.json" not in err

@@ -63,19 +63,70 @@ def environment() -> dict:
     }
 
 
+def record_problem(data: dict) -> str | None:
+    """What makes a parsed result record unusable for a table, or None: the typed record's fields
+    (results.record.RunRecord) with the types the tables read."""
+    from harness.results.record import REQUIRED_KEYS
+
+    missing = [k for k in REQUIRED_KEYS if k not in data]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    if not isinstance(data["method"], str) or not isinstance(data["label"], str):
+        return "method and label must be strings"
+    if data.get("status", "ok") not in ("ok", "failed"):
+        return f"status {data.get('status')!r} is neither ok nor failed"
+    for key in ("model", "eval", "metrics", "params", "environment"):
+        if not isinstance(data[key], dict):
+            return f"'{key}' must be an object"
+    for column, row in data["metrics"].items():
+        if not isinstance(row, dict):
+            return f"metrics.{column} must be an object"
+        for metric, value in row.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                return f"metrics.{column}.{metric} is {type(value).__name__}, not a number"
+    ratio = data["params"].get("ratio")
+    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))):
+        return "params.ratio is not a number"
+    return None
+
+
+def _refuse_constant(token):
+    raise ValueError(f"{token} is not a JSON number")
+
+
+def _identity(data: dict) -> str:
+    """Two copies of one run (e.g. a folder copied into the report tree) share this."""
+    return json.dumps([data.get(k) for k in ("method", "label", "method_config", "model", "eval", "target",
+                                             "calibration", "seed")], sort_keys=True, default=str)
+
+
 def load_runs(directory: str) -> list[dict]:
-    """Every result JSON under ``directory`` (recursively), skipping non-result files."""
-    runs = []
+    """Every result JSON under ``directory`` (recursively), read strictly (strict JSON: no NaN or
+    Infinity; the typed record's fields, ``record_problem``); a damaged record is named and left
+    out with a warning, never rendered; copies of one run count once. Non-result JSON files
+    (lm-eval's, scores, manifests) are skipped quietly."""
+    import sys
+
+    runs, seen = [], {}
     for path in sorted(Path(directory).rglob("*.json")):
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):  # a result cut short: say so, never drop it silently
-            import sys
-
-            print(f"warning: {path} does not parse (truncated?); left out of the tables; re-run the benchmark "
-                  "to recompute it", file=sys.stderr)
+            data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
+        except (ValueError, UnicodeDecodeError) as exc:  # a result cut short, or NaN written by hand
+            print(f"warning: {path} is not strict JSON ({str(exc)[:80]}); left out of the tables; re-run the "
+                  "benchmark to recompute it", file=sys.stderr)
             continue
-        if is_record(data):
-            data["_path"] = str(path)
-            runs.append(data)
+        if not (isinstance(data, dict) and "schema" in data and "method" in data):
+            continue  # not a result record
+        problem = record_problem(data) if is_record(data) else "is not a result record of this version"
+        if problem:
+            print(f"warning: {path} {problem if problem.startswith('is ') else 'is damaged: ' + problem}; "
+                  "left out of the tables", file=sys.stderr)
+            continue
+        key = _identity(data)
+        if key in seen:
+            print(f"warning: {path} is a copy of {seen[key]}; counted once", file=sys.stderr)
+            continue
+        seen[key] = path
+        data["_path"] = str(path)
+        runs.append(data)
     return runs
