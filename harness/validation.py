@@ -229,8 +229,21 @@ def check_option_files(method: str, options: dict) -> None:
 # --- the output folder ---------------------------------------------------------------------------
 
 
+def check_golden_target(path) -> None:
+    """--write-golden FILE: a file path whose folder exists, checked before the run (not after it)."""
+    if path is None or not str(path).strip():
+        raise UsageError("--write-golden is empty; pass a .json file path")
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise UsageError(f"--write-golden '{path}' is a folder; pass a file path, e.g. {Path(path) / 'golden.json'}")
+    if not p.parent.is_dir():
+        raise UsageError(f"--write-golden '{path}': its folder '{p.parent}' does not exist; create it first")
+
+
 def check_output_dir(path) -> Path:
     """Create the output folder and prove it writable with a probe file (removed again)."""
+    if path is None or not str(path).strip():
+        raise UsageError("--output-dir is empty; pass a folder (default results/runs)")
     out = Path(path).expanduser()
     for parent in [out, *out.parents]:
         if parent.exists() and not parent.is_dir():

@@ -315,3 +315,25 @@ def test_report_reads_records_strictly_and_counts_copies_once(tmp_path, capsys):
     assert "list__e.json is damaged: 'metrics' must be an object" in err
     assert "is a copy of" in err and "counted once" in err
     assert "results_x.json" not in err
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--output-dir", ""], "--output-dir is empty"),
+    (["--write-golden", "."], "is a folder; pass a file path"),
+    (["--write-golden", "no/such/dir/g.json"], "does not exist; create it first"),
+])
+def test_empty_output_dir_and_golden_folder_are_refused_before_the_run(tmp_path, capsys, monkeypatch, flags, needle):
+    import harness.runner
+    from harness.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(harness.runner, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    suite = Path(__file__).resolve().parents[1] / "reference" / "suite"
+    argv = ["--model", str(suite.parent / "models" / "ref-opt-12l"), "--methods", "remove", "--layers", "1",
+            "--suite", str(suite), "--no-progress", *flags]
+    if "--output-dir" not in flags:
+        argv += ["--output-dir", str(tmp_path / "runs")]
+    rc = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and needle in err[0], err
+    assert not list(tmp_path.rglob("*.json"))
