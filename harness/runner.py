@@ -174,8 +174,10 @@ def validate_inputs(opts: RunOptions, plan=()) -> None:
 
 def _eval_key(opts: RunOptions) -> dict:
     """The evaluation settings without where the data lies (its content is in identity.data) and
-    without how scores are computed (``--eval-impl``: the results must not depend on it)."""
+    without how scores are computed (``--eval-impl``, ``--eval-batch-size``: the results do not depend
+    on them, tests/test_reliability_round2.py; both are recorded)."""
     ev = opts.eval.identity_dict()
+    ev.pop("batch_size", None)
     for where in ("data_dir", "suite"):
         if ev.get(where):
             ev[where] = True

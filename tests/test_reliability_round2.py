@@ -337,3 +337,41 @@ def test_empty_output_dir_and_golden_folder_are_refused_before_the_run(tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and needle in err[0], err
     assert not list(tmp_path.rglob("*.json"))
+
+
+def test_results_do_not_depend_on_the_eval_batch_size_so_it_is_not_keyed(tmp_path, capsys):
+    """Batch sizes 1 and 5 (odd: uneven padding) give identical metrics (and stability to 1e-5 relative) for the dense
+    model and two methods; so a re-run with another batch size serves the stored runs."""
+    import json
+
+    from harness.cli import main
+
+    suite = Path(__file__).resolve().parents[1] / "reference" / "suite"
+    base = ["--model", str(suite.parent / "models" / "ref-opt-12l"), "--methods", "remove,shortgpt", "--layers", "3",
+            "--limit", "12", "--suite", str(suite), "--calib-data", str(suite.parent / "calibration.txt"),
+            "--calib-seq-len", "24", "--calib-samples", "4", "--no-progress"]
+
+    def records(out):
+        recs = {}
+        for f in out.rglob("*__*.json"):
+            r = json.loads(f.read_text())
+            recs[r["method"]] = (r["metrics"], (r.get("stability") or {}).get("tasks"), r["eval"]["batch_size"])
+        return recs
+
+    runs = {}
+    for bs in (1, 5):
+        out = tmp_path / f"bs{bs}"
+        assert main([*base, "--output-dir", str(out), "--eval-batch-size", str(bs)]) == 0
+        runs[bs] = records(out)
+    capsys.readouterr()
+    assert set(runs[1]) == {"dense", "remove", "shortgpt"}
+    for method in runs[1]:
+        assert runs[1][method][0] == runs[5][method][0], method  # every metric identical
+        stab1, stab5 = runs[1][method][1] or {}, runs[5][method][1] or {}
+        assert stab1.keys() == stab5.keys()
+        for task in stab1:  # weights from summed log-likelihoods: equal to float rounding (padding changes sums)
+            for key in stab1[task]:
+                assert stab1[task][key] == pytest.approx(stab5[task][key], rel=1e-5), (method, task, key)
+        assert (runs[1][method][2], runs[5][method][2]) == (1, 5)  # recorded, not keyed
+    assert main([*base, "--output-dir", str(tmp_path / "bs1"), "--eval-batch-size", "5"]) == 0
+    assert capsys.readouterr().out.count("result exists") == 3
