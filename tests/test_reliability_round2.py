@@ -375,3 +375,23 @@ def test_results_do_not_depend_on_the_eval_batch_size_so_it_is_not_keyed(tmp_pat
         assert (runs[1][method][2], runs[5][method][2]) == (1, 5)  # recorded, not keyed
     assert main([*base, "--output-dir", str(tmp_path / "bs1"), "--eval-batch-size", "5"]) == 0
     assert capsys.readouterr().out.count("result exists") == 3
+
+
+@pytest.mark.parametrize("desc,needle", [
+    ({"class": "os.system", "kwargs": {"command": "touch PWNED"}}, "not one the harness builds"),
+    ({"class": "subprocess.Popen", "kwargs": {"args": ["touch", "PWNED"]}}, "not one the harness builds"),
+    ({"class": ["MLPReplacement"]}, "not one the harness builds"),
+    ({"class": "harness.model.replacement.MLPReplacement", "kwargs": {"hidden_size": 4, "intermediate_size": 8, "evil": 1}},
+     "not plain values of its parameters"),
+    ({"class": "harness.model.replacement.MLPReplacement", "kwargs": {"hidden_size": {"__class__": "x"}, "intermediate_size": 8}},
+     "not plain values of its parameters"),
+])
+def test_a_saved_manifest_cannot_name_code_to_run(tmp_path, monkeypatch, desc, needle):
+    """Replacement modules come from the harness's allow-list (plus what plugins register), built only
+    with plain keyword arguments of their own constructor: nothing a manifest names is executed."""
+    from harness.model.replacement import build_from_description
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match=needle):
+        build_from_description(desc)
+    assert not (tmp_path / "PWNED").exists()
