@@ -72,7 +72,7 @@ from harness import (
 
 LOSSES = ("mse", "lm")
 CPU_TRAIN_SAMPLES = 256
-CPU_RECIPE = {"train_samples": CPU_TRAIN_SAMPLES, "init": "identity", "fit_loss": "cosine"}
+CPU_RECIPE = {"train_samples": CPU_TRAIN_SAMPLES, "init": "identity", "fit_loss": "normed"}
 # paper v1, OPT-1.3B/2.7B: 3,000 samples, a fresh MLP, MSE
 PAPER_RECIPE = {"train_samples": 3000, "init": "random", "fit_loss": "mse"}
 LAYER_INITS = ("first", "random")
@@ -149,8 +149,9 @@ class StreamlineConfig(_TrainedConfig):
                        "window (needs relu and h >= 2d); random: a fresh MLP (the paper's recipe)")
     heldout_samples: int = option(16, "blocks of the training draw held out to measure the fit's loss beside "
                                   "plain removal's (0 = not measured)")
-    fit_loss: str = option("cosine", "mse: the paper's; cosine: 1 - cos + log-norm-ratio^2 per token, blind to the "
-                           "residual stream's scale (README: Streamline on a real model)")
+    fit_loss: str = option("normed", "mse: the paper's; cosine: 1 - cos + log-norm-ratio^2 per token, blind to the "
+                           "residual stream's scale; normed: for a window ending at the top, 1 - cos after the final "
+                           "norm (what the LM head reads), else cosine (README: Streamline on a real model)")
 
     method_name: ClassVar[str] = "streamline"
 

@@ -83,14 +83,17 @@ def test_heldout_mse_is_recorded_and_a_worse_fit_warns(capsys):
     res = run_method("streamline", make_context(model, 2), epochs=0, init="random")
     held = res.extra["training"]["heldout"]
     assert held["blocks"] == 16 and held["tokens"] > 0
-    assert held["judged_by"] == "cosine" and held["better_than_removal"] is False
+    assert held["judged_by"] in ("cosine", "normed") and held["better_than_removal"] is False
     assert held["cosine"] > held["identity_cosine"] and held["mse"] > held["identity_mse"]
     assert "above plain removal's" in capsys.readouterr().err
-    for loss in ("cosine", "mse"):
-        trained = run_method("streamline", make_context(tiny_model("opt", layers=6), 2), epochs=3, fit_loss=loss)
-        held = trained.extra["training"]["heldout"]
-        key = "cosine" if loss == "cosine" else "mse"
-        assert held["judged_by"] == loss and held[key] <= held["identity_" + key]
+    for loss, start in (("cosine", None), ("mse", None), ("normed", 4), ("normed", 1)):
+        trained = run_method("streamline", make_context(tiny_model("opt", layers=6), 2), epochs=3, fit_loss=loss,
+                             start=start)
+        training = trained.extra["training"]
+        held = training["heldout"]
+        key = "cosine" if loss == "normed" and start != 4 else loss  # normed: after the final norm at the top only
+        assert held["judged_by"] == key and held[key] <= held["identity_" + key]
+        assert training["fit_loss_reader"] == ("LayerNorm" if (loss, start) == ("normed", 4) else None)
 
 
 def test_identity_init_options_are_checked_before_running():
@@ -157,11 +160,28 @@ def test_cosine_fit_loss_is_scale_free_and_zero_at_the_target():
     assert boundary_loss(2 * y, y, "cosine").item() == pytest.approx(torch.log(torch.tensor(2.0)).item() ** 2, rel=1e-4)
 
 
+def test_normed_fit_loss_compares_what_the_final_norm_hands_the_head():
+    """Scale-free (the norm removes scale), weighted by the norm's weight, and the cosine loss without one."""
+    from harness.fitting.fit import boundary_loss
+
+    norm = torch.nn.LayerNorm(16, dtype=torch.float64)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.01, 300, 16, dtype=torch.float64))
+    y = torch.randn(6, 16, dtype=torch.float64) * torch.tensor([3e4] + [1.0] * 15, dtype=torch.float64)
+    p = y + torch.randn(6, 16, dtype=torch.float64) * 10
+    assert boundary_loss(y, y, "normed", norm).item() == pytest.approx(0.0, abs=1e-9)
+    assert boundary_loss(7 * p, y, "normed", norm).item() == pytest.approx(boundary_loss(p, y, "normed", norm).item(),
+                                                                        rel=1e-6)
+    expected = (1 - torch.nn.functional.cosine_similarity(norm(p), norm(y), dim=-1)).mean().item()
+    assert boundary_loss(p, y, "normed", norm).item() == pytest.approx(expected, rel=1e-9)
+    assert boundary_loss(p, y, "normed").item() == boundary_loss(p, y, "cosine").item()
+
+
 def test_paper_recipe_is_one_option_away():
     from harness.plugins.pipeline import resolve_method
 
     _spec, cpu = resolve_method("streamline", {})
-    assert (cpu.init, cpu.fit_loss, cpu.train_samples) == ("identity", "cosine", 256)
+    assert (cpu.init, cpu.fit_loss, cpu.train_samples) == ("identity", "normed", 256)
     _spec, paper = resolve_method("streamline", {"streamline": {"recipe": "paper"}})
     assert (paper.init, paper.fit_loss, paper.train_samples) == ("random", "mse", 3000)
     _spec, mixed = resolve_method("streamline", {"streamline": {"recipe": "paper", "train_samples": "20000"}})

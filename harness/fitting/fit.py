@@ -24,24 +24,39 @@ def check_loss(loss: float, what: str, epoch: int, step: int) -> None:
                            "lower the learning rate")
 
 
-FIT_LOSSES = ("mse", "cosine")
+FIT_LOSSES = ("mse", "cosine", "normed")
 
 
-def boundary_loss(pred, y, kind: str = "mse"):
+def boundary_loss(pred, y, kind: str = "mse", reader=None):
     """The replacement's training loss on (tokens, d) rows.
 
     ``mse``: the paper's mean squared error. ``cosine``: mean over tokens of (1 - cos(pred, y)) plus
     (log(|pred| / |y|))^2, i.e. direction and per-token scale, independent of how large the residual
-    stream is; every consumer of X_end normalises it first (the next layer's input norm, the final
-    norm), and on Gemma 3 270M one dimension of the residual stream averages |x| = 36,000 against
-    ~1,000 for the next, so MSE spends the fit on that one dimension."""
+    stream is; on Gemma 3 270M one dimension of the residual stream averages |x| = 36,000 against
+    ~1,000 for the next, so MSE spends the fit on that one dimension. ``normed``: what reads X_end
+    when that is the model's final norm (``reader``): 1 - cos(norm(pred), norm(y)), the vector the
+    LM head sees (the norm's weight included: Gemma's scales some dimensions 300x and nearly zeroes
+    the large one), blind to the scale the norm removes; without a reader it is ``cosine``."""
     if kind == "mse":
         return nn.functional.mse_loss(pred, y)
-    if kind == "cosine":
+    if kind == "normed" and reader is not None:
+        return (1 - nn.functional.cosine_similarity(reader(pred), reader(y), dim=-1)).mean()
+    if kind in ("cosine", "normed"):
         cos = nn.functional.cosine_similarity(pred, y, dim=-1)
         ratio = torch.log(pred.norm(dim=-1).clamp(min=1e-6) / y.norm(dim=-1).clamp(min=1e-6))
         return (1 - cos).mean() + ratio.pow(2).mean()
     raise ValueError(f"unknown fit loss '{kind}'; choose from {', '.join(FIT_LOSSES)}")
+
+
+def loss_reader(ctx, end: int, fit_loss: str):
+    """For ``normed``: a frozen float32 copy of the final norm when X_end is the last layer's output
+    (the module that reads it), else None (the loss is then ``cosine``)."""
+    import copy
+
+    norm = ctx.adapter.final_norm
+    if fit_loss != "normed" or end != ctx.adapter.num_layers or norm is None:
+        return None
+    return copy.deepcopy(norm).float().requires_grad_(False)  # same device; its grads never touch the model
 
 
 def fit_to_boundaries(ctx, module: nn.Module, data, start: int, end: int, *, epochs: int, lr: float,
@@ -67,6 +82,8 @@ def fit_to_boundaries(ctx, module: nn.Module, data, start: int, end: int, *, epo
            "weight_decay": weight_decay, "epochs": epochs, "batch_size": batch_size, "loss": "mse",
            "fit_loss": fit_loss}
     t0 = time.perf_counter()
+    reader = loss_reader(ctx, end, fit_loss)
+    log["fit_loss_reader"] = type(reader).__name__ if reader is not None else None
     n_batches = math.ceil(len(data) / batch_size)
     model_ref = next(ctx.model.parameters())
     expect = 2 * int(data.attention_mask.sum()) * ctx.adapter.hidden_size * model_ref.element_size()
@@ -87,7 +104,7 @@ def fit_to_boundaries(ctx, module: nn.Module, data, start: int, end: int, *, epo
             y = y.to(device=ref.device, dtype=ref.dtype)
             with torch.enable_grad(), autocast_for(ref.device):
                 pred = module(x)
-                loss = boundary_loss(pred.float(), y.float(), fit_loss)
+                loss = boundary_loss(pred.float(), y.float(), fit_loss, reader)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -114,7 +131,10 @@ def heldout_mse(ctx, module: nn.Module, data, start: int, end: int, batch_size: 
     layers start..end-1 are still in place."""
     module.eval()
     ref = next(module.parameters())
+    reader = loss_reader(ctx, end, fit_loss)
     sums = {"mse": 0.0, "identity_mse": 0.0, "cosine": 0.0, "identity_cosine": 0.0}
+    if reader is not None:
+        sums.update(normed=0.0, identity_normed=0.0)
     tokens = 0
     for states, mask in ctx.boundary_pairs(data, start, end, batch_size=batch_size):
         x = states[start][mask.to(states[start].device)]
@@ -124,13 +144,15 @@ def heldout_mse(ctx, module: nn.Module, data, start: int, end: int, batch_size: 
         for name, p in (("", pred), ("identity_", x.float())):
             sums[name + "mse"] += float(boundary_loss(p, y, "mse")) * n
             sums[name + "cosine"] += float(boundary_loss(p, y, "cosine")) * n
+            if reader is not None:
+                sums[name + "normed"] += float(boundary_loss(p, y, "normed", reader)) * n
         tokens += n
     out = {k: v / max(tokens, 1) for k, v in sums.items()}
     for what, value in out.items():
         if not math.isfinite(value):
             raise MethodFailed(f"replacement fit: held-out {what} is {value}")
-    key = "mse" if fit_loss == "mse" else "cosine"
-    return {**out, "judged_by": fit_loss, "ratio_to_identity": out[key] / out["identity_" + key] if out["identity_" + key] else None,
+    key = fit_loss if fit_loss in ("mse", "cosine") or reader is not None else "cosine"
+    return {**out, "judged_by": key, "ratio_to_identity": out[key] / out["identity_" + key] if out["identity_" + key] else None,
             "better_than_removal": out[key] <= out["identity_" + key], "blocks": len(data), "tokens": tokens,
             "sampled_with_replacement": bool(data.description.get("sampled_with_replacement"))}
 
@@ -169,6 +191,8 @@ def fit_layer_to_boundaries(ctx, layer: nn.Module, data, start: int, end: int, *
            "weight_decay": weight_decay, "epochs": epochs, "batch_size": batch_size, "loss": "mse",
            "repeat": repeat, "layer_inputs": "the model's own arguments to layer start (causal mask)"}
     t0 = time.perf_counter()
+    reader = loss_reader(ctx, end, fit_loss)
+    log["fit_loss_reader"] = type(reader).__name__ if reader is not None else None
     n_batches = math.ceil(len(data) / batch_size)
     handle = ctx.adapter.layers[start].register_forward_pre_hook(grab, with_kwargs=True)
     device = next(layer.parameters()).device
