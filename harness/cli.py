@@ -254,6 +254,15 @@ def main(argv=None) -> int:
     except RegressionFailure as exc:
         print(f"regression: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        import errno
+
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" '{exc.filename}'" if exc.filename else ""
+        print(f"error: cannot write{where} ({exc.strerror}); free space or pass a writable folder "
+              "(finished runs are kept and skipped next time)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; finished runs are saved and will be skipped next time", file=sys.stderr)
         return 130

@@ -125,8 +125,8 @@ class _TrainedConfig(StreamlineNoneConfig):
             raise UsageError(f"{name}.grad_checkpointing={self.grad_checkpointing} is unknown; use auto, on or off")
         if self.activation_cache not in CACHE_CHOICES or not self.activation_cache_gb >= 0:
             raise UsageError(f"{name}.activation_cache must be none, ram or disk and activation_cache_gb >= 0")
-        if self.epochs < 0 or self.lr <= 0 or self.batch_size < 1:
-            raise UsageError(f"{name} needs epochs >= 0, lr > 0 and batch_size >= 1")
+        if self.epochs < 0 or self.lr <= 0 or self.batch_size < 1 or self.weight_decay < 0:
+            raise UsageError(f"{name} needs epochs >= 0, lr > 0, batch_size >= 1 and weight_decay >= 0")
         if (self.train_samples is not None and self.train_samples < 1) or \
                 (self.train_seq_len is not None and self.train_seq_len < 2):
             raise UsageError(f"{name} needs train_samples >= 1 and train_seq_len >= 2")

@@ -395,3 +395,44 @@ def test_a_saved_manifest_cannot_name_code_to_run(tmp_path, monkeypatch, desc, n
     with pytest.raises(UsageError, match=needle):
         build_from_description(desc)
     assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("code", ["ENOSPC", "EACCES"])
+def test_a_full_disk_or_a_read_only_folder_is_one_error_line(tmp_path, capsys, monkeypatch, code):
+    """--report writing its tables (and any result write) when the disk is full or the folder is not
+    writable: one error line naming the file, exit 2, no temp file left."""
+    import errno
+    import json
+    import os
+
+    from harness.cli import main
+    from harness.results.record import new_record
+
+    root = tmp_path / "runs" / "m"
+    root.mkdir(parents=True)
+    for method, acc in (("dense", 0.5), ("remove", 0.4)):
+        rec = new_record(method=method, label=method, method_config={}, model={"name": "m"}, eval={"limit": 2},
+                         seed=0, target=None if method == "dense" else {"layers": 1, "ratio": None, "num_remove": 1},
+                         manifest={}, params={"dense": 10, "pruned": 9, "ratio": 0.1},
+                         metrics={"copy": {"acc": acc}}, environment={})
+        (root / f"{method}__x.json").write_text(json.dumps(rec))
+
+    def full(_fd):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(os, "fsync", full)
+    rc = main(["--report", str(tmp_path / "runs")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: cannot write"), err
+    assert "table.md" in err[0] and os.strerror(getattr(errno, code)) in err[0]
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_a_suite_without_tasks_is_refused(tmp_path):
+    import json
+
+    from harness.evaluation.lmeval import suite_tasks
+
+    (tmp_path / "suite.json").write_text(json.dumps({"tasks": {}}))
+    with pytest.raises(UsageError, match="lists no tasks"):
+        suite_tasks(str(tmp_path))

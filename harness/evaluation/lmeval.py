@@ -671,6 +671,8 @@ def suite_tasks(suite_dir: str) -> dict:
     except (ValueError, KeyError, TypeError, AttributeError) as exc:  # not JSON, or not a suite
         raise UsageError(f"{p} is not a suite description ({type(exc).__name__}: {str(exc)[:120]}); "
                          "pass a directory written by the world generator") from None
+    if not suite["tasks"]:
+        raise UsageError(f"{p} lists no tasks; a suite needs at least one task with its data file")
     for name, info in tasks:  # names become file names in a temporary folder: never a path
         if not (isinstance(name, str) and _SAFE_NAME.fullmatch(name)):
             raise UsageError(f"{p}: suite task name {str(name)[:80]!r} is not a plain name (letters, digits, '_', '-'); "
