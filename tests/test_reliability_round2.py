@@ -310,7 +310,7 @@ def test_report_reads_records_strictly_and_counts_copies_once(tmp_path, capsys):
     runs = load_runs(str(tmp_path / "runs"))
     err = capsys.readouterr().err
     assert sorted(r["method"] for r in runs) == ["dense", "remove"]
-    assert "nan__c.json is not strict JSON" in err
+    assert "nan__c.json does not parse as strict JSON" in err
     assert "str__d.json is damaged: metrics.copy.acc is str, not a number" in err
     assert "list__e.json is damaged: 'metrics' must be an object" in err
     assert "is a copy of" in err and "counted once" in err

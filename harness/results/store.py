@@ -112,8 +112,8 @@ def load_runs(directory: str) -> list[dict]:
         try:
             data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
         except (ValueError, UnicodeDecodeError) as exc:  # a result cut short, or NaN written by hand
-            print(f"warning: {path} is not strict JSON ({str(exc)[:80]}); left out of the tables; re-run the "
-                  "benchmark to recompute it", file=sys.stderr)
+            print(f"warning: {path} does not parse as strict JSON (truncated, or NaN/Infinity written into it: "
+                  f"{str(exc)[:80]}); left out of the tables; re-run the benchmark to recompute it", file=sys.stderr)
             continue
         if not (isinstance(data, dict) and "schema" in data and "method" in data):
             continue  # not a result record
