@@ -656,11 +656,3 @@ def _store(path: Path, rec: dict) -> dict:
     write_json_atomic(path, clean)
     rec["_path"] = str(path)
     return rec
-
-
-def _read(path: Path) -> dict:
-    import json
-
-    rec = json.loads(Path(path).read_text())
-    rec["_path"] = str(path)
-    return rec

@@ -867,27 +867,6 @@ def preload_tasks(cfg: EvalConfig) -> None:
     _DEFAULT_CACHE.get(cfg)
 
 
-def column_metrics(cfg: EvalConfig, cache: TaskCache | None = None) -> dict[str, list[str]]:
-    """column -> the metrics lm-eval reports for it (a group: its aggregate metrics)."""
-    from lm_eval.api.group import Group
-
-    loaded = (cache or _DEFAULT_CACHE).get(cfg)
-    out = {}
-    for obj in loaded.objects:
-        if isinstance(obj, Group):
-            aggs = getattr(obj, "aggregate_metric_list", None) or []
-            metrics = [a.metric if hasattr(a, "metric") else a["metric"] for a in aggs]
-            if metrics:
-                out[obj.name] = metrics
-                continue
-            tasks = obj.get_all_tasks()
-        else:
-            tasks = [obj]
-        for t in tasks:
-            out[t.task_name] = list(t.aggregation().keys())
-    return out
-
-
 def check_eval_impl(value: str) -> str:
     if value not in IMPLS:
         raise UsageError(f"--eval-impl '{value}' is not one of {', '.join(IMPLS)}")

@@ -54,7 +54,6 @@ SCORE_NOTES = {
     "mean": "lm-eval log-likelihood per choice divided by its continuation's token count (per-token mean); "
             "population std; softmax over a task's items",
 }
-SCORE_NOTE = SCORE_NOTES["sum"]
 
 
 def check_scores(scores: str) -> str:

@@ -35,7 +35,6 @@ MARK_COLORS = ["#d62728", "#ff7f0e", "#9467bd", "#2ca02c", "#e377c2", "#8c564b",
 LINE_COLORS = ["#1f77b4", "#d62728", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">"]
 
-PLOT_STEMS = ("window_cos_heatmap", "angular_heatmap", "block_influence", "accuracy_vs_ratio")
 
 
 def _figure(size):

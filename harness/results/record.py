@@ -94,8 +94,3 @@ def model_info(*, name: str, cls: str, model_type: str, num_layers: int, hidden_
 
 def is_record(data: Any) -> bool:
     return isinstance(data, dict) and data.get("schema") == SCHEMA_VERSION and all(k in data for k in REQUIRED_KEYS)
-
-
-def is_failed(rec: dict) -> bool:
-    """A run whose method failed (``status: failed``): it has a reason and no numbers."""
-    return isinstance(rec, dict) and rec.get("status") == "failed"

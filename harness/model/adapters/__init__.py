@@ -16,7 +16,6 @@ from torch import nn
 
 from harness.errors import UsageError
 from harness.model.adapters.base import (
-    LayerFactory,
     ModelAdapter,
     ReplacedBlock,
     ReplacementLayer,
@@ -94,7 +93,7 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
 
 __all__ = [
     "ADAPTERS", "FAMILY_ADAPTERS", "GPTNeoXAdapter", "Gemma2Adapter", "Gemma3TextAdapter", "GemmaAdapter",
-    "LayerFactory", "LlamaAdapter", "MixtralAdapter", "ModelAdapter", "OPTAdapter", "Phi3Adapter", "PhiAdapter",
+    "LlamaAdapter", "MixtralAdapter", "ModelAdapter", "OPTAdapter", "Phi3Adapter", "PhiAdapter",
     "Qwen3Adapter", "ReplacedBlock", "ReplacementLayer", "StructuralAdapter", "Structure", "check_supported_config",
     "find_structure", "first_tensor", "get_adapter", "is_norm", "supported_model_types", "unwrap_layer",
 ]

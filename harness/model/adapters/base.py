@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from typing import Callable
 
 import torch
 from torch import nn
@@ -345,5 +344,3 @@ def first_tensor(output) -> torch.Tensor:
         return output[0]
     raise TypeError(f"cannot find the hidden states in a decoder layer output of type {type(output)}")
 
-
-LayerFactory = Callable[[int], nn.Module]
