@@ -436,3 +436,17 @@ def test_a_suite_without_tasks_is_refused(tmp_path):
     (tmp_path / "suite.json").write_text(json.dumps({"tasks": {}}))
     with pytest.raises(UsageError, match="lists no tasks"):
         suite_tasks(str(tmp_path))
+
+
+def test_more_few_shot_examples_than_the_data_holds_is_one_error_line(tmp_path):
+    """lm-eval would raise 'Sample larger than population' from deep inside its sampler mid-run."""
+    from harness.evaluation.lmeval import EvalConfig, check_task_files
+
+    suite = Path(__file__).resolve().parents[1] / "reference" / "suite"
+    assert check_task_files(EvalConfig(suite=str(suite), num_fewshot=299))
+    with pytest.raises(UsageError, match="--num-fewshot 300 for task 'copy'.* holds only 299 examples"):
+        check_task_files(EvalConfig(suite=str(suite), num_fewshot=300))
+    data = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if data.is_dir():
+        with pytest.raises(UsageError, match="'mmlu_abstract_algebra', but its dev split holds only 5"):
+            check_task_files(EvalConfig(tasks=["mmlu"], data_dir=str(data), num_fewshot={"mmlu": 6}))

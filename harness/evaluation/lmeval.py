@@ -635,26 +635,43 @@ def check_task_files(cfg: EvalConfig) -> list[Path]:
     from harness.io import check_jsonl_file
 
     files: list[Path] = []
+    shots = parse_num_fewshot(cfg.num_fewshot)
     if cfg.suite:
         suite = suite_tasks(cfg.suite)
         files.append(Path(cfg.suite) / "suite.json")
         for name, info in suite["tasks"].items():
             f = Path(cfg.suite) / info["file"]
-            check_jsonl_file(f, f"suite task '{name}' file", ("query", "choices", "label"), rows.suite)
+            n = check_jsonl_file(f, f"suite task '{name}' file", ("query", "choices", "label"), rows.suite)
+            _check_shots(name, fewshot_for(name, (), shots), n - 1, "its own items (the scored one excluded)")
             files.append(f)
         return files
     if cfg.data_dir:
         res = resolve_tasks(cfg)
+        counts: dict = {}
         for leaf, ld in data_plan(cfg, res).items():
             for split, f in sorted(ld.files.items()):
-                if f not in files:
-                    check_jsonl_file(f, f"{split} file of task '{leaf}'", ld.fields, rows.CHECKS.get(ld.kind))
+                if f not in counts:
+                    counts[f] = check_jsonl_file(f, f"{split} file of task '{leaf}'", ld.fields,
+                                                 rows.CHECKS.get(ld.kind))
                     files.append(f)
+            source = ld.fewshot_from
+            eval_split = ld.splits.get("test_split") or ld.splits.get("validation_split")
+            available = counts[ld.files[source]] - (1 if source == eval_split else 0)
+            _check_shots(leaf, fewshot_for(leaf, res.ancestors.get(leaf, ()), shots), available,
+                         f"its {source} split")
         if cfg.ppl:
             f = Path(cfg.data_dir) / WIKITEXT_LOCAL
             check_jsonl_file(f, "wikitext-2 test file (--ppl)", ("text",))
             files.append(f)
     return files
+
+
+def _check_shots(task: str, shots: int | None, available: int, source: str) -> None:
+    """More few-shot examples than the task's few-shot source holds: one line, not lm-eval's
+    'Sample larger than population' traceback mid-run."""
+    if shots and shots > available:
+        raise UsageError(f"--num-fewshot {shots} for task '{task}', but {source} holds only {available} examples; "
+                         f"use at most {available}")
 
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
