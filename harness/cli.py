@@ -257,11 +257,13 @@ def main(argv=None) -> int:
     except OSError as exc:
         import errno
 
-        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG):
             raise
         where = f" '{exc.filename}'" if exc.filename else ""
-        print(f"error: cannot write{where} ({exc.strerror}); free space or pass a writable folder "
-              "(finished runs are kept and skipped next time)", file=sys.stderr)
+        fix = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space",
+               errno.ENAMETOOLONG: "use a shorter path"}.get(exc.errno, "pass a folder you can write to")
+        print(f"error: cannot write{where} ({exc.strerror}); {fix} (finished runs are kept and skipped next time)",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; finished runs are saved and will be skipped next time", file=sys.stderr)

@@ -450,3 +450,13 @@ def test_more_few_shot_examples_than_the_data_holds_is_one_error_line(tmp_path):
     if data.is_dir():
         with pytest.raises(UsageError, match="'mmlu_abstract_algebra', but its dev split holds only 5"):
             check_task_files(EvalConfig(tasks=["mmlu"], data_dir=str(data), num_fewshot={"mmlu": 6}))
+
+
+def test_a_path_longer_than_the_filesystem_allows_is_one_error_line(tmp_path, capsys):
+    from harness.cli import main
+
+    suite = Path(__file__).resolve().parents[1] / "reference" / "suite"
+    rc = main(["--model", str(suite.parent / "models" / "ref-opt-12l"), "--methods", "remove", "--layers", "1",
+               "--suite", str(suite), "--output-dir", str(tmp_path / ("x" * 300)), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "File name too long" in err[0] and "use a shorter path" in err[0], err
