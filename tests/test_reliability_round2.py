@@ -460,3 +460,29 @@ def test_a_path_longer_than_the_filesystem_allows_is_one_error_line(tmp_path, ca
                "--suite", str(suite), "--output-dir", str(tmp_path / ("x" * 300)), "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "File name too long" in err[0] and "use a shorter path" in err[0], err
+
+
+def test_efficiency_on_a_busy_cpu_is_timed_with_one_thread(monkeypatch, capsys):
+    """Multi-threaded timings stall under load (README, reliability); the thread count is recorded."""
+    import os
+
+    import torch
+    from conftest import tiny_model
+
+    from harness.evaluation import efficiency
+
+    model = tiny_model("opt", layers=2)
+    cfg = efficiency.EfficiencyConfig(batch_size=1, seq_len=8, decode_batch_size=1, decode_prompt_len=4,
+                                      new_tokens=2, warmup=0, repeats=1)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(efficiency, "_BUSY_WARNED", False)
+        monkeypatch.setattr(os, "getloadavg", lambda: (float(os.cpu_count() or 1) + 3, 0.0, 0.0))
+        busy = efficiency.measure(model, cfg)
+        assert busy["settings"]["torch_threads"] == 1 and torch.get_num_threads() == 2
+        assert "the machine is busy" in capsys.readouterr().err
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+        assert efficiency.measure(model, cfg)["settings"]["torch_threads"] == 2
+    finally:
+        torch.set_num_threads(previous)

@@ -219,9 +219,52 @@ def _inputs(model, cfg: EfficiencyConfig):
     return cfg, device, prefill_ids, prompt
 
 
+_BUSY_WARNED = False
+
+
+@contextlib.contextmanager
+def timing_threads(device):
+    """On a busy CPU (1-minute load average at or above the core count), time with one thread.
+
+    Measured on the 2-core machine at load average 4 (ref-opt-12l, default settings): one
+    measurement took 9.7-10.4 s with 2 threads against 3.2-3.7 s with 1, decoding 56-79 against
+    305-458 tokens/s: every small operation's parallel region waits for a thread the kernel has
+    descheduled, so a multi-threaded timing under load stalls (an --efficiency sweep that took 54 s
+    on a quiet machine did not end within 900 s at load 6). The thread count used is recorded in
+    the settings (``torch_threads``); dense and pruned timings are interleaved, so ratios compare
+    like with like."""
+    global _BUSY_WARNED
+    previous = torch.get_num_threads()
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = 0.0
+    busy = device.type == "cpu" and previous > 1 and load >= cores
+    if busy:
+        if not _BUSY_WARNED:
+            import sys
+
+            print(f"warning: the machine is busy (load average {load:.1f} on {cores} cores); efficiency is timed "
+                  "with 1 thread (multi-threaded timings stall under load; recorded as torch_threads)",
+                  file=sys.stderr)
+            _BUSY_WARNED = True
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def measure(model, cfg: EfficiencyConfig, timed: bool = True) -> dict:
     """Absolute efficiency numbers of ``model`` (eval mode, no gradients) under ``cfg``
-    (``timed=False``: parameters, FLOPs and memory only)."""
+    (``timed=False``: parameters, FLOPs and memory only); on a busy CPU timed with one thread
+    (``timing_threads``)."""
+    with timing_threads(model_device(model)):
+        return _measure(model, cfg, timed)
+
+
+def _measure(model, cfg: EfficiencyConfig, timed: bool = True) -> dict:
     cfg.validate()
     model.eval()
     cfg, device, prefill_ids, prompt = _inputs(model, cfg)
@@ -272,11 +315,17 @@ def _timing_fields(cfg: EfficiencyConfig, prefill: list[float], decode: list[flo
 
 
 def measure_pair(model, dense_model, cfg: EfficiencyConfig, dense: dict) -> tuple[dict, dict]:
+    """``_measure_pair`` with one thread on a busy CPU (``timing_threads``)."""
+    with timing_threads(model_device(model)):
+        return _measure_pair(model, dense_model, cfg, dense)
+
+
+def _measure_pair(model, dense_model, cfg: EfficiencyConfig, dense: dict) -> tuple[dict, dict]:
     """``model`` measured with its timed runs interleaved with the dense model's (dense, pruned,
     then pruned, dense, ...), so both medians see the same machine load; returns the pruned
     model's numbers and the dense numbers of this window (``dense``'s FLOPs and memory, fresh timings)."""
     cfg.validate()
-    out = measure(model, cfg, timed=False)  # FLOPs, memory, settings; timings below
+    out = _measure(model, cfg, timed=False)  # FLOPs, memory, settings; timings below
     cfg, device, prefill_ids, prompt = _inputs(model, cfg)
     pair = (dense_model, model)
     times = {"prefill": ([], []), "decode": ([], [])}
