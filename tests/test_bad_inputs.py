@@ -154,7 +154,7 @@ CASES = {
     "option without a method": (["-o", ".start=3"], [".start=3"]),
     "option value of the wrong type": (["-o", "remove.start=abc"], ["remove.start", "abc"]),
     "unknown option key": (["-o", "remove.nosuchkey=1"], ["nosuchkey"]),
-    "option of a method not run": (["-o", "streamline.epochs=1"], ["streamline"]),
+    "option of an unknown method": (["-o", "streamlin.epochs=1"], ["unknown methods: streamlin"]),
     "window start does not fit": (["-o", "remove.start=12"], ["remove.start=12"]),
     "streamline window start does not fit": (["--methods", "streamline", "-o", "streamline.start=12"],
                                              ["streamline.start=12"]),
