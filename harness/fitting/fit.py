@@ -191,8 +191,6 @@ def fit_layer_to_boundaries(ctx, layer: nn.Module, data, start: int, end: int, *
            "weight_decay": weight_decay, "epochs": epochs, "batch_size": batch_size, "loss": "mse",
            "repeat": repeat, "layer_inputs": "the model's own arguments to layer start (causal mask)"}
     t0 = time.perf_counter()
-    reader = loss_reader(ctx, end, fit_loss)
-    log["fit_loss_reader"] = type(reader).__name__ if reader is not None else None
     n_batches = math.ceil(len(data) / batch_size)
     handle = ctx.adapter.layers[start].register_forward_pre_hook(grab, with_kwargs=True)
     device = next(layer.parameters()).device
