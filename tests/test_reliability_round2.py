@@ -134,10 +134,12 @@ def _drop_tensor(folder):
 
 
 def _extra_tokens(folder):
+    """Padding by an added token past the embedding rows (lm-eval pads with it)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(folder))
     tok.add_tokens(["<extra_a>", "<extra_b>"])
+    tok.pad_token = "<extra_b>"
     tok.save_pretrained(str(folder))
 
 
@@ -146,7 +148,7 @@ def _extra_tokens(folder):
     (_set_config("num_hidden_layers", 10), ["do not match its config.json", "unexpected tensor(s)", "layers.10."]),
     (_drop_tensor, ["missing tensor(s)", "layers.3.fc1.weight"]),
     (_set_config("ffn_dim", 96), ["model", "fc1"]),
-    (_extra_tokens, ["token ids up to 283", "only 282 rows"]),
+    (_extra_tokens, ["token ids up to 283 (pad token)", "only 282 rows"]),
 ], ids=["more-layers-in-config", "fewer-layers-in-config", "missing-tensor", "mis-shaped", "tokenizer-too-big"])
 def test_model_folders_whose_weights_disagree_with_their_config_are_refused(tmp_path, capsys, edit, needles):
     """One error line and exit 2, nothing written: transformers alone would add random layers,

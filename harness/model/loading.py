@@ -113,12 +113,19 @@ def check_weights_match(name: str, info: dict, allow_prefix: str | None = None) 
 
 
 def check_tokenizer_fits(name: str, tokenizer, model) -> None:
-    """A tokenizer whose ids reach past the embedding matrix would index out of range mid-evaluation."""
+    """A tokenizer whose ids reach past the embedding matrix would index out of range mid-evaluation:
+    its base vocabulary and the special tokens evaluation uses (BOS, EOS, padding) must fit. (Extra
+    special tokens a tokenizer class adds on loading and text never produces are left alone.)"""
     rows = model.get_input_embeddings().num_embeddings
-    top = max(tokenizer.get_vocab().values(), default=-1)
-    if top >= rows:
-        raise UsageError(f"the tokenizer of '{name}' has token ids up to {top}, but the model's embedding has only "
-                         f"{rows} rows; use the tokenizer the model was trained with")
+    used = {"base vocabulary": int(getattr(tokenizer, "vocab_size", 0) or 0) - 1}
+    for what in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if isinstance(getattr(tokenizer, what, None), int):
+            used[what.replace("_token_id", " token")] = getattr(tokenizer, what)
+    over = {k: v for k, v in used.items() if v >= rows}
+    if over:
+        what, top = max(over.items(), key=lambda kv: kv[1])
+        raise UsageError(f"the tokenizer of '{name}' has token ids up to {top} ({what}), but the model's embedding "
+                         f"has only {rows} rows; use the tokenizer the model was trained with")
 
 
 def load_model(name: str, dtype: str = "float32", device: str = "cpu", config=None, model_args: dict | None = None,
