@@ -73,6 +73,8 @@ def _strict_yaml(text: str, path: str):
     def mapping(loader, node, deep=False):
         seen = set()
         for key_node, _value in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: merged keys may be overridden
+                continue
             key = loader.construct_object(key_node, deep=deep)
             if key in seen:
                 raise UsageError(f"config file {path} line {key_node.start_mark.line + 1}: key '{key}' is given twice; "

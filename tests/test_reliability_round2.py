@@ -257,6 +257,10 @@ def test_inputs_that_would_silently_change_what_runs_are_refused(tmp_path):
     nested.write_text("model: m\nmethod_opt:\n  streamline: {lr: 1, lr: 2}\n")
     with pytest.raises(UsageError, match="key 'lr' is given twice"):
         load_config_file(str(nested), build_parser())
+    merged = tmp_path / "merged.yaml"  # YAML merge keys stay allowed, an override of a merged key too
+    merged.write_text("base: &b {lr: 1, epochs: 2}\nmodel: m\nmethod_opt:\n  streamline: {<<: *b, lr: 3}\n")
+    with pytest.raises(UsageError, match="unknown key 'base'"):  # parsed fine; 'base' is no flag
+        load_config_file(str(merged), build_parser())
     binary = tmp_path / "bin.yaml"
     binary.write_bytes(b"model: \xff\xfe\n")
     with pytest.raises(UsageError, match="is not UTF-8 text"):
