@@ -427,8 +427,6 @@ def _common_setup(args) -> bool:
     validation.check_numbers(args)
     if getattr(args, "write_golden", None) is not None:
         validation.check_golden_target(args.write_golden)
-    if getattr(args, "output_dir", "x") is not None and not str(args.output_dir).strip():
-        raise UsageError("--output-dir is empty; pass a folder (default results/runs)")
     show_progress = progress.decide(force_on=args.progress, force_off=args.no_progress)
     progress.set_enabled(show_progress)  # every tqdm bar, lm-eval's included
     _reference_defaults(args)

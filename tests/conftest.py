@@ -17,6 +17,29 @@ SHARED_DATA = Path(os.environ.get("STREAMLINE_SHARED_DATA", REPO.parent / "share
 OPT_TOKENIZER = SHARED_DATA / "tokenizers" / "opt_derived"
 
 
+def one_error_line(rc, capsys, needles=(), out=None) -> str:
+    """The bad-input convention: exit code 2, one ``error:`` line holding every needle, and (with
+    ``out``) no result JSON written there; returns the line."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2, err
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in err[0], (needle, err[0])
+    if out is not None and Path(out).exists():
+        assert not list(Path(out).rglob("*.json"))
+    return err[0]
+
+
+def no_model_loading(monkeypatch):
+    """Fail the test if the runner loads model weights (the bad input must be found before)."""
+    import harness.runner
+
+    def no_model(*_a, **_k):
+        raise AssertionError("the model was loaded before the bad input was found")
+
+    monkeypatch.setattr(harness.runner, "load_model", no_model)
+
+
 def shared_data_or_skip() -> Path:
     if not (SHARED_DATA / "SOURCES.md").is_file():
         pytest.skip(f"real benchmark files not found at {SHARED_DATA} (the ../shared/data checkout); "

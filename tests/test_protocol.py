@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import shared_data_or_skip
+from conftest import no_model_loading, one_error_line, shared_data_or_skip
 
 from harness import reference as R
 from harness.cli import main
@@ -212,19 +212,8 @@ BAD = {
 
 
 def _expect_error(argv, out, capsys, needles, monkeypatch):
-    import harness.runner
-
-    def no_model(*_a, **_k):
-        raise AssertionError("the model was loaded before the bad input was found")
-
-    monkeypatch.setattr(harness.runner, "load_model", no_model)
-    rc = main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2, err
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    for needle in needles:
-        assert needle in err[0], (needle, err[0])
-    assert not list(out.rglob("*.json")) if out.exists() else True
+    no_model_loading(monkeypatch)
+    one_error_line(main(argv), capsys, needles, out)
 
 
 @pytest.mark.parametrize("case", list(BAD))

@@ -63,7 +63,8 @@ def test_nan_weights_are_an_error_naming_the_layer(tmp_path, capsys):
     assert list(out.rglob("*.json")) == []
 
 
-NAN_SCORE_PLUGIN = """
+PLUGIN_HEAD = """
+import sys
 from dataclasses import dataclass
 
 from harness import MethodConfig, PruneResult, register_method, remove_layers
@@ -72,7 +73,9 @@ from harness import MethodConfig, PruneResult, register_method, remove_layers
 @dataclass
 class C(MethodConfig):
     pass
+"""
 
+NAN_SCORE_PLUGIN = PLUGIN_HEAD + """
 
 @register_method("nanscore_test", C, "test: scores with a NaN")
 def nanscore(ctx, cfg):
@@ -125,17 +128,7 @@ def test_diverging_training_fails_that_method_only(tmp_path, capsys, monkeypatch
     assert "streamline: result exists (failed:" in capsys.readouterr().out
 
 
-BROKEN_PLUGIN = """
-import sys
-from dataclasses import dataclass
-
-from harness import MethodConfig, register_method
-
-
-@dataclass
-class C(MethodConfig):
-    pass
-
+BROKEN_PLUGIN = PLUGIN_HEAD + """
 
 @register_method("raises_test", C, "test: a bug")
 def raises(ctx, cfg):

@@ -2,10 +2,20 @@
 from pathlib import Path
 
 import pytest
+from conftest import REPO, SHARED_DATA, no_model_loading, one_error_line, shared_data_or_skip
 
 from harness import MethodConfig, register_method
 from harness.errors import UsageError
 from harness.plugins.pipeline import resolve_method
+
+SUITE = REPO / "reference" / "suite"
+REF = REPO / "reference" / "models" / "ref-opt-12l"
+
+
+def _run_args(model, out, *extra):
+    """A fast run on the reference suite with a few short calibration blocks."""
+    return ["--model", str(model), "--suite", str(SUITE), "--calib-data", str(SUITE.parent / "calibration.txt"),
+            "--calib-seq-len", "24", "--calib-samples", "4", "--output-dir", str(out), "--no-progress", *extra]
 
 
 @pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "Infinity"])
@@ -108,9 +118,8 @@ def _broken_copy(tmp_path, edit):
     """A copy of the reference model folder, changed by ``edit(folder)``."""
     import shutil
 
-    src = Path(__file__).resolve().parents[1] / "reference" / "models" / "ref-opt-12l"
     folder = tmp_path / "model"
-    shutil.copytree(src, folder)
+    shutil.copytree(REF, folder)
     edit(folder)
     return folder
 
@@ -157,16 +166,8 @@ def test_model_folders_whose_weights_disagree_with_their_config_are_refused(tmp_
 
     folder = _broken_copy(tmp_path, edit)
     out = tmp_path / "runs"
-    suite = Path(__file__).resolve().parents[1] / "reference" / "suite"
-    rc = main(["--model", str(folder), "--methods", "remove", "--layers", "1", "--limit", "2", "--output-dir",
-               str(out), "--no-progress", "--suite", str(suite), "--calib-data", str(suite.parent / "calibration.txt"),
-               "--calib-seq-len", "24", "--calib-samples", "4"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2, err
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    for needle in needles:
-        assert needle in err[0], (needle, err[0])
-    assert not list(out.rglob("*.json")) if out.exists() else True
+    rc = main(_run_args(folder, out, "--methods", "remove", "--layers", "1", "--limit", "2"))
+    one_error_line(rc, capsys, needles, out)
 
 
 @pytest.mark.parametrize("row,needle", [
@@ -186,22 +187,17 @@ def test_every_suite_row_is_checked_before_the_model_loads(tmp_path, capsys, mon
     import json
     import shutil
 
-    import harness.runner
     from harness.cli import main
 
     suite = tmp_path / "suite"
-    shutil.copytree(Path(__file__).resolve().parents[1] / "reference" / "suite", suite)
+    shutil.copytree(SUITE, suite)
     rows = (suite / "copy.jsonl").read_text().splitlines()
     (suite / "copy.jsonl").write_text("\n".join(rows + [json.dumps(row)]) + "\n")
-    monkeypatch.setattr(harness.runner, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    no_model_loading(monkeypatch)
     out = tmp_path / "runs"
-    model = Path(__file__).resolve().parents[1] / "reference" / "models" / "ref-opt-12l"
-    rc = main(["--model", str(model), "--methods", "remove", "--layers", "1", "--suite", str(suite),
+    rc = main(["--model", str(REF), "--methods", "remove", "--layers", "1", "--suite", str(suite),
                "--output-dir", str(out), "--no-progress"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and err[0].startswith("error: "), err
-    assert f"line {len(rows) + 1}" in err[0] and needle in err[0], err[0]
-    assert not out.exists() or not list(out.rglob("*.json"))
+    one_error_line(rc, capsys, [f"line {len(rows) + 1}", needle], out)
 
 
 @pytest.mark.parametrize("task,row,needle", [
@@ -220,9 +216,7 @@ def test_every_local_task_row_is_checked(tmp_path, task, row, needle):
 
     from harness.evaluation.lmeval import EvalConfig, check_task_files
 
-    data = Path(__file__).resolve().parents[2] / "shared" / "data"
-    if not data.is_dir():
-        pytest.skip("../shared/data (the real benchmark files) is not next to this checkout")
+    data = shared_data_or_skip()
     root = tmp_path / "data"
     src = {"piqa": "piqa/validation.jsonl", "hellaswag": "hellaswag/validation.jsonl.gz",
            "winogrande": "winogrande/validation.jsonl", "arc_easy": "arc_easy/test.jsonl",
@@ -275,12 +269,8 @@ def test_inputs_that_would_silently_change_what_runs_are_refused(tmp_path):
 def test_labels_for_methods_not_run_are_a_note(tmp_path, capsys):
     from harness.cli import main
 
-    suite = Path(__file__).resolve().parents[1] / "reference" / "suite"
-    model = suite.parent / "models" / "ref-opt-12l"
-    rc = main(["--model", str(model), "--methods", "remove", "--layers", "1", "--limit", "2", "--suite", str(suite),
-               "--calib-data", str(suite.parent / "calibration.txt"), "--calib-seq-len", "24", "--calib-samples", "4",
-               "--output-dir", str(tmp_path / "runs"), "--no-progress", "--label", "shortgpt=ShortGPT",
-               "--label", "remove=Removal"])
+    rc = main(_run_args(REF, tmp_path / "runs", "--methods", "remove", "--layers", "1", "--limit", "2",
+                        "--label", "shortgpt=ShortGPT", "--label", "remove=Removal"))
     out = capsys.readouterr().out
     assert rc == 0 and "note: --label given for methods not being run: shortgpt" in out
     assert "Removal" in out
@@ -329,20 +319,14 @@ def test_report_reads_records_strictly_and_counts_copies_once(tmp_path, capsys):
     (["--write-golden", "no/such/dir/g.json"], "does not exist; create it first"),
 ])
 def test_empty_output_dir_and_golden_folder_are_refused_before_the_run(tmp_path, capsys, monkeypatch, flags, needle):
-    import harness.runner
     from harness.cli import main
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(harness.runner, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
-    suite = Path(__file__).resolve().parents[1] / "reference" / "suite"
-    argv = ["--model", str(suite.parent / "models" / "ref-opt-12l"), "--methods", "remove", "--layers", "1",
-            "--suite", str(suite), "--no-progress", *flags]
+    no_model_loading(monkeypatch)
+    argv = ["--model", str(REF), "--methods", "remove", "--layers", "1", "--suite", str(SUITE), "--no-progress", *flags]
     if "--output-dir" not in flags:
         argv += ["--output-dir", str(tmp_path / "runs")]
-    rc = main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and needle in err[0], err
-    assert not list(tmp_path.rglob("*.json"))
+    one_error_line(main(argv), capsys, [needle], tmp_path)
 
 
 def test_results_do_not_depend_on_the_eval_batch_size_so_it_is_not_keyed(tmp_path, capsys):
@@ -352,10 +336,8 @@ def test_results_do_not_depend_on_the_eval_batch_size_so_it_is_not_keyed(tmp_pat
 
     from harness.cli import main
 
-    suite = Path(__file__).resolve().parents[1] / "reference" / "suite"
-    base = ["--model", str(suite.parent / "models" / "ref-opt-12l"), "--methods", "remove,shortgpt", "--layers", "3",
-            "--limit", "12", "--suite", str(suite), "--calib-data", str(suite.parent / "calibration.txt"),
-            "--calib-seq-len", "24", "--calib-samples", "4", "--no-progress"]
+    def base(out):
+        return _run_args(REF, out, "--methods", "remove,shortgpt", "--layers", "3", "--limit", "12")
 
     def records(out):
         recs = {}
@@ -367,7 +349,7 @@ def test_results_do_not_depend_on_the_eval_batch_size_so_it_is_not_keyed(tmp_pat
     runs = {}
     for bs in (1, 5):
         out = tmp_path / f"bs{bs}"
-        assert main([*base, "--output-dir", str(out), "--eval-batch-size", str(bs)]) == 0
+        assert main([*base(out), "--eval-batch-size", str(bs)]) == 0
         runs[bs] = records(out)
     capsys.readouterr()
     assert set(runs[1]) == {"dense", "remove", "shortgpt"}
@@ -379,7 +361,7 @@ def test_results_do_not_depend_on_the_eval_batch_size_so_it_is_not_keyed(tmp_pat
             for key in stab1[task]:
                 assert stab1[task][key] == pytest.approx(stab5[task][key], rel=1e-5), (method, task, key)
         assert (runs[1][method][2], runs[5][method][2]) == (1, 5)  # recorded, not keyed
-    assert main([*base, "--output-dir", str(tmp_path / "bs1"), "--eval-batch-size", "5"]) == 0
+    assert main([*base(tmp_path / "bs1"), "--eval-batch-size", "5"]) == 0
     assert capsys.readouterr().out.count("result exists") == 3
 
 
@@ -427,10 +409,9 @@ def test_a_full_disk_or_a_read_only_folder_is_one_error_line(tmp_path, capsys, m
         raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
 
     monkeypatch.setattr(os, "fsync", full)
-    rc = main(["--report", str(tmp_path / "runs")])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and err[0].startswith("error: cannot write"), err
-    assert "table.md" in err[0] and os.strerror(getattr(errno, code)) in err[0]
+    line = one_error_line(main(["--report", str(tmp_path / "runs")]), capsys,
+                          ["table.md", os.strerror(getattr(errno, code))])
+    assert line.startswith("error: cannot write"), line
     assert not list(tmp_path.rglob("*.tmp"))
 
 
@@ -448,24 +429,20 @@ def test_more_few_shot_examples_than_the_data_holds_is_one_error_line(tmp_path):
     """lm-eval would raise 'Sample larger than population' from deep inside its sampler mid-run."""
     from harness.evaluation.lmeval import EvalConfig, check_task_files
 
-    suite = Path(__file__).resolve().parents[1] / "reference" / "suite"
-    assert check_task_files(EvalConfig(suite=str(suite), num_fewshot=299))
+    assert check_task_files(EvalConfig(suite=str(SUITE), num_fewshot=299))
     with pytest.raises(UsageError, match="--num-fewshot 300 for task 'copy'.* holds only 299 examples"):
-        check_task_files(EvalConfig(suite=str(suite), num_fewshot=300))
-    data = Path(__file__).resolve().parents[2] / "shared" / "data"
-    if data.is_dir():
+        check_task_files(EvalConfig(suite=str(SUITE), num_fewshot=300))
+    if SHARED_DATA.is_dir():
         with pytest.raises(UsageError, match="'mmlu_abstract_algebra', but its dev split holds only 5"):
-            check_task_files(EvalConfig(tasks=["mmlu"], data_dir=str(data), num_fewshot={"mmlu": 6}))
+            check_task_files(EvalConfig(tasks=["mmlu"], data_dir=str(SHARED_DATA), num_fewshot={"mmlu": 6}))
 
 
 def test_a_path_longer_than_the_filesystem_allows_is_one_error_line(tmp_path, capsys):
     from harness.cli import main
 
-    suite = Path(__file__).resolve().parents[1] / "reference" / "suite"
-    rc = main(["--model", str(suite.parent / "models" / "ref-opt-12l"), "--methods", "remove", "--layers", "1",
-               "--suite", str(suite), "--output-dir", str(tmp_path / ("x" * 300)), "--no-progress"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "File name too long" in err[0] and "use a shorter path" in err[0], err
+    rc = main(["--model", str(REF), "--methods", "remove", "--layers", "1", "--suite", str(SUITE),
+               "--output-dir", str(tmp_path / ("x" * 300)), "--no-progress"])
+    one_error_line(rc, capsys, ["File name too long", "use a shorter path"])
 
 
 def test_efficiency_on_a_busy_cpu_is_timed_with_one_thread(monkeypatch, capsys):

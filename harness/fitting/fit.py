@@ -151,7 +151,7 @@ def heldout_mse(ctx, module: nn.Module, data, start: int, end: int, batch_size: 
     for what, value in out.items():
         if not math.isfinite(value):
             raise MethodFailed(f"replacement fit: held-out {what} is {value}")
-    key = fit_loss if fit_loss in ("mse", "cosine") or reader is not None else "cosine"
+    key = "normed" if reader is not None else ("mse" if fit_loss == "mse" else "cosine")  # what the fit minimised
     return {**out, "judged_by": key, "ratio_to_identity": out[key] / out["identity_" + key] if out["identity_" + key] else None,
             "better_than_removal": out[key] <= out["identity_" + key], "blocks": len(data), "tokens": tokens,
             "sampled_with_replacement": bool(data.description.get("sampled_with_replacement"))}
