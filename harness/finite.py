@@ -174,9 +174,16 @@ class FirstForwardGuard:
         return False
 
 
+def map_leaves(data, fn):
+    """A copy of JSON-like ``data`` (dicts, lists, tuples as lists) with ``fn`` applied to every leaf."""
+    if isinstance(data, dict):
+        return {k: map_leaves(v, fn) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [map_leaves(v, fn) for v in data]
+    return fn(data)
+
+
 def finite_or_none(data):
     """A copy of JSON-like ``data`` with every NaN/inf replaced by None (for a failed run's
     diagnostic log, which is stored but never read as a number)."""
-    from harness.io import map_leaves
-
     return map_leaves(data, lambda v: None if _bad(v) else v)

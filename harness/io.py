@@ -14,21 +14,13 @@ import tempfile
 from pathlib import Path
 
 from harness.errors import UsageError
+from harness.finite import first_nonfinite, map_leaves
 
 TMP_SUFFIX = ".tmp"
 _TMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # .NAME.XXXXXXXX.tmp, as mkstemp names them here
 
 
 _SHIPPED_DIR = Path(__file__).resolve().parents[1] / "reference"  # reference models, suite, calibration
-
-
-def map_leaves(data, fn):
-    """A copy of JSON-like ``data`` (dicts, lists, tuples as lists) with ``fn`` applied to every leaf."""
-    if isinstance(data, dict):
-        return {k: map_leaves(v, fn) for k, v in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [map_leaves(v, fn) for v in data]
-    return fn(data)
 
 
 def _shipped_relative(value):
@@ -96,8 +88,6 @@ def dumps_strict(data, **kw) -> str:
     try:
         return json.dumps(data, allow_nan=False, default=str, **kw)
     except ValueError:
-        from harness.finite import first_nonfinite
-
         where = first_nonfinite(data)
         raise ValueError(f"refusing to write a non-finite number to JSON (at {where or '?'})") from None
 

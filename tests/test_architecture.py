@@ -59,11 +59,35 @@ def test_methods_import_only_the_public_harness_package():
                     + ", ".join(bad)
 
 
-def test_public_api_names_exist():
+def test_the_public_api_is_what_methods_use():
+    """Every name a built-in method imports from ``harness`` is exported (a plugin written like them
+    works), and every exported name resolves to a distinct object."""
     import harness
 
-    missing = [n for n in harness.__all__ if not hasattr(harness, n)]
-    assert not missing and len(set(harness.__all__)) == len(harness.__all__)
+    used = set()
+    for path in sorted((REPO / "methods").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module == "harness":
+                used |= {a.name for a in node.names}
+    assert used, "no method imports from harness"
+    assert not used - set(harness.__all__), f"methods import names harness does not export: {used - set(harness.__all__)}"
+    assert len(set(harness.__all__)) == len(harness.__all__)
+    assert not [n for n in harness.__all__ if getattr(harness, n, None) is None]
+
+
+def test_no_import_cycle():
+    """No two harness modules import each other, directly or through others (imports inside
+    functions count: they hide a cycle, they do not remove it)."""
+    import graphlib
+
+    graph = {}
+    for path in sorted(HARNESS.rglob("*.py")):
+        module = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        graph[module] = {m for m in _imports(path) if m.startswith("harness.") and m != module}
+    try:
+        tuple(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as exc:
+        pytest.fail(f"import cycle: {' -> '.join(exc.args[1])}")
 
 
 def test_each_stage_imports_only_earlier_stages():

@@ -143,9 +143,9 @@ def test_shared_contexts_run_once(batch_size):
 
 
 def test_shared_contexts_need_a_cache(monkeypatch, caplog):
-    from harness.evaluation import fastlm
+    from harness.evaluation import scored
 
-    monkeypatch.setattr(fastlm, "_WARNED", set())
+    monkeypatch.setattr(scored, "_WARNED", set())
     model = tiny_model("opt")
     reqs = _requests(model, docs=6)
     stock, fast = _lms(model, impl="fast-shared")
@@ -225,9 +225,9 @@ def test_loglikelihood_rolling_matches_hflm(impl):
 def test_unsupported_model_falls_back_with_one_warning(monkeypatch, caplog):
     from torch import nn
 
-    from harness.evaluation import fastlm
+    from harness.evaluation import scored
 
-    monkeypatch.setattr(fastlm, "_WARNED", set())
+    monkeypatch.setattr(scored, "_WARNED", set())
     model = tiny_model("opt")
     reqs = _requests(model, docs=4)
     stock = _lms(model)[0].loglikelihood(reqs, disable_tqdm=True)

@@ -36,21 +36,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.defaults import EVAL_IMPLS as IMPLS
+from harness.evaluation.scored import GatherScored, warn_once
+from harness.evaluation.shared_context import score_shared
 
-log = logging.getLogger(__name__)
 _HF_LOG = logging.getLogger("lm_eval.models.huggingface")  # lm-eval's own truncation warning goes here
-_WARNED: set[str] = set()
 _CLASSES: dict[type, type] = {}
 
 
 class FastPathUnsupported(Exception):
     """The model's structure does not allow gathering the scored positions before its head."""
-
-
-def _warn_once(reason: str) -> None:
-    if reason not in _WARNED:
-        _WARNED.add(reason)
-        log.warning("--eval-impl fast: %s; using lm-eval's own loglikelihood path for this model", reason)
 
 
 def unsupported_reason(lm) -> str | None:
@@ -65,30 +59,6 @@ def unsupported_reason(lm) -> str | None:
     if not isinstance(head, nn.Module):
         return f"{type(model).__name__} has no output-embedding (LM head) module"
     return None
-
-
-class _GatherScored:
-    """Forward pre-hook for the LM head: keep the rows ``(row, pos)`` of the ``[B, T, H]`` input
-    (``pos`` counted in lm-eval's padded input of length ``padded_len``; positions a model prepends
-    itself, lm-eval's "virtual tokens", shift every position by ``T - padded_len``)."""
-
-    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, batch: int, padded_len: int):
-        self.rows, self.cols, self.batch, self.padded_len = rows, cols, batch, padded_len
-        self.calls = 0
-        self.error: str | None = None
-
-    def __call__(self, module, args):
-        self.calls += 1
-        hidden = args[0] if args else None
-        if self.calls > 1 or not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 \
-                or hidden.shape[0] != self.batch or hidden.shape[1] < self.padded_len:
-            shape = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
-            self.error = self.error or (f"the LM head was called {self.calls} time(s), on {shape}; expected once, on "
-                                        f"[{self.batch}, >={self.padded_len}, hidden]")
-            return None
-        b, t, h = hidden.shape
-        flat = (self.rows * t + self.cols + (t - self.padded_len)).to(hidden.device)
-        return (hidden.reshape(b * t, h).index_select(0, flat).unsqueeze(0),) + tuple(args[1:])
 
 
 def _collate(req):  # lm-eval's sort key: longest first, ties by tokens
@@ -122,7 +92,7 @@ class FastLoglikelihood:
         if self._fast_fallback is None and not self._fast_verified:
             self._fast_fallback = unsupported_reason(self)
         if self._fast_fallback is not None:
-            _warn_once(self._fast_fallback)
+            warn_once(self._fast_fallback)
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         try:
             return self._fast_loglikelihood_tokens(requests, disable_tqdm, override_bs)
@@ -131,7 +101,7 @@ class FastLoglikelihood:
                 raise RuntimeError(f"--eval-impl fast: {exc} (after earlier batches passed); "
                                    "rerun with --eval-impl stock and report this") from None
             self._fast_fallback = str(exc)  # raised on the first batch, before any result or cache hook
-            _warn_once(self._fast_fallback)
+            warn_once(self._fast_fallback)
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
 
     # --- lm-eval's _loglikelihood_tokens (causal branch), scored positions only ------------------
@@ -152,7 +122,6 @@ class FastLoglikelihood:
                     desc="Running loglikelihood requests")
         try:
             if self.share_contexts and self.logits_cache and batch_fn is None:
-                from harness.evaluation.shared_context import score_shared
 
                 score_shared(self, re_ord, batch_size, res, pbar)
             else:
@@ -210,7 +179,7 @@ class FastLoglikelihood:
                                              enabled=self.mixed_precision_dtype is not None):
             return self.model(**kwargs)
 
-    def _head_call(self, gather: "_GatherScored", n: int, fn):
+    def _head_call(self, gather: "GatherScored", n: int, fn):
         """Run ``fn()`` (a forward pass) with ``gather`` on the LM head; check the head saw one
         ``[B, T, H]`` input and the logits came back ``[1, n, V]``; returns the model output."""
         handle = self.model.get_output_embeddings().register_forward_pre_hook(gather)
@@ -235,7 +204,7 @@ class FastLoglikelihood:
         ``inplen`` (lm-eval's ``_select_cont_toks``), the head applied at those positions only."""
         rows = torch.cat([torch.full((c,), i, dtype=torch.long) for i, c in enumerate(contlens)])
         cols = torch.cat([torch.arange(n - c, n, dtype=torch.long) for n, c in zip(inplens, contlens, strict=True)])
-        gather = _GatherScored(rows, cols, batched_inps.shape[0], batched_inps.shape[1])
+        gather = GatherScored(rows, cols, batched_inps.shape[0], batched_inps.shape[1])
         logits = self._head_call(gather, rows.numel(), lambda: self._model_call(batched_inps))
         logp = F.log_softmax(logits[0], dim=-1, dtype=self.softmax_dtype)  # [N, vocab]
         return logp.split(contlens, dim=0)

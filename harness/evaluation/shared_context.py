@@ -25,7 +25,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
-from harness.evaluation.fastlm import _GatherScored, _warn_once
+from harness.evaluation.scored import GatherScored, warn_once
 
 
 def score_shared(lm, re_ord, batch_size: int, res: list, pbar) -> None:
@@ -83,13 +83,13 @@ def _score_groups(lm, batch: list) -> list[torch.Tensor] | None:
     mask = torch.tensor([[0] * (width_p - n) + [1] * n for n in lens], dtype=torch.long, device=dev)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     g = len(batch)
-    gather = _GatherScored(torch.arange(g), torch.full((g,), width_p - 1), g, width_p)
+    gather = GatherScored(torch.arange(g), torch.full((g,), width_p - 1), g, width_p)
     out = lm._head_call(gather, g, lambda: lm._call(input_ids=ids, attention_mask=mask, position_ids=pos,
                                                     use_cache=True))
     cache = getattr(out, "past_key_values", None)
     if cache is None or not hasattr(cache, "batch_select_indices"):
         lm.share_contexts = False
-        _warn_once(f"{type(lm.model).__name__} returned no KV cache, so shared contexts are not reused "
+        warn_once(f"{type(lm.model).__name__} returned no KV cache, so shared contexts are not reused "
                    "(fast-shared runs as fast)")
         return None
     first = F.log_softmax(out.logits[0], dim=-1, dtype=lm.softmax_dtype)  # [g, vocab]
@@ -105,7 +105,7 @@ def _score_groups(lm, batch: list) -> list[torch.Tensor] | None:
     ids = torch.tensor([r + [0] * (width - len(r)) for r in rests], dtype=torch.long, device=dev)  # right padding
     mask = torch.cat([mask[owner], torch.ones(k, width, dtype=torch.long, device=dev)], dim=1)
     pos = torch.tensor(lens, device=dev)[owner].unsqueeze(1) + torch.arange(width, device=dev)
-    gather = _GatherScored(rows, cols, k, width)
+    gather = GatherScored(rows, cols, k, width)
     out = lm._head_call(gather, rows.numel(), lambda: lm._call(input_ids=ids, attention_mask=mask, position_ids=pos,
                                                                past_key_values=cache, use_cache=True))
     rest = F.log_softmax(out.logits[0], dim=-1, dtype=lm.softmax_dtype).split([len(r) for r in rests], dim=0)
