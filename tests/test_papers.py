@@ -19,7 +19,7 @@ from conftest import REPO, shared_data_or_skip
 from harness.cli import main
 from harness.errors import UsageError
 from harness.io import write_json_atomic
-from harness.results.paper import DAGGER, DELTA, load_paper, match_rows
+from harness.results.paper import DAGGER, DELTA, MISMATCH, load_paper, match_rows, paper_metric
 from harness.results.record import model_info, new_record
 
 PAPER_DIR = REPO / "results" / "paper"
@@ -127,6 +127,36 @@ def test_report_with_paper_prints_paper_rows_and_deltas(tmp_path, capsys):
     assert f"{DAGGER} the paper measured this column with a different protocol" in out
     assert "more paper row(s) for opt-1.3b at other targets" in out and "Ours 18.1%" in out
     assert (tmp_path / "vs_paper.md").is_file() and (tmp_path / "vs_paper.csv").is_file()
+
+
+def test_paper_comparison_uses_the_papers_metric_and_marks_an_explicit_other(tmp_path, capsys):
+    """Without --table-metric each column is compared in the paper file's metric (Table 3: acc_norm
+    for PIQA/HellaSwag/ARC, acc for the rest); an explicit other metric is kept but marked."""
+    _write(tmp_path, [_record("dense", metrics=_metrics(DENSE)),
+                      _record("streamline", ratio=0.256, num_remove=7, metrics=_metrics(OURS))])
+    paper = load_paper(str(TABLE3))
+    metric = {c.task: paper_metric(c, "facebook/opt-1.3b") for c in paper.columns.values() if c.task}
+    assert {metric[t] for t in ("piqa", "hellaswag", "arc_easy")} == {"acc_norm"} and metric["winogrande"] == "acc"
+    cols = ["PIQA", "WinoGrande", "HellaSwag", "ARC-easy", "ARC-challenge", "OpenBookQA"]
+
+    def dense_row(argv):
+        assert main(["--report", str(tmp_path), "--paper", str(TABLE3), *argv]) == 0
+        out = capsys.readouterr().out
+        lines = _table_lines(out, "opt-1.3b vs LLM-Streamline v1, Table 3")
+        header = _cells(lines[1])
+        dense = next(_cells(line) for line in lines[3:] if _cells(line)[:2] == ["Dense", "ours"])
+        return out, header, dense
+
+    out, header, dense = dense_row([])
+    assert header[3:9] == [c + DAGGER for c in cols] and MISMATCH not in out
+    for task, col in zip(TABLE3_TASKS, cols):
+        bump = 0.01 if metric[task] == "acc_norm" else 0.0
+        assert float(dense[3 + cols.index(col)]) == pytest.approx(100 * (DENSE[task] + bump), abs=0.05)
+
+    out, header, dense = dense_row(["--table-metric", "acc"])
+    assert header[3:9] == [c + DAGGER + (MISMATCH if metric[t] != "acc" else "") for t, c in zip(TABLE3_TASKS, cols)]
+    assert float(dense[3]) == pytest.approx(100 * DENSE["piqa"], abs=0.05)  # acc, as asked
+    assert f"{MISMATCH} not the paper's metric" in out and "PIQA (ours acc, paper acc_norm)" in out
 
 
 def test_paper_rows_match_by_nearest_ratio_or_exact_layers():

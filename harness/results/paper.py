@@ -30,6 +30,7 @@ from harness.results import report
 RATIO_TOLERANCE = 0.02  # |paper ratio - our measured ratio| for a row to match (ratios are fractions)
 DAGGER = "\u2020"
 DELTA = "\u0394"
+MISMATCH = "\u2021"  # our metric for this column is not the paper's (an explicit --table-metric/--table-preset)
 
 TOP_KEYS = {"paper", "table", "source", "protocol", "columns", "notes", "rows", "claims"}
 COLUMN_KEYS = {"task", "metric", "protocol_differs", "note"}
@@ -316,9 +317,34 @@ def comparison_tables(runs: list[dict], paper: PaperTable, metric_spec: str | No
     if not paper.rows:  # a file with claims only: claims_text prints them
         return []
     default, per_task = report.parse_metric_spec(metric_spec, preset)
+    chose_default = preset is not None or any(p.strip() and "=" not in p for p in (metric_spec or "").split(","))
     labels = labels or {}
-    return [_compare_group(dense_run, group, paper, default, per_task, labels, method_order, tolerance)
+    return [_compare_group(dense_run, group, paper, default,
+                           per_task if chose_default else _with_paper_metrics(paper, dense_run, per_task),
+                           labels, method_order, tolerance)
             for dense_run, group in report.comparable_groups(runs)]
+
+
+def paper_metric(col: PaperColumn, model: str) -> str | None:
+    """The lm-eval metric the paper file gives for ``col`` on ``model``: a plain name, or one of
+    ``"acc_norm (opt-1.3b) / acc (opt-2.7b)"`` by model; None when it names no usable metric."""
+    if _plain_metric(col.metric):
+        return col.metric
+    for metric, name in re.findall(r"([A-Za-z_]\w*) \(([^)]+)\)", col.metric or ""):
+        if model_key(name) == model_key(model):
+            return metric
+    return None
+
+
+def _with_paper_metrics(paper: PaperTable, dense_run: dict, per_task: dict) -> dict:
+    """Each column in the paper's own metric for this model, except tasks whose metric the user
+    chose explicitly (``TASK=METRIC``); used when no default metric or preset was chosen."""
+    out = dict(per_task)
+    for col in paper.columns.values():
+        metric = paper_metric(col, dense_run["model"]["name"])
+        if col.task is not None and col.task not in out and metric is not None:
+            out[col.task] = metric
+    return out
 
 
 def _compare_group(dense_run, group, paper, default, per_task, labels, method_order, tolerance):
@@ -345,7 +371,10 @@ def _compare_group(dense_run, group, paper, default, per_task, labels, method_or
             skipped.append(f"{col.name} ({col.task} not in this run)")
         else:
             compared.append(col)
-    headers = {c.name: c.name + (DAGGER if c.protocol_differs else "") for c in compared}
+    theirs = {c.name: paper_metric(c, dense_run["model"]["name"]) for c in compared}
+    differs = {c.name for c in compared if theirs[c.name] not in (None, per_task.get(c.task, default))}
+    headers = {c.name: c.name + (DAGGER if c.protocol_differs else "") + (MISMATCH if c.name in differs else "")
+               for c in compared}
     all_compared = len(compared) == len(paper.columns)
     used_metric: dict[str, str] = {}
 
@@ -410,7 +439,7 @@ def _compare_group(dense_run, group, paper, default, per_task, labels, method_or
     elsewhere = [r for r in mine if r not in shown_paper and r not in extra]
     df = pd.DataFrame(records, columns=["Method", "Source", "Ratio", *headers.values(), "Ave.", "Per."])
     notes = _notes(paper, compared, skipped, used_metric, all_compared, shown_paper + extra, elsewhere,
-                   tolerance, any_match, model)
+                   tolerance, any_match, model, theirs)
     return (title, df, notes)
 
 
@@ -425,7 +454,7 @@ def _plain_metric(text: str | None) -> bool:
 
 
 def _notes(paper: PaperTable, compared, skipped, used_metric, all_compared, shown, elsewhere, tolerance,
-           any_match, model) -> list[str]:
+           any_match, model, theirs) -> list[str]:
     notes = [f"Paper: {paper.paper}, {paper.table}" + (f"; source: {paper.source}" if paper.source else "")
              + f" ({paper.path}).",
              (f"Rows: ours (this run), paper (as printed), {DELTA} = ours - paper (points; Ratio in percentage "
@@ -440,7 +469,13 @@ def _notes(paper: PaperTable, compared, skipped, used_metric, all_compared, show
         if _plain_metric(c.metric) and c.metric != used_metric.get(c.name):
             text += f" (paper file: {c.metric})"
         metric_text.append(text)
-    notes.append("Ours: lm-eval " + ", ".join(metric_text) + " (x100, the table metric).")
+    notes.append("Ours: lm-eval " + ", ".join(metric_text) + " (x100; the paper's metric unless chosen with "
+                 "--table-metric/--table-preset).")
+    mismatched = [f"{c.name} (ours {used_metric.get(c.name, '?')}, paper {theirs[c.name]})" for c in compared
+                  if theirs[c.name] not in (None, used_metric.get(c.name, theirs[c.name]))]
+    if mismatched:
+        notes.append(f"{MISMATCH} not the paper's metric, by the table-metric choice: " + ", ".join(mismatched)
+                     + "; these deltas compare different metrics.")
     if all_compared:
         notes.append("Ave./Per. of paper rows as printed; ours: mean of the same columns and Ave. / our dense Ave.")
     else:
