@@ -301,6 +301,11 @@ def _dispatch(args, argv) -> int:
         if not Path(args.report).is_dir():
             raise UsageError(f"--report directory '{args.report}' does not exist")
         runs = load_runs(args.report)
+        from harness.results import table_settings
+
+        stored = table_settings.apply(args, Path(args.report))  # the run's metric, labels, order (flags win)
+        if stored is not None:
+            print(f"table settings from {stored} (flags given here override them)")
         paper = _load_paper(args)
         if runs:
             report.check_metric_spec(args.table_metric, report.run_column_metrics(runs))
@@ -517,7 +522,9 @@ def _run(args):
     from harness.results.store import slug
 
     out = Path(args.output_dir) / slug(args.model)
-    for path in report.write_reports(tables, out):
+    from harness.results import table_settings
+
+    for path in report.write_reports(tables, out) + [table_settings.write(out, args, opts.methods)]:
         print(f"wrote {path}")
     _paper_comparison(records, args, paper, out, opts.methods)
     if args.plots:

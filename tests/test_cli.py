@@ -137,15 +137,19 @@ def test_end_to_end_results_tables_resume_and_report(tiny_opt_dir, tmp_path, cap
         raise AssertionError("--report must not run the benchmark")
 
     monkeypatch.setattr(harness.runner, "run_benchmark", _no_runs)
-    for ext in ("md", "csv", "tex"):
+    written = {ext: (model_out / f"table.{ext}").read_bytes() for ext in ("md", "csv", "tex")}
+    for ext in written:
         (model_out / f"table.{ext}").unlink()
     assert main(["--report", str(model_out)]) == 0
     report_out = capsys.readouterr().out
-    for label in ("Dense", "streamline(epochs=1, train_samples=4)", "shortgpt", "remove", "Ave.", "Per."):
-        assert label in report_out
-    rerendered = list(csv.DictReader((model_out / "table.csv").open()))
-    assert rerendered[0]["Method"] == "Dense"  # then the methods (alphabetical: the run's order is not stored)
-    assert sorted(map(tuple, (r.items() for r in rerendered))) == sorted(map(tuple, (r.items() for r in rows)))
+    assert f"table settings from {model_out / 'table_settings.json'}" in report_out
+    # the run's tables, byte for byte (its method order and table settings are stored beside them)
+    assert {ext: (model_out / f"table.{ext}").read_bytes() for ext in written} == written
+    def table_lines(out):  # the printed table's header and rows (not the progress lines)
+        return [line for line in out.splitlines() if line.startswith(("Method ", "Dense ", "streamline(", "shortgpt ",
+                                                                      "remove "))]
+
+    assert len(table_lines(text)) == 5 and table_lines(report_out) == table_lines(text)
 
 
 # --- bad input: one "error:" line, exit code 2, nothing written ----------------------------------
@@ -328,3 +332,13 @@ def test_empty_calibration_source_is_a_usage_error(tmp_path, content):
     jsonl.write_text("")
     with pytest.raises(UsageError, match="empty"):
         load_calibration(CalibrationConfig(source=str(jsonl), num_samples=2, seq_len=8), CharTokenizer(bos_token_id=2))
+
+
+@pytest.mark.parametrize("content, needle", [("{", "is not valid JSON"), ('{"table_preset": 3}', "'table_preset' must be str"),
+                                             ('{"label": ["a=b", 1]}', "'label' must be list of strings"),
+                                             ('{"stderr": "yes"}', "'stderr' must be bool")])
+def test_a_damaged_table_settings_file_is_one_error_line(tmp_path, capsys, content, needle):
+    from conftest import one_error_line
+
+    (tmp_path / "table_settings.json").write_text(content)
+    one_error_line(main(["--report", str(tmp_path)]), capsys, [str(tmp_path / "table_settings.json"), needle])
