@@ -187,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-task-retained", action="store_true",
                    help="add a table of each score / the dense score x 100")
     p.add_argument("--stderr", action="store_true", help="show lm-eval's standard error with each score")
+    p.add_argument("--all-stability", action="store_true",
+                   help="show Stab. for every run (default: only where its n_eff, the effective number of items "
+                   "behind it, reaches 30)")
     p.add_argument("--label", action="append", default=[], metavar="METHOD=TEXT",
                    help="the row label of a method (repeatable), e.g. --label shortgpt=ShortGPT --label dense=Dense")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars (lm-eval's too)")
@@ -556,7 +559,7 @@ def _tables(records, args, method_order):
 
     efficiency = bool(getattr(args, "efficiency", False)) or any(r.get("efficiency") for r in records)
     options = {"preset": getattr(args, "table_preset", None), "labels": _labels(getattr(args, "label", [])),
-               "stderr": bool(getattr(args, "stderr", False))}
+               "stderr": bool(getattr(args, "stderr", False)), "all_stability": bool(getattr(args, "all_stability", False))}
     if not report.spans_targets(records) and not efficiency:
         tables = report.build_tables(records, args.table_metric, method_order=method_order, **options)
     else:

@@ -142,7 +142,7 @@ def test_end_to_end_results_tables_resume_and_report(tiny_opt_dir, tmp_path, cap
         (model_out / f"table.{ext}").unlink()
     assert main(["--report", str(model_out)]) == 0
     report_out = capsys.readouterr().out
-    assert f"table settings from {model_out / 'table_settings.json'}" in report_out
+    assert f"table settings from {model_out / 'table_settings.yaml'}" in report_out
     # the run's tables, byte for byte (its method order and table settings are stored beside them)
     assert {ext: (model_out / f"table.{ext}").read_bytes() for ext in written} == written
     def table_lines(out):  # the printed table's header and rows (not the progress lines)
@@ -334,11 +334,11 @@ def test_empty_calibration_source_is_a_usage_error(tmp_path, content):
         load_calibration(CalibrationConfig(source=str(jsonl), num_samples=2, seq_len=8), CharTokenizer(bos_token_id=2))
 
 
-@pytest.mark.parametrize("content, needle", [("{", "is not valid JSON"), ('{"table_preset": 3}', "'table_preset' must be str"),
+@pytest.mark.parametrize("content, needle", [("{", "is not valid YAML"), ("- a", "is not a YAML mapping"), ('{"table_preset": 3}', "'table_preset' must be str"),
                                              ('{"label": ["a=b", 1]}', "'label' must be list of strings"),
                                              ('{"stderr": "yes"}', "'stderr' must be bool")])
 def test_a_damaged_table_settings_file_is_one_error_line(tmp_path, capsys, content, needle):
     from conftest import one_error_line
 
-    (tmp_path / "table_settings.json").write_text(content)
-    one_error_line(main(["--report", str(tmp_path)]), capsys, [str(tmp_path / "table_settings.json"), needle])
+    (tmp_path / "table_settings.yaml").write_text(content)
+    one_error_line(main(["--report", str(tmp_path)]), capsys, [str(tmp_path / "table_settings.yaml"), needle])

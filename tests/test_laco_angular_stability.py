@@ -288,7 +288,10 @@ def test_report_shows_stability_on_each_tasks_table_metric():
     runs = [_run_record("dense", metrics),
             _run_record("laco", metrics, {"piqa": {"acc": 0.5, "acc_norm": 0.9, "n": 4, "n_eff": 1.5},
                                           "winogrande": {"acc": 0.75, "acc_norm": None, "n": 4, "n_eff": 2.5}})]
-    (_title, df, notes), = build_tables(runs, "acc_norm")
+    (_title, hidden, notes), = build_tables(runs, "acc_norm")
+    assert pd.isna(hidden["Stab."].tolist()[1]) and hidden["n_eff"].tolist()[1] == pytest.approx(2.0)
+    assert any("Stab. is shown where n_eff >= 30" in n for n in notes)  # 2 effective items: not shown by default
+    (_title, df, notes), = build_tables(runs, "acc_norm", all_stability=True)
     # piqa on acc_norm (0.9), winogrande has no acc_norm -> acc (0.75), as the score columns do
     assert df["Stab."].tolist()[1] == pytest.approx(100 * (0.9 + 0.75) / 2)
     assert pd.isna(df["Stab."].tolist()[0])  # the dense row: "-"
@@ -334,7 +337,7 @@ def test_cli_laco_and_angular_report_stability(tiny_opt_dir, tmp_path, capsys):
     out = tmp_path / "runs"
     argv = ["--model", str(tiny_opt_dir), "--methods", "laco,angular", "--layers", "2", "--data-dir", str(SHARED_DATA),
             "--tasks", "piqa,arc_easy", "--limit", "4", "--calib-samples", "4", "--calib-seq-len", "32",
-            "--output-dir", str(out), "--no-progress"]
+            "--output-dir", str(out), "--no-progress", "--all-stability"]  # 4 items: under the default n_eff floor
     assert main(argv) == 0
     text = capsys.readouterr().out
     header = next(line for line in text.splitlines() if line.startswith("Method"))

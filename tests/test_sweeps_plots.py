@@ -114,7 +114,7 @@ def test_heatmaps_mark_each_runs_window(tmp_path):
         fn(payload, marks, stem)
         arr = _check_image(stem.with_suffix(".png"), plots.HEATMAP_SIZE)
         # the method's outline colour sits where the removed window's cell is: recover the cell from pixels
-        red = _color_pixels(arr, plots.MARK_COLORS[0])
+        red = _color_pixels(arr, plots.method_color("remove"))
         ys, xs = np.nonzero(red)
         assert len(xs) > 50
         ax_box = _heatmap_axes_box(payload, marks)
@@ -175,7 +175,8 @@ def test_accuracy_vs_ratio_from_runs(tmp_path):
     assert [p.name for p in paths] == ["accuracy_vs_ratio.png", "accuracy_vs_ratio.pdf"]
     arr = _png(paths[0])
     assert arr.std() > 10
-    assert _color_pixels(arr, plots.LINE_COLORS[0]).sum() > 100 and _color_pixels(arr, plots.LINE_COLORS[1]).sum() > 100
+    assert _color_pixels(arr, plots.method_color("remove")).sum() > 100
+    assert _color_pixels(arr, plots.method_color("shortgpt")).sum() > 100
     # grouped table: dense once, then one block per target; compact: methods x targets of Per.
     (title, df, _notes), = build_target_tables(runs)
     assert list(df["Target"]) == ["-", "n=1", "n=1", "n=2"]
@@ -264,6 +265,10 @@ def test_cli_sweep_plots_efficiency_then_rerun_skips(tmp_path, capsys):
     assert _png(folder / "accuracy_vs_ratio.png").std() > 10
     table = (folder / "table.md").read_text()
     assert "Target" in table and "Dec. Speedup" in table and "Per. by target" in table
+    for r in runs:  # the speedups' spread over the interleaved timed pairs, shown beside them
+        q1, q3 = r["efficiency"]["vs_dense"]["prefill_speedup_iqr"]
+        assert 0 < q1 <= q3 and f"{q1:.2f}\u2013{q3:.2f}" in table
+    assert "Speedup IQR" in table and "Dec. IQR" in table
     mtime = (folder / "window_cos_heatmap.png").stat().st_mtime_ns
 
     assert main(argv) == 0
@@ -302,3 +307,10 @@ def test_bad_sweep_and_scores_input(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_paired_iqr_is_the_quartiles_of_the_pairwise_ratios():
+    from harness.evaluation.efficiency import paired_iqr
+
+    assert paired_iqr([2.0, 4.0, 6.0, 8.0, 10.0], [1.0] * 5) == pytest.approx([4.0, 8.0])
+    assert paired_iqr([1.0], [1.0]) is None and paired_iqr([1.0, 2.0], [1.0]) is None

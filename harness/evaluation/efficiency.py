@@ -348,10 +348,21 @@ def _measure_pair(model, dense_model, cfg: EfficiencyConfig, dense: dict) -> tup
     return out, dense_now
 
 
+def paired_iqr(num: list | None, den: list | None) -> list[float] | None:
+    """[Q1, Q3] of the ratios num_i / den_i of interleaved timed runs (None without a pair for each)."""
+    if not num or not den or len(num) != len(den) or len(num) < 2 or not all(den):
+        return None
+    q = statistics.quantiles([a / b for a, b in zip(num, den)], n=4, method="inclusive")
+    return [q[0], q[2]]
+
+
 def compare(pruned: dict, dense: dict) -> dict:
-    """Ratios of a pruned model's measurements to the dense model's (same process, same settings)."""
+    """Ratios of a pruned model's measurements to the dense model's (same process, same settings);
+    the speedups' interquartile ranges over the interleaved pairs of timed runs beside them."""
     flop_share = 1.0 - pruned["flops_per_token"] / dense["flops_per_token"]
     return {
+        "prefill_speedup_iqr": paired_iqr(dense.get("prefill_latency_all_s"), pruned.get("prefill_latency_all_s")),
+        "decode_speedup_iqr": paired_iqr(dense.get("decode_seconds_all"), pruned.get("decode_seconds_all")),
         "prefill_speedup": dense["prefill_latency_s"] / pruned["prefill_latency_s"],
         "decode_speedup": pruned["decode_tokens_per_s"] / dense["decode_tokens_per_s"],
         "memory_ratio": pruned["peak_memory_bytes"] / dense["peak_memory_bytes"],

@@ -31,9 +31,14 @@ from harness.results.store import slug
 DPI = 200
 HEATMAP_SIZE = (6.4, 4.8)
 BI_SIZE = (6.4, 4.0)
-MARK_COLORS = ["#d62728", "#ff7f0e", "#9467bd", "#2ca02c", "#e377c2", "#8c564b", "#17becf", "#bcbd22", "#7f7f7f"]
-LINE_COLORS = ["#1f77b4", "#d62728", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">"]
+# one colour per method in every figure (heatmap outlines, BI marks, accuracy lines); a post-step
+# (+lora) keeps its method's colour and is drawn dashed; other methods get a stable colour by name
+METHOD_COLORS = {"remove": "#e377c2", "shortgpt": "#d62728", "streamline": "#1f77b4", "laco": "#2ca02c",
+                 "laco-code": "#98df8a", "angular": "#ff7f0e", "streamline-iclr": "#9467bd",
+                 "streamline-none": "#17becf", "streamline-mlp-shared": "#aec7e8", "streamline-multi-mlp": "#393b79",
+                 "streamline-layer": "#8c564b", "streamline-layer-shared": "#c49c94"}
+OTHER_COLORS = ["#7f7f7f", "#bcbd22", "#f7b6d2", "#dbdb8d", "#9edae5", "#c5b0d5", "#ff9896", "#ffbb78"]
 
 
 
@@ -89,12 +94,25 @@ def window_marks(runs: list[dict], num_layers: int) -> list[tuple[str, int, int]
     return marks
 
 
+def base_method(label: str) -> str:
+    """``shortgpt`` of ``shortgpt+lora`` and of ``shortgpt(seed=1)``, ``shortgpt, n=3``."""
+    return label.split("(")[0].split(",")[0].split("+")[0].strip()
+
+
+def method_color(label: str) -> str:
+    """The colour of a method (by its base name, so a run's label options do not change it)."""
+    import zlib
+
+    name = base_method(label)
+    return METHOD_COLORS.get(name) or OTHER_COLORS[zlib.crc32(name.encode()) % len(OTHER_COLORS)]
+
+
+def method_linestyle(label: str) -> str:
+    return "--" if "+" in label.split("(")[0] else "-"
+
+
 def method_colors(labels) -> dict[str, str]:
-    out: "OrderedDict[str, str]" = OrderedDict()
-    for label in labels:
-        if label not in out:
-            out[label] = MARK_COLORS[len(out) % len(MARK_COLORS)]
-    return out
+    return OrderedDict((label, method_color(label)) for label in labels)
 
 
 def _heatmap(payload: dict, which: str, marks, stem: Path) -> list[Path]:
@@ -111,18 +129,27 @@ def _heatmap(payload: dict, which: str, marks, stem: Path) -> list[Path]:
                 grid[r, i] = v
     fig = _figure(HEATMAP_SIZE)
     ax = fig.add_subplot()
-    if which == "window_cos":
-        cmap, cbar_label = "Blues", "mean cosine similarity cos(X$_i$, X$_{i+n}$)"
+    import matplotlib
+    from matplotlib.colors import LogNorm, Normalize
+
+    finite = grid[np.isfinite(grid)]
+    if which == "window_cos":  # 1 - cos on a log scale: real LLMs sit at cos 0.95-0.999, where a linear scale saturates
+        data = np.clip(1.0 - grid, 1e-6, None)
+        ok = data[np.isfinite(data)]
+        lo, hi = (float(ok.min()), float(ok.max())) if ok.size else (1e-3, 1.0)
+        norm = LogNorm(vmin=lo, vmax=hi if hi > lo else lo * 10)
+        cbar_label = "1 \u2212 cos(X$_i$, X$_{i+n}$), log scale; cells: cos"
         title_kind, best_label = "Window cosine S(i)", "row maximum (Streamline's choice)"
     else:
-        cmap, cbar_label = "Blues_r", "angular distance arccos(cos)/\u03c0, last token"
+        data = grid
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        norm = Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1e-9)
+        cbar_label = "angular distance arccos(cos)/\u03c0, last token"
         title_kind, best_label = "Angular distance d(i)", "row minimum (angular's choice)"
-    masked = np.ma.masked_invalid(grid)
-    import matplotlib
-
-    cm = matplotlib.colormaps[cmap].with_extremes(bad="#f2f2f2")
+    cm = matplotlib.colormaps["Greys_r"].with_extremes(bad="#fff7e6")  # dark = low = redundant, in both; grey, so method outlines stand out
     extent = (-0.5, L - 0.5, rows[0] - 0.5, rows[-1] + 0.5)
-    im = ax.imshow(masked, cmap=cm, origin="lower", aspect="auto", extent=extent, interpolation="nearest")
+    im = ax.imshow(np.ma.masked_invalid(data), cmap=cm, norm=norm, origin="lower", aspect="auto", extent=extent,
+                   interpolation="nearest")
     cbar = fig.colorbar(im, ax=ax, shrink=0.95)
     cbar.set_label(cbar_label + " (darker = more redundant)", fontsize=8)
     cbar.ax.tick_params(labelsize=7)
@@ -131,28 +158,27 @@ def _heatmap(payload: dict, which: str, marks, stem: Path) -> list[Path]:
     ax.set_xticks(range(L) if L <= 24 else range(0, L, max(1, L // 12)))
     ax.set_yticks(rows if len(rows) <= 24 else rows[:: max(1, len(rows) // 12)])
     ax.tick_params(labelsize=7)
-    finite = grid[np.isfinite(grid)]
-    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    digits = 3 if which == "window_cos" and finite.size and float(finite.max()) > 0.9 else 2
     if L <= 16:  # values readable in the cells
         for r, n in enumerate(rows):
             for i in range(L):
                 v = grid[r, i]
                 if math.isfinite(v):
-                    frac = (v - lo) / (hi - lo) if hi > lo else 0.5
-                    dark = frac > 0.55 if which == "window_cos" else frac < 0.45
-                    ax.text(i, n, f"{v:.2f}", ha="center", va="center", fontsize=5.5 if L > 12 else 6.5,
-                            color="white" if dark else "#222222")
-    # each row's optimum (what streamline/remove or angular would pick at that n)
+                    dark = float(norm(data[r, i])) < 0.45
+                    ax.text(i, n, f"{v:.{digits}f}", ha="center", va="center", fontsize=5.0 if L > 12 else 6.0,
+                            color="white" if dark else "#222222", zorder=6)
+    # each row's optimum (what streamline/remove or angular would pick at that n), centred on its cell:
+    # a ring around the value where values are printed, else a dot
     best = payload.get("choices", {}).get("streamline" if which == "window_cos" else "angular", {})
-    bx, by = [], []
-    for n in rows:
-        if str(n) in best:
-            bx.append(best[str(n)] - 0.3)
-            by.append(n - 0.27)
-    ax.scatter(bx, by, s=10, marker="o", color="#ffbf00", edgecolors="black", linewidths=0.5, zorder=5)
+    bx = [best[str(n)] for n in rows if str(n) in best]
+    by = [n for n in rows if str(n) in best]
+    ring = L <= 16
+    ax.scatter(bx, by, s=300 if ring else 10, marker="o", facecolors="none" if ring else "#ffbf00",
+               edgecolors="#ffbf00" if ring else "black", linewidths=1.4 if ring else 0.5, zorder=5)
     colors = method_colors(sorted({label for label, _s, _n in marks}))
-    handles = [Line2D([], [], linestyle="", marker="o", markersize=4, markerfacecolor="#ffbf00",
-                      markeredgecolor="black", markeredgewidth=0.5, label=best_label)]
+    handles = [Line2D([], [], linestyle="", marker="o", markersize=7 if ring else 4,
+                      markerfacecolor="none" if ring else "#ffbf00", markeredgecolor="#ffbf00" if ring else "black",
+                      markeredgewidth=1.2 if ring else 0.5, label=best_label)]
     per_cell: dict[tuple[int, int], int] = {}
     for label, start, n in marks:
         if n not in rows:
@@ -164,7 +190,7 @@ def _heatmap(payload: dict, which: str, marks, stem: Path) -> list[Path]:
                                edgecolor=colors[label], linewidth=1.8, zorder=4))
     for label, color in colors.items():
         handles.append(Patch(facecolor="none", edgecolor=color, linewidth=1.8, label=f"{label}: removed window"))
-    ax.legend(handles=handles, loc="upper right", fontsize=6.5, framealpha=0.9)
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(3, len(handles)), fontsize=6.5, frameon=False)
     ax.set_title(f"{title_kind} of every window \u2014 {model_name(payload['model'])}\n"
                  f"{calibration_name(payload.get('calibration'))}", fontsize=9)
     return _save(fig, stem)
@@ -197,12 +223,16 @@ def block_influence(payload: dict, marks, stem: Path) -> list[Path]:
     bi = [float("nan") if v is None else v for v in payload["block_influence"]]
     L = len(bi)
     fig = _figure(BI_SIZE)
-    rows = max(1, len(marks))
-    gs = fig.add_gridspec(2, 1, height_ratios=[0.55 + 0.35 * rows, 4.0])
-    strip = fig.add_subplot(gs[0])
-    ax = fig.add_subplot(gs[1], sharex=strip)
+    rows = len(marks)
+    strip = None
+    if marks:  # one strip row per ShortGPT run above the bars; none without a run (no empty panel)
+        gs = fig.add_gridspec(2, 1, height_ratios=[0.55 + 0.35 * rows, 4.0])
+        strip = fig.add_subplot(gs[0])
+        ax = fig.add_subplot(gs[1], sharex=strip)
+    else:
+        ax = fig.add_subplot()
     removed_any = set().union(*[set(m[1]) for m in marks]) if marks else set()
-    colors = ["#c7c7c7" if i not in removed_any else "#d62728" for i in range(L)]
+    colors = ["#c7c7c7" if i not in removed_any else method_color("shortgpt") for i in range(L)]
     ax.bar(range(L), bi, color=colors, edgecolor="#555555", linewidth=0.4, width=0.8)
     positive = [v for v in bi if math.isfinite(v) and v > 0]
     if positive and max(positive) / min(positive) > 10:
@@ -220,19 +250,17 @@ def block_influence(payload: dict, marks, stem: Path) -> list[Path]:
     ax.set_xticks(range(L) if L <= 32 else range(0, L, max(1, L // 16)))
     ax.tick_params(labelsize=7)
     ax.grid(axis="y", alpha=0.3, linewidth=0.5)
-    for k, (label, removed) in enumerate(marks):
-        strip.scatter(removed, [k] * len(removed), marker="s", s=14, color=MARK_COLORS[k % len(MARK_COLORS)])
-    strip.set_yticks(range(len(marks)), [f"removed by {label}" for label, _r in marks], fontsize=6.5)
-    strip.set_ylim(-0.7, rows - 0.3)
-    strip.tick_params(axis="x", labelbottom=False, length=0)
-    strip.grid(axis="x", alpha=0.3, linewidth=0.5)
-    for side in ("top", "right"):
-        strip.spines[side].set_visible(False)
-    if not marks:
-        strip.text(0.5, 0.5, "no ShortGPT run in these results", transform=strip.transAxes, ha="center",
-                   va="center", fontsize=7, color="#666666")
-        strip.set_yticks([])
-    strip.set_xlim(-0.6, L - 0.4)
+    ax.set_xlim(-0.6, L - 0.4)
+    if strip is not None:
+        for k, (label, removed) in enumerate(marks):  # the method's colour; one marker shape per run
+            strip.scatter(removed, [k] * len(removed), marker=MARKERS[k % len(MARKERS)], s=14,
+                          color=method_color(label))
+        strip.set_yticks(range(rows), [f"removed by {label}" for label, _r in marks], fontsize=6.5)
+        strip.set_ylim(-0.7, rows - 0.3)
+        strip.tick_params(axis="x", labelbottom=False, length=0)
+        strip.grid(axis="x", alpha=0.3, linewidth=0.5)
+        for side in ("top", "right"):
+            strip.spines[side].set_visible(False)
     fig.suptitle(f"ShortGPT Block Influence per layer \u2014 {model_name(payload['model'])}\n"
                  f"{calibration_name(payload.get('calibration'))}", fontsize=9)
     return _save(fig, stem)
@@ -279,6 +307,21 @@ def accuracy_series(runs: list[dict], metric_spec: str | None = None) -> list[di
     return out
 
 
+MIN_SPAN_ACC = 10.0  # accuracy points: a y-axis never narrower, so one item does not look like a trend
+MIN_SPAN_PER = 10.0
+
+
+def _min_span(ax, span: float, top: float | None = None) -> None:
+    """Widen the y-axis to at least ``span`` around its data, not past ``top`` (100% accuracy)."""
+    lo, hi = ax.get_ylim()
+    if hi - lo < span:
+        mid = (lo + hi) / 2
+        lo, hi = mid - span / 2, mid + span / 2
+        if top is not None and hi > top + 1:
+            lo, hi = lo - (hi - top - 1), top + 1
+        ax.set_ylim(lo, hi)
+
+
 def accuracy_vs_ratio(series: dict, stem: Path) -> list[Path]:
     tasks = series["tasks"]
     panels = [("Average accuracy (Ave.)", "ave"), ("Retained performance (Per.)", "per")] + \
@@ -289,6 +332,7 @@ def accuracy_vs_ratio(series: dict, stem: Path) -> list[Path]:
     axes = fig.subplots(nrows, ncols, squeeze=False)
     d_avg, d_scores = series["dense"]
     max_x = max([p[0] for pts in series["lines"].values() for p in pts] + [1.0])
+    n_lines = len(series["lines"])
     for idx, (title, key) in enumerate(panels):
         ax = axes[idx // ncols][idx % ncols]
         ref = {"ave": d_avg, "per": 100.0 if d_avg else None}.get(key, d_scores.get(key))
@@ -298,8 +342,12 @@ def accuracy_vs_ratio(series: dict, stem: Path) -> list[Path]:
         for k, (label, pts) in enumerate(series["lines"].items()):
             xs = [p[0] for p in pts]
             ys = [p[1] if key == "ave" else p[2] if key == "per" else p[3].get(key) for p in pts]
-            ax.plot(xs, ys, marker=MARKERS[k % len(MARKERS)], markersize=3.5, linewidth=1.2,
-                    color=LINE_COLORS[k % len(LINE_COLORS)], label=label)
+            # later lines thinner with larger hollow markers, so a line on top of another leaves it visible
+            ax.plot(xs, ys, marker=MARKERS[k % len(MARKERS)], markersize=3.5 + 1.2 * (n_lines - 1 - k),
+                    markerfacecolor="none" if k < n_lines - 1 else method_color(label),
+                    linewidth=0.8 + 0.5 * (n_lines - 1 - k) / max(1, n_lines - 1), linestyle=method_linestyle(label),
+                    color=method_color(label), label=label, zorder=2 + k)
+        _min_span(ax, MIN_SPAN_PER, None) if key == "per" else _min_span(ax, MIN_SPAN_ACC, 100.0)
         ax.set_title(title, fontsize=8)
         ax.set_xlim(-0.03 * max_x, max_x * 1.08)
         ax.tick_params(labelsize=7)
@@ -311,8 +359,9 @@ def accuracy_vs_ratio(series: dict, stem: Path) -> list[Path]:
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], color="black", linestyle="--", marker="o", markersize=3, label="Dense")]
-    handles += [Line2D([], [], color=LINE_COLORS[k % len(LINE_COLORS)], marker=MARKERS[k % len(MARKERS)],
-                       markersize=3.5, label=label) for k, label in enumerate(series["lines"])]
+    handles += [Line2D([], [], color=method_color(label), marker=MARKERS[k % len(MARKERS)], markersize=3.5,
+                       markerfacecolor="none" if k < n_lines - 1 else method_color(label),
+                       linestyle=method_linestyle(label), label=label) for k, label in enumerate(series["lines"])]
     if spare:  # the legend in the first empty panel slot, else below the panels
         spare[0].legend(handles=handles, loc="center", fontsize=7, frameon=False)
     else:

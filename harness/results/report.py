@@ -246,13 +246,18 @@ def _shots(run: dict, task: str):
     return values.pop() if len(values) == 1 else None
 
 
+STAB_MIN_ITEMS = 30  # below this many effective items a stability is a handful of items' agreement
+
+
 def build_tables(runs: list[dict], metric_spec: str | None = None, method_order: list[str] | None = None, *,
-                 preset: str | None = None, labels: dict | None = None, stderr: bool = False):
+                 preset: str | None = None, labels: dict | None = None, stderr: bool = False,
+                 all_stability: bool = False):
     """Return a list of ``(title, DataFrame, notes)``, one per comparable group of runs.
 
     Rows: dense first, then the methods in ``method_order`` (e.g. the order of --methods), then
     any others by name. ``labels`` ({method: text}) replaces row labels; ``stderr`` adds lm-eval's
-    standard error of each score (shown as ``value ± stderr``; CSV: its own column)."""
+    standard error of each score (shown as ``value ± stderr``; CSV: its own column). Stab. is shown
+    where its n_eff reaches ``STAB_MIN_ITEMS`` (every one with ``all_stability``)."""
     default, per_task = parse_metric_spec(metric_spec, preset)
     labels = labels or {}
     tables = []
@@ -298,6 +303,8 @@ def build_tables(runs: list[dict], metric_spec: str | None = None, method_order:
             if any(r.get("stability") for r in group):
                 row["Stab."] = stability_cell(run, tasks, default, per_task)
                 row["n_eff"] = stability_items_cell(run, tasks)
+                if not all_stability and (row["n_eff"] is None or row["n_eff"] < STAB_MIN_ITEMS):
+                    row["Stab."] = None  # too few effective items to mean anything; --all-stability shows it
             if any("perplexity" in r and r["perplexity"] for r in group):
                 ppl = (run.get("perplexity") or {}).get("ppl")
                 row["PPL"] = ppl
@@ -348,7 +355,9 @@ def build_tables(runs: list[dict], metric_spec: str | None = None, method_order:
                          + " / ".join(what.get(k, k) for k in kinds)
                          + "; agree = both right or both wrong on the task's metric; mean over tasks, x100. "
                          "n_eff = effective number of items behind it, 1/sum_k w_k^2 (mean over tasks"
-                         + _items_note(group) + ").")
+                         + _items_note(group) + ")"
+                         + ("." if all_stability else f"; Stab. is shown where n_eff >= {STAB_MIN_ITEMS} "
+                            "(--all-stability shows every one)."))
         ev = dense_run["eval"]
         if ev.get("limit"):
             notes.append(f"--limit {ev['limit']}: each task scored on its first {ev['limit']} items only.")
@@ -469,6 +478,7 @@ def write_reports(tables, out_dir: Path, stem: str = "table") -> list[Path]:
 
 TEXT_COLUMNS = ("Method", "Target")
 RATIO_COLUMNS = ("Speedup", "Dec. Speedup", "Ideal", "Mem.")
+EFFICIENCY_COLUMNS = ("Speedup", "Speedup IQR", "Dec. Speedup", "Dec. IQR", "Ideal", "Mem.")
 
 
 def target_key(run: dict) -> tuple:
@@ -496,10 +506,15 @@ def efficiency_cells(run: dict) -> dict:
     share)) and Mem. (peak memory), each as a ratio to the dense model measured in the same process."""
     eff = run.get("efficiency") or {}
     if run.get("method") == "dense":
-        return {c: (1.0 if eff else None) for c in RATIO_COLUMNS}
+        return {c: (1.0 if eff and c in RATIO_COLUMNS else None) for c in EFFICIENCY_COLUMNS}
     vs = eff.get("vs_dense") or {}
-    return {"Speedup": vs.get("prefill_speedup"), "Dec. Speedup": vs.get("decode_speedup"),
+    return {"Speedup": vs.get("prefill_speedup"), "Speedup IQR": _iqr(vs.get("prefill_speedup_iqr")),
+            "Dec. Speedup": vs.get("decode_speedup"), "Dec. IQR": _iqr(vs.get("decode_speedup_iqr")),
             "Ideal": vs.get("ideal_speedup"), "Mem.": vs.get("memory_ratio")}
+
+
+def _iqr(pair) -> str | None:
+    return None if not pair else f"{pair[0]:.2f}\u2013{pair[1]:.2f}"
 
 
 def efficiency_note(runs: list[dict]) -> str | None:
@@ -509,7 +524,8 @@ def efficiency_note(runs: list[dict]) -> str | None:
     st = eff.get("settings", {})
     return ("Efficiency, ratios to the dense model measured in the same process on "
             f"{st.get('device', '?')} ({st.get('dtype', '?')}, {st.get('torch_threads', '?')} threads), median of "
-            f"{st.get('repeats', '?')} runs after {st.get('warmup', '?')} warm-up: Speedup = dense / pruned prefill "
+            f"{st.get('repeats', '?')} runs after {st.get('warmup', '?')} warm-up (IQR: quartiles of the ratio over the "
+            "interleaved dense/pruned pairs of timed runs): Speedup = dense / pruned prefill "
             f"latency ({st.get('batch_size', '?')}x{st.get('seq_len', '?')} tokens); Dec. Speedup = pruned / dense "
             f"decode tokens/s with KV cache ({st.get('decode_batch_size', '?')}x{st.get('new_tokens', '?')} new "
             f"tokens after {st.get('decode_prompt_len', '?')}); Ideal = 1 / (1 - removed share of forward FLOPs/token "
@@ -539,7 +555,7 @@ def build_target_tables(runs: list[dict], metric_spec: str | None = None, method
             df.insert(1, "Target", ["-"] + [target_label(r) if r else "-" for r in rows_runs[1:]])
             if efficiency:
                 cells = [efficiency_cells(r) if r else {} for r in rows_runs]
-                for col in RATIO_COLUMNS:
+                for col in EFFICIENCY_COLUMNS:
                     df[col] = [c.get(col) for c in cells]
             frames.append(df if i == 0 else df.iloc[1:])
             notes += [n for n in sub_notes if n not in notes]

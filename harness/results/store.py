@@ -12,7 +12,6 @@ from pathlib import Path
 
 from harness.io import config_hash
 from harness.results.record import is_record
-from harness.results.table_settings import FILENAME as SETTINGS_FILE
 
 PACKAGES = ("torch", "transformers", "lm_eval", "accelerate", "datasets", "peft", "tokenizers", "numpy")
 
@@ -110,8 +109,6 @@ def load_runs(directory: str) -> list[dict]:
 
     runs, seen = [], {}
     for path in sorted(Path(directory).rglob("*.json")):
-        if path.name == SETTINGS_FILE:  # the tables' settings (table_settings.py), checked where read
-            continue
         try:
             data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
         except (ValueError, UnicodeDecodeError) as exc:  # a result cut short, or NaN written by hand

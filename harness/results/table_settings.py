@@ -1,24 +1,25 @@
-"""The settings that shaped a folder's tables, stored beside them (``table_settings.json``), so that
+"""The settings that shaped a folder's tables, stored beside them (``table_settings.yaml``), so that
 ``--report DIR`` renders the very tables the run printed: the metric per task (``--table-metric``,
-``--table-preset``), the row labels, the method order, ``--stderr`` and ``--per-task-retained``.
+``--table-preset``), the row labels, the method order, ``--stderr``, ``--per-task-retained`` and ``--all-stability``.
 
 Stored per output folder, not per run record: a finished run is re-tabulated by every later
 invocation that reuses it, so the settings belong to the table written there, not to the run. A
-flag given to ``--report`` overrides the stored value. The file is data: every field is checked
-for its type, and the preset against the known presets (a bad file is one error line).
+flag given to ``--report`` overrides the stored value. The file is data, read with
+``yaml.safe_load``: every field is checked for its type, the preset later against the known
+presets (a bad file is one error line). YAML, not JSON: every ``*.json`` in a results folder is a
+run record or lm-eval's, and scripts rely on that.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from harness.errors import UsageError
-from harness.io import write_json_atomic
+from harness.io import _write_atomic
 
-FILENAME = "table_settings.json"
+FILENAME = "table_settings.yaml"
 # field: (argparse attribute, type, value meaning "not given")
 FIELDS = {"table_metric": (str, None), "table_preset": (str, None), "label": (list, []), "methods": (str, None),
-          "stderr": (bool, False), "per_task_retained": (bool, False)}
+          "stderr": (bool, False), "per_task_retained": (bool, False), "all_stability": (bool, False)}
 
 
 def of_args(args, method_order: list[str] | None) -> dict:
@@ -29,9 +30,12 @@ def of_args(args, method_order: list[str] | None) -> dict:
 
 
 def write(folder: Path, args, method_order: list[str] | None) -> Path:
+    import yaml
+
     path = Path(folder) / FILENAME
-    write_json_atomic(path, {"what": "the settings of the tables in this folder (harness --report reads them)",
-                             **of_args(args, method_order)})
+    text = "# the settings of the tables in this folder; `run_benchmarks.py --report` reads them\n" + \
+        yaml.safe_dump(of_args(args, method_order), sort_keys=False, allow_unicode=True)
+    _write_atomic(path, text.encode("utf-8"))
     return path
 
 
@@ -47,13 +51,15 @@ def read(folder: Path) -> tuple[dict, Path] | None:
 
 
 def _check(path: Path) -> dict:
+    import yaml
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path} is not valid JSON ({str(exc)[:80]}); delete it to render with the flags given") \
-            from None
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path} is not valid YAML ({str(exc).splitlines()[0][:80]}); delete it to render with "
+                         "the flags given") from None
     if not isinstance(data, dict):
-        raise UsageError(f"{path} is not a JSON object; delete it to render with the flags given")
+        raise UsageError(f"{path} is not a YAML mapping; delete it to render with the flags given")
     out = {}
     for name, (kind, empty) in FIELDS.items():
         value = data.get(name, empty)
