@@ -315,6 +315,7 @@ def _dispatch(args, argv) -> int:
         tables = _tables(runs, args, _split(args.methods, "--methods") or None)
         if not tables:
             raise UsageError(f"no complete result set (dense + methods) under '{args.report}'")
+        _summary(runs, args, Path(args.report))
         print(report.render_text(tables))
         for path in report.write_reports(tables, Path(args.report)):
             print(f"wrote {path}")
@@ -570,6 +571,20 @@ def _tables(records, args, method_order):
     if getattr(args, "per_task_retained", False):
         tables += report.retained_tables([t for t in tables if not t[0].endswith("Per. by target")])
     return tables
+
+
+def _summary(runs, args, out: Path) -> None:
+    """Several models under one folder: the models x methods table(s) of Per. first (summary.md/csv/tex)."""
+    from harness.results import report
+    from harness.results.summary import summary_tables
+
+    tables = summary_tables(runs, args.table_metric, _split(args.methods, "--methods") or None,
+                            preset=getattr(args, "table_preset", None), labels=_labels(getattr(args, "label", [])))
+    if tables:
+        print(report.render_text(tables))
+        for path in report.write_reports(tables, out, stem="summary"):
+            print(f"wrote {path}")
+        print()
 
 
 def _load_paper(args):

@@ -208,6 +208,30 @@ def eval_group_key(run: dict) -> str:
     return canonical({"model": run["model"]["name"], "eval": run["eval"], "dtype": run["model"].get("dtype")})
 
 
+def protocol_label(run: dict) -> str:
+    """The evaluation protocol of a run in a few words: items, shots, dtype."""
+    ev = run.get("eval") or {}
+    limit = f"--limit {ev['limit']}" if ev.get("limit") else "all items"
+    shots = ev.get("num_fewshot")
+    shot = "" if shots in (None, "", {}) else f", {shots}-shot" if not isinstance(shots, dict) else \
+        ", few-shot " + ",".join(f"{k}={v}" for k, v in sorted(shots.items()))
+    return f"{limit}{shot}, {run['model'].get('dtype') or '?'}"
+
+
+def group_titles(runs: list[dict]) -> dict[str, str]:
+    """{eval_group_key: table title}: the model's name, and its protocol where the same model has
+    several (runs with different --limit are never two tables with the same header)."""
+    groups = comparable_groups(runs)
+    names = [model_display_name(d["model"]["name"]) for d, _g in groups]
+    out = {}
+    for (dense, _g), name in zip(groups, names):
+        title = name if names.count(name) == 1 else f"{name} [{protocol_label(dense)}]"
+        if title in out.values():  # same model, protocol differing elsewhere (tasks, perplexity settings)
+            title += f" [{eval_group_key(dense)[-8:]}]"
+        out[eval_group_key(dense)] = title
+    return out
+
+
 def comparable_groups(runs: list[dict]) -> list[tuple[dict, list[dict]]]:
     """``(dense run, runs)`` per comparable group (``eval_group_key``, in first-seen order); the
     newest dense run of a group stands for it, and a group without one is left out."""
@@ -251,7 +275,7 @@ STAB_MIN_ITEMS = 30  # below this many effective items a stability is a handful 
 
 def build_tables(runs: list[dict], metric_spec: str | None = None, method_order: list[str] | None = None, *,
                  preset: str | None = None, labels: dict | None = None, stderr: bool = False,
-                 all_stability: bool = False):
+                 all_stability: bool = False, titles: dict | None = None):
     """Return a list of ``(title, DataFrame, notes)``, one per comparable group of runs.
 
     Rows: dense first, then the methods in ``method_order`` (e.g. the order of --methods), then
@@ -261,6 +285,7 @@ def build_tables(runs: list[dict], metric_spec: str | None = None, method_order:
     default, per_task = parse_metric_spec(metric_spec, preset)
     labels = labels or {}
     tables = []
+    titles = titles if titles is not None else group_titles(runs)
     for dense_run, group in comparable_groups(runs):
         others = [r for r in group if r["method"] != "dense"]
         if method_order:
@@ -364,7 +389,7 @@ def build_tables(runs: list[dict], metric_spec: str | None = None, method_order:
         if ev.get("ppl") and dense_run.get("perplexity"):
             p = dense_run["perplexity"]
             notes.append(f"PPL: wikitext-2 test, window {p['seq_len']}, stride {p['stride']}, {p['windows']} windows.")
-        tables.append((f"{model}", df, notes))
+        tables.append((titles.get(eval_group_key(dense_run), model), df, notes))
     return tables
 
 
@@ -421,7 +446,7 @@ def _tabulate(df: pd.DataFrame, tablefmt: str) -> str:
     """Cells are formatted strings already: tabulate must not re-parse them (it printed 25.0 as 25)."""
     from tabulate import tabulate
 
-    align = ["left" if col == "Method" else "right" for col in df.columns]
+    align = ["left" if col in ("Method", "Model") else "right" for col in df.columns]
     return tabulate(_fmt(df), headers="keys", tablefmt=tablefmt, showindex=False, disable_numparse=True,
                     colalign=align)
 
@@ -438,7 +463,7 @@ def render_markdown(tables) -> str:
 def render_text(tables) -> str:
     parts = []
     for title, df, notes in tables:
-        parts.append(f"Model: {title}")
+        parts.append(title if title.startswith("Summary:") else f"Model: {title}")
         parts.append(_tabulate(df, "simple"))
         parts.extend(notes)
         parts.append("")
@@ -449,7 +474,8 @@ def render_csv(tables) -> str:
     frames = []
     for title, df, _notes in tables:
         d = df.copy()
-        d.insert(0, "Model", title)
+        if "Model" not in d.columns:  # the cross-model summary has its own
+            d.insert(0, "Model", title)
         frames.append(d)
     if not frames:
         return ""
@@ -476,7 +502,7 @@ def write_reports(tables, out_dir: Path, stem: str = "table") -> list[Path]:
 
 # --- sweeps: rows grouped by target, a methods x targets table of Per., efficiency columns (issue 12) ---
 
-TEXT_COLUMNS = ("Method", "Target")
+TEXT_COLUMNS = ("Method", "Target", "Model")
 RATIO_COLUMNS = ("Speedup", "Dec. Speedup", "Ideal", "Mem.")
 EFFICIENCY_COLUMNS = ("Speedup", "Speedup IQR", "Dec. Speedup", "Dec. IQR", "Ideal", "Mem.")
 
@@ -538,13 +564,14 @@ def build_target_tables(runs: list[dict], metric_spec: str | None = None, method
     """Like ``build_tables``, with a ``Target`` column and the rows grouped by target (dense once,
     first), plus the efficiency ratios when asked. Returns ``(title, DataFrame, notes)`` tables."""
     tables = []
+    titles = group_titles(runs)
     for dense_run, group in comparable_groups(runs):
         by_target: "OrderedDict[tuple, list[dict]]" = OrderedDict()
         for run in sorted((r for r in group if r["method"] != "dense"), key=target_key):
             by_target.setdefault(target_key(run), []).append(run)
         frames, notes, title = [], [], None
         for i, subset in enumerate(by_target.values() or [[]]):
-            built = build_tables([dense_run, *subset], metric_spec, method_order, **options)
+            built = build_tables([dense_run, *subset], metric_spec, method_order, titles=titles, **options)
             if not built:
                 continue
             title, df, sub_notes = built[0]

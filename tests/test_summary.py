@@ -1,0 +1,60 @@
+"""--report over several models: a models x methods summary per protocol, then the per-model tables;
+runs of different protocols are never merged and their tables' titles say which protocol they use."""
+import csv
+
+import pytest
+from test_papers import DENSE, OURS, _metrics, _record
+
+from harness.cli import main
+from harness.io import write_json_atomic
+
+WORSE = {t: v - 0.1 for t, v in OURS.items()}
+
+
+def _put(folder, rec, name):
+    write_json_atomic(folder / f"{name}.json", rec)
+
+
+def _runs(model, limit=None, tag=""):
+    out = [_record("dense", model=model, metrics=_metrics(DENSE), created="1" + tag),
+           _record("remove", model=model, ratio=0.2, num_remove=4, metrics=_metrics(WORSE), created="2" + tag),
+           _record("streamline", model=model, ratio=0.2, num_remove=4, metrics=_metrics(OURS), created="3" + tag)]
+    for rec in out:
+        rec["eval"]["limit"] = limit
+        if rec["target"]:
+            rec["target"]["layers"] = 4
+    return out
+
+
+def test_report_over_models_prints_a_summary_per_protocol(tmp_path, capsys):
+    for model in ("facebook/opt-1.3b", "meta-llama/Llama-2-7b-hf"):
+        for rec in _runs(model):
+            _put(tmp_path / model.split("/")[1], rec, f"{rec['method']}__full")
+    for rec in _runs("facebook/opt-1.3b", limit=50, tag="b"):  # the same model at another protocol
+        _put(tmp_path / "opt-1.3b-limit", rec, f"{rec['method']}__l50")
+    assert main(["--report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    full = "Summary: Per. by model and method [all items, 0-shot, float32; 6 tasks]"
+    limited = "Summary: Per. by model and method [--limit 50, 0-shot, float32; 6 tasks]"
+    assert full in out and limited in out and out.index(limited) < out.index("Model: opt-1.3b") and "Model: Summary" not in out
+    per = {m: 100 * sum(v.values()) / sum(DENSE.values()) for m, v in (("streamline", OURS), ("remove", WORSE))}
+    rows = list(csv.DictReader((tmp_path / "summary.csv").open()))
+    assert len(rows) == 3  # two models at the full protocol, one at --limit 50: never one row for both
+    by_model = {}
+    for r in rows:
+        by_model.setdefault(r["Model"], []).append(r)
+    assert sorted(by_model) == ["Llama-2-7b-hf", "opt-1.3b"] and len(by_model["opt-1.3b"]) == 2
+    for r in rows:
+        assert r["Target"] == "n=4"
+        assert float(r["streamline"]) == pytest.approx(per["streamline"], abs=1e-3)
+        assert float(r["remove"]) == pytest.approx(per["remove"], abs=1e-3)
+        assert float(r["Dense Ave."]) == pytest.approx(100 * sum(DENSE.values()) / len(DENSE), abs=1e-3)
+    # the per-model tables of one model at two protocols have different titles
+    assert "Model: opt-1.3b [all items, 0-shot, float32]" in out and "Model: opt-1.3b [--limit 50, 0-shot, float32]" in out
+
+
+def test_one_model_gets_no_summary(tmp_path, capsys):
+    for rec in _runs("facebook/opt-1.3b"):
+        _put(tmp_path / "opt-1.3b", rec, rec["method"])
+    assert main(["--report", str(tmp_path)]) == 0
+    assert "Summary:" not in capsys.readouterr().out and not (tmp_path / "summary.csv").exists()
