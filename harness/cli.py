@@ -148,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"tokens per calibration block (default {defaults.CALIB_SEQ_LEN}; "
                    f"{REFERENCE_CALIB_SEQ_LEN} for reference models)")
     p.add_argument("--calib-batch-size", type=_int("--calib-batch-size"), default=defaults.CALIB_BATCH_SIZE)
-    p.add_argument("--seed", type=_int("--seed"), default=defaults.SEED)
+    p.add_argument("--seed", type=_list_of(_int, "--seed"), default=[defaults.SEED],
+                   help="seed of the calibration draw and of training; a comma-separated list (0,1,2) runs every "
+                   "method once per seed (the dense run once) and the tables show mean ± std over the seeds")
     p.add_argument("--dtype", default=defaults.DTYPE, help="float32 | float16 | bfloat16")
     p.add_argument("--device", default=defaults.DEVICE, help="cpu | cuda | cuda:N | auto (accelerate device_map)")
     p.add_argument("--output-dir", default=defaults.OUTPUT_DIR, help="where result JSON and tables go")
@@ -460,7 +462,7 @@ def _calibration_config(args):
             and not Path(args.calib_data).is_file():
         raise UsageError(f"calibration file '{args.calib_data}' does not exist; pass an existing .txt or .jsonl file")
     return CalibrationConfig(source=source, split=args.calib_split, field=args.calib_field,
-                             num_samples=args.calib_samples, seq_len=args.calib_seq_len, seed=args.seed,
+                             num_samples=args.calib_samples, seq_len=args.calib_seq_len, seed=_one_seed(args),
                              batch_size=args.calib_batch_size, top_boundary=args.top_boundary)
 
 
@@ -469,6 +471,8 @@ def _run(args):
     from harness.results import report
 
     show_progress = _common_setup(args)
+    seeds = list(args.seed)
+    args.seed = seeds[0]  # the first seed builds the run's options; the others replace it below
     methods = _split(args.methods, "--methods")
     tasks = _split(args.tasks, "--tasks")
     quiet_lm_eval()
@@ -520,6 +524,10 @@ def _run(args):
     paper = _load_paper(args)  # a bad paper file fails before the run
     sink = {}
     records = run_benchmark(opts, on_session=(lambda s: sink.setdefault("session", s)) if args.plots else None)
+    for seed in seeds[1:]:  # the dense run does not depend on the seed: found and skipped
+        print(f"seed {seed}:")
+        records += [r for r in run_benchmark(_with_seed(opts, seed)) if r["method"] != "dense"]
+    args.seed = seeds
     tables = _tables(records, args, opts.methods)
     print()
     print(report.render_text(tables))
@@ -542,13 +550,32 @@ def _run(args):
     return records, tables
 
 
+def _one_seed(args) -> int:
+    """The seed where only one is meaningful (the scores command; while a run's options are built)."""
+    if not isinstance(args.seed, list):
+        return args.seed
+    if len(args.seed) > 1:
+        raise UsageError(f"--seed {','.join(map(str, args.seed))}: this command takes one seed; "
+                         "a list of seeds is for runs (the tables then show mean ± std)")
+    return args.seed[0]
+
+
+def _with_seed(opts, seed: int):
+    """The run's options with another seed: calibration draw, training and efficiency inputs."""
+    import dataclasses
+
+    eff = opts.efficiency and dataclasses.replace(opts.efficiency, seed=seed)
+    return dataclasses.replace(opts, seed=seed, calibration=dataclasses.replace(opts.calibration, seed=seed),
+                               efficiency=eff)
+
+
 def _efficiency_config(args):
     from harness.evaluation.efficiency import EfficiencyConfig
 
     cfg = EfficiencyConfig(batch_size=args.eff_batch_size, seq_len=args.eff_seq_len,
                            decode_batch_size=args.eff_decode_batch_size, decode_prompt_len=args.eff_prompt_len,
                            new_tokens=args.eff_new_tokens, warmup=args.eff_warmup, repeats=args.eff_repeats,
-                           seed=args.seed)
+                           seed=_one_seed(args))
     cfg.validate()
     return cfg
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from harness.errors import UsageError
 
-LIST_FLAGS = ("methods", "tasks", "plugins", "ratio", "layers")  # ratio/layers: a list sweeps
+LIST_FLAGS = ("methods", "tasks", "plugins", "ratio", "layers", "seed")  # ratio/layers/seed: a list sweeps
 OPTION_KEYS = ("method_opt", "options")
 EXCLUSIVE = (("ratio", "layers"),)
 MAPPING_FLAGS = ("num_fewshot",)  # a YAML mapping becomes the flag's TASK=N,... form

@@ -77,7 +77,9 @@ def check_numbers(args) -> None:
     check_range("--ppl-seq-len", getattr(args, "ppl_seq_len", None), minimum=2)
     check_range("--ppl-stride", getattr(args, "ppl_stride", None), minimum=1)
     check_range("--ppl-max-windows", getattr(args, "ppl_max_windows", None), minimum=1)
-    check_range("--seed", getattr(args, "seed", None), minimum=0, maximum=2 ** 32 - 1)
+    seeds = getattr(args, "seed", None)
+    for seed in seeds if isinstance(seeds, list) else [seeds]:
+        check_range("--seed", seed, minimum=0, maximum=2 ** 32 - 1)
     check_range("--max-loss-growth", getattr(args, "max_loss_growth", None), above=1.0)
     if getattr(args, "ppl_stride", None) and getattr(args, "ppl_seq_len", None) and args.ppl_stride > args.ppl_seq_len:
         raise UsageError(f"--ppl-stride {args.ppl_stride} must not exceed --ppl-seq-len {args.ppl_seq_len}")

@@ -58,3 +58,34 @@ def test_one_model_gets_no_summary(tmp_path, capsys):
         _put(tmp_path / "opt-1.3b", rec, rec["method"])
     assert main(["--report", str(tmp_path)]) == 0
     assert "Summary:" not in capsys.readouterr().out and not (tmp_path / "summary.csv").exists()
+
+
+def test_seed_list_runs_each_seed_and_shows_mean_and_std(tmp_path, capsys):
+    import json
+    import statistics
+
+    out = tmp_path / "runs"
+    argv = ["--model", "ref-opt-12l", "--methods", "streamline,remove", "--layers", "1", "--limit", "3",
+            "--calib-samples", "8", "--seed", "0,1", "-o", "streamline.epochs=1", "-o", "streamline.train_samples=4",
+            "--output-dir", str(out), "--no-progress"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    records = [json.loads(p.read_text()) for p in (out / "ref-opt-12l").glob("*.json")]
+    assert sorted((r["method"], r["seed"]) for r in records) == [("dense", 0), ("remove", 0), ("remove", 1),
+                                                                ("streamline", 0), ("streamline", 1)]
+    assert text.count("dense: evaluating") == 1  # the dense run does not depend on the seed
+    assert {r["calibration"]["seed"] for r in records if r["method"] == "streamline"} == {0, 1}
+    rows = {r["Method"]: r for r in csv.DictReader((out / "ref-opt-12l" / "table.csv").open())}
+    label = next(m for m in rows if m.startswith("streamline"))
+    assert label.endswith("(2 seeds)")
+    dense = next(r for r in records if r["method"] == "dense")
+    tasks = list(dense["metrics"])
+
+    def ave(rec):
+        return statistics.fmean(100 * rec["metrics"][t]["acc"] for t in tasks)
+
+    sl = [ave(r) for r in records if r["method"] == "streamline"]
+    assert float(rows[label]["Ave."]) == pytest.approx(statistics.fmean(sl), abs=1e-3)
+    assert float(rows[label]["Ave. \u00b1"]) == pytest.approx(statistics.stdev(sl), abs=1e-3)
+    assert "mean \u00b1 the standard deviation over its seeds" in text
+    assert any(line.startswith(label) and "\u00b1" in line for line in text.splitlines())

@@ -7,6 +7,7 @@ and LLM-Streamline's tables), and wikitext-2 perplexity when it was measured.
 """
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from pathlib import Path
 
@@ -334,6 +335,7 @@ def build_tables(runs: list[dict], metric_spec: str | None = None, method_order:
                 ppl = (run.get("perplexity") or {}).get("ppl")
                 row["PPL"] = ppl
             rows.append(row)
+        rows, seeds = collapse_seeds(rows, [dense_run, *others])
         df = pd.DataFrame(rows)
         model = model_display_name(dense_run["model"]["name"])
         shown = ", ".join(f"{column_label(t)}={used[t]}" + ("" if scale(used[t]) == 100.0 else " (as reported)")
@@ -383,6 +385,10 @@ def build_tables(runs: list[dict], metric_spec: str | None = None, method_order:
                          + _items_note(group) + ")"
                          + ("." if all_stability else f"; Stab. is shown where n_eff >= {STAB_MIN_ITEMS} "
                             "(--all-stability shows every one)."))
+        if seeds:
+            notes.append(f"A row of n seeds shows the mean \u00b1 the standard deviation over its seeds (runs that differ "
+                         f"only in --seed: calibration draw and training; seeds {', '.join(map(str, seeds))})"
+                         + ("; lm-eval's stderr is not shown on those rows." if stderr else "."))
         ev = dense_run["eval"]
         if ev.get("limit"):
             notes.append(f"--limit {ev['limit']}: each task scored on its first {ev['limit']} items only.")
@@ -391,6 +397,40 @@ def build_tables(runs: list[dict], metric_spec: str | None = None, method_order:
             notes.append(f"PPL: wikitext-2 test, window {p['seq_len']}, stride {p['stride']}, {p['windows']} windows.")
         tables.append((titles.get(eval_group_key(dense_run), model), df, notes))
     return tables
+
+
+SEEDS_SUFFIX = re.compile(r" \(\d+ seeds\)$")
+
+
+def collapse_seeds(rows: list[dict], runs: list[dict]) -> tuple[list[dict], list]:
+    """Rows of runs that differ only in their seed (same label) become one row: each number the mean
+    over the seeds, its ``±`` the sample standard deviation, the label ``LABEL (n seeds)``. Returns
+    the rows and the seeds seen in collapsed rows (empty when nothing was collapsed)."""
+    import statistics
+
+    by_label: "OrderedDict[str, list[tuple[dict, dict]]]" = OrderedDict()
+    for row, run in zip(rows, runs):
+        by_label.setdefault(row["Method"], []).append((row, run))
+    out, seen = [], set()
+    for label, members in by_label.items():
+        seeds = [run.get("seed") for _row, run in members]
+        if len(members) < 2 or len(set(seeds)) < len(seeds) or "[failed]" in label:
+            out += [row for row, _run in members]
+            continue
+        seen.update(seeds)
+        merged = OrderedDict(Method=f"{label} ({len(members)} seeds)")
+        for col in members[0][0]:
+            if col == "Method" or col.endswith(" \u00b1"):
+                continue
+            values = [row.get(col) for row, _run in members]
+            if any(v is None for v in values):
+                merged[col] = None
+                continue
+            merged[col] = statistics.fmean(values)
+            if col not in ("Ratio", "n_eff"):
+                merged[col + " \u00b1"] = statistics.stdev(values)
+        out.append(merged)
+    return out, sorted(seen, key=str)
 
 
 def _is_score_column(df: pd.DataFrame, col: str) -> bool:
@@ -578,7 +618,8 @@ def build_target_tables(runs: list[dict], metric_spec: str | None = None, method
             custom = options.get("labels") or {}
             labels = {(custom.get(r["method"]) or r.get("label") or r["method"]): r for r in subset}
             df = df.copy()
-            rows_runs = [dense_run] + [labels.get(str(m).replace(" [failed]", "")) for m in df["Method"].iloc[1:]]
+            rows_runs = [dense_run] + [labels.get(SEEDS_SUFFIX.sub("", str(m)).replace(" [failed]", ""))
+                                       for m in df["Method"].iloc[1:]]
             df.insert(1, "Target", ["-"] + [target_label(r) if r else "-" for r in rows_runs[1:]])
             if efficiency:
                 cells = [efficiency_cells(r) if r else {} for r in rows_runs]
