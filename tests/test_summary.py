@@ -89,3 +89,10 @@ def test_seed_list_runs_each_seed_and_shows_mean_and_std(tmp_path, capsys):
     assert float(rows[label]["Ave. \u00b1"]) == pytest.approx(statistics.stdev(sl), abs=1e-3)
     assert "mean \u00b1 the standard deviation over its seeds" in text
     assert any(line.startswith(label) and "\u00b1" in line for line in text.splitlines())
+    # the accuracy plot: one point per method and target, the seeds' mean with their std as the error bar
+    from harness.results.plots import accuracy_series
+
+    (series,) = accuracy_series(records)
+    (point,) = series["lines"][label.removesuffix(" (2 seeds)")]
+    assert point[1] == pytest.approx(statistics.fmean(sl)) and point[4]["ave"] == pytest.approx(statistics.stdev(sl))
+    assert series["max_seeds"] == 2

@@ -268,42 +268,82 @@ def block_influence(payload: dict, marks, stem: Path) -> list[Path]:
 
 # --- accuracy vs measured pruning ratio -----------------------------------------------------
 
-def _avg(run: dict, tasks, default, per_task) -> tuple[float | None, dict]:
-    scores = {}
+def _avg(run: dict, tasks, default, per_task) -> tuple[float | None, dict, dict]:
+    """(Ave., {task: score}, {task: lm-eval stderr}) in points; Ave. None unless every task has a score."""
+    scores, errs = {}, {}
     for t in tasks:
-        value, _ = pick_metric((run.get("metrics") or {}).get(t, {}), t, default, per_task)
+        metrics = (run.get("metrics") or {}).get(t, {})
+        value, used = pick_metric(metrics, t, default, per_task)
         if value is not None:
             scores[t] = 100.0 * value
+            se = metrics.get(f"{used}_stderr")
+            if isinstance(se, (int, float)):
+                errs[t] = 100.0 * se
     avg = sum(scores.values()) / len(scores) if len(scores) == len(tasks) and tasks else None
-    return avg, scores
+    return avg, scores, errs
+
+
+def _point(runs: list[dict], tasks, default, per_task, d_avg) -> tuple | None:
+    """``(ratio %, Ave., Per., {task: score}, {key: error bar})`` of one method at one target: one run
+    with lm-eval's stderr as its error bars (Ave.'s from the tasks' stderrs, independent), or several
+    seeds as their mean with the sample std over the seeds."""
+    import statistics
+
+    measured = [(100.0 * r["params"]["ratio"], *_avg(r, tasks, default, per_task)) for r in runs]
+    measured = [m for m in measured if m[1] is not None]
+    if not measured:
+        return None
+    if len(measured) == 1:
+        ratio, avg, scores, errs = measured[0]
+        err = dict(errs)
+        if len(errs) == len(tasks):
+            err["ave"] = math.sqrt(sum(e * e for e in errs.values())) / len(tasks)
+            err["per"] = 100.0 * err["ave"] / d_avg if d_avg else None
+        return ratio, avg, 100.0 * avg / d_avg if d_avg else None, scores, err
+
+    def spread(values):
+        return statistics.fmean(values), statistics.stdev(values)
+
+    avg, ave_sd = spread([m[1] for m in measured])
+    scores, err = {}, {"ave": ave_sd, "per": 100.0 * ave_sd / d_avg if d_avg else None}
+    for t in tasks:
+        values = [m[2][t] for m in measured if t in m[2]]
+        if len(values) == len(measured):
+            scores[t], err[t] = spread(values)
+    return statistics.fmean(m[0] for m in measured), avg, 100.0 * avg / d_avg if d_avg else None, scores, err
 
 
 def accuracy_series(runs: list[dict], metric_spec: str | None = None) -> list[dict]:
     """One entry per comparable group (model + evaluation): dense values and per-method points
-    ``(measured ratio %, Ave., Per., {task: acc})`` sorted by ratio."""
+    ``(measured ratio %, Ave., Per., {task: acc}, {key: error bar})`` sorted by ratio; a method's
+    runs at one target that differ in seed are one point (mean, std over the seeds)."""
+    from harness.results.report import target_key
+
     default, per_task = parse_metric_spec(metric_spec)
     out = []
     for d, group in comparable_groups(runs):
         tasks = list(d["metrics"].keys())
-        d_avg, d_scores = _avg(d, tasks, default, per_task)
-        lines: "OrderedDict[str, list]" = OrderedDict()
+        d_avg, d_scores, _e = _avg(d, tasks, default, per_task)
+        at: "OrderedDict[tuple, list[dict]]" = OrderedDict()
         cal = None
         for run in group:
-            if run["method"] == "dense":
+            if run["method"] != "dense":
+                at.setdefault((run.get("label") or run["method"], target_key(run)), []).append(run)
+        lines: "OrderedDict[str, list]" = OrderedDict()
+        seeds = 1
+        for (label, _t), members in at.items():
+            point = _point(members, tasks, default, per_task, d_avg)
+            if point is None:
                 continue
-            avg, scores = _avg(run, tasks, default, per_task)
-            if avg is None:
-                continue
-            cal = cal or run.get("calibration")
-            per = 100.0 * avg / d_avg if d_avg else None
-            lines.setdefault(run.get("label") or run["method"], []).append(
-                (100.0 * run["params"]["ratio"], avg, per, scores))
+            seeds = max(seeds, len(members))
+            cal = cal or members[0].get("calibration")
+            lines.setdefault(label, []).append(point)
         for pts in lines.values():
             pts.sort(key=lambda p: p[0])
         lines = OrderedDict(sorted(lines.items()))  # a method keeps its colour whatever order the runs came in
         metrics = {t: pick_metric(d["metrics"].get(t, {}), t, default, per_task)[1] for t in tasks}
-        out.append({"model": d["model"]["name"], "tasks": tasks, "metrics": metrics, "dense": (d_avg, d_scores), "lines": lines,
-                    "calibration": cal, "eval": d.get("eval") or {}})
+        out.append({"model": d["model"]["name"], "tasks": tasks, "metrics": metrics, "dense": (d_avg, d_scores),
+                    "lines": lines, "calibration": cal, "eval": d.get("eval") or {}, "max_seeds": seeds})
     return out
 
 
@@ -342,6 +382,10 @@ def accuracy_vs_ratio(series: dict, stem: Path) -> list[Path]:
         for k, (label, pts) in enumerate(series["lines"].items()):
             xs = [p[0] for p in pts]
             ys = [p[1] if key == "ave" else p[2] if key == "per" else p[3].get(key) for p in pts]
+            errs = [p[4].get(key) if len(p) > 4 else None for p in pts]
+            if any(e is not None for e in errs):
+                ax.errorbar(xs, ys, yerr=[e or 0.0 for e in errs], fmt="none", ecolor=method_color(label),
+                            elinewidth=0.7, capsize=2, alpha=0.8, zorder=1 + k)
             # later lines thinner with larger hollow markers, so a line on top of another leaves it visible
             ax.plot(xs, ys, marker=MARKERS[k % len(MARKERS)], markersize=3.5 + 1.2 * (n_lines - 1 - k),
                     markerfacecolor="none" if k < n_lines - 1 else method_color(label),
@@ -367,8 +411,9 @@ def accuracy_vs_ratio(series: dict, stem: Path) -> list[Path]:
     else:
         fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 5), fontsize=7,
                    frameon=False)
-    fig.supxlabel("measured pruning ratio (% of the dense model's parameters, (removed \u2212 added) / dense)",
-                  fontsize=8)
+    bars = "std over seeds" if series.get("max_seeds", 1) > 1 else "lm-eval's stderr"
+    fig.supxlabel("measured pruning ratio (% of the dense model's parameters, (removed \u2212 added) / dense); "
+                  f"error bars: {bars}", fontsize=8)
     ev = series["eval"]
     limit = f", --limit {ev['limit']}" if ev.get("limit") else ""
     fig.suptitle(f"Accuracy vs measured pruning ratio \u2014 {model_name(series['model'])} "
