@@ -1,7 +1,8 @@
 """Fit identity-started MLPs (h = 2d, 5 epochs, AdamW lr 4e-4, 8 x 512 tokens a step) for top windows
 (X_S -> X_18, S = 12/14/16) of Gemma 3 270M on wikitext-2 calibration blocks with several losses
 (mse; cosine = the harness's; fnmse / fncos = MSE / 1 - cos after the final norm, what the LM head
-reads = the harness's `normed`); saves each MLP for score.py.
+reads = the harness's `normed`; fisher = the second-order KL of the head's softmax, with its Fisher
+averaged over calibration tokens); saves each MLP for score.py.
 usage: fit.py NBLOCKS THREADS LOSS,LOSS START,START (see capture.py)"""
 import os
 import sys
@@ -42,6 +43,23 @@ Y = torch.cat(Y)
 X = {s: torch.cat(v) for s, v in X.items()}
 print("captured", Y.shape, time.time() - t, flush=True)
 W = (1 + norm.weight.detach()) if "gemma" in m.config.model_type else norm.weight.detach()
+M = None  # fisher: the LM head's average Fisher in the normed space, E[E^T (diag p - p p^T) E]
+
+
+def head_fisher(sample=8192, chunk=512):
+    """KL(dense || pruned) to second order in d = normed(pred) - normed(y) is d^T F d / 2 with F the
+    Fisher of the head's softmax at y; its average over calibration tokens is E^T diag(mean p) E -
+    mean(u u^T) with u = E^T p (E = the LM head's weight), computed once."""
+    E = m.lm_head.weight.detach()
+    idx = torch.randperm(len(Y), generator=torch.Generator().manual_seed(1))[:sample]
+    pbar, uu = torch.zeros(E.shape[0]), torch.zeros(E.shape[1], E.shape[1])
+    for i in range(0, len(idx), chunk):
+        p = torch.softmax((rmsn(Y[idx[i:i + chunk]]) * W) @ E.T, dim=-1)
+        pbar += p.sum(0)
+        u = p @ E
+        uu += u.T @ u
+    pbar, uu = pbar / len(idx), uu / len(idx)
+    return E.T @ (pbar[:, None] * E) - uu
 
 
 def rmsn(v):
@@ -60,6 +78,9 @@ def loss_fn(kind, p, y):
     if kind == "fncos":
         cos = F.cosine_similarity(rmsn(p) * W, rmsn(y) * W, dim=-1)
         return (1 - cos).mean()
+    if kind == "fisher":
+        d = rmsn(p) * W - rmsn(y) * W
+        return ((d @ M) * d).sum(-1).mean()
     raise ValueError(kind)
 
 
@@ -82,6 +103,10 @@ def fit(kind, s, epochs=5, lr=4e-4, tokens_per_step=8 * 512):
     return mlp.eval()
 
 
+if "fisher" in losses:
+    t = time.time()
+    M = head_fisher()
+    print("fisher", time.time() - t, "eig max/min", torch.linalg.eigvalsh(M)[[-1, 0]].tolist(), flush=True)
 for s in starts:
     for kind in losses:
         t = time.time()
