@@ -189,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-task-retained", action="store_true",
                    help="add a table of each score / the dense score x 100")
     p.add_argument("--stderr", action="store_true", help="show lm-eval's standard error with each score")
+    p.add_argument("--html", action="store_true",
+                   help="also write report.html beside the tables: tables, figures, run settings, links to the JSON")
     p.add_argument("--all-stability", action="store_true",
                    help="show Stab. for every run (default: only where its n_eff, the effective number of items "
                    "behind it, reaches 30)")
@@ -323,6 +325,7 @@ def _dispatch(args, argv) -> int:
             print(f"wrote {path}")
         _paper_comparison(runs, args, paper, Path(args.report), _split(args.methods, "--methods") or None)
         _report_plots(runs, args, Path(args.report))
+        _html(args, Path(args.report), tables, runs)
         return 0
 
     if args.scores_only:
@@ -547,7 +550,16 @@ def _run(args):
         payload = layer_scores(sink["session"])  # the sweep's cached pass, or one forward pass now
         for path in write_scores(payload, out) + plots.render_plots(out, records, payload, args.table_metric):
             print(f"wrote {path}")
+    _html(args, out, tables, records)
     return records, tables
+
+
+def _html(args, folder: Path, tables, runs) -> None:
+    """--html: report.html in the folder, after its tables and figures are written."""
+    if getattr(args, "html", False):
+        from harness.results.html import write_html
+
+        print(f"wrote {write_html(folder, tables, runs, f'streamline-bench: {folder.name}')}")
 
 
 def _one_seed(args) -> int:
