@@ -550,8 +550,20 @@ def _run(args):
         payload = layer_scores(sink["session"])  # the sweep's cached pass, or one forward pass now
         for path in write_scores(payload, out) + plots.render_plots(out, records, payload, args.table_metric):
             print(f"wrote {path}")
+    _task_yamls(opts.eval, out)
     _html(args, out, tables, records)
     return records, tables
+
+
+def _task_yamls(cfg, out: Path) -> None:
+    """Local data: its lm-eval task YAMLs beside the results, for stock lm-eval on a saved model."""
+    from harness.evaluation.lmeval import write_task_yamls
+
+    paths = write_task_yamls(cfg, out / "lm_eval_tasks")
+    if paths:
+        print(f"wrote {len(paths)} lm-eval task YAML(s) to {out / 'lm_eval_tasks'} (stock lm-eval on a saved "
+              f"model: lm_eval --model hf --include_path {out / 'lm_eval_tasks'} --tasks "
+              f"{','.join(p.stem for p in paths)} ...)")
 
 
 def _html(args, folder: Path, tables, runs) -> None:

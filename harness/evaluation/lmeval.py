@@ -766,6 +766,18 @@ def _task_yaml_specs(cfg: EvalConfig, workdir: str) -> list[str]:
     return out
 
 
+def write_task_yamls(cfg: EvalConfig, folder: Path) -> list[Path]:
+    """The lm-eval task YAMLs of a run's local data (``--data-dir`` tasks, the ``--suite``), written
+    into ``folder`` so that stock ``lm_eval --include_path folder --tasks ...`` evaluates the same
+    items (the stock config included, only the data location and splits replaced); [] when the run
+    reads no local data."""
+    if not (cfg.suite or cfg.data_dir):
+        return []
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return [Path(spec) for spec in _task_yaml_specs(cfg, str(folder)) if spec.endswith(".yaml")]
+
+
 @dataclass
 class LoadedTasks:
     objects: list  # Task | Group objects, one per top-level spec (tags expanded)
