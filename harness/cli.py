@@ -189,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-task-retained", action="store_true",
                    help="add a table of each score / the dense score x 100")
     p.add_argument("--stderr", action="store_true", help="show lm-eval's standard error with each score")
+    p.add_argument("--wandb", default=None, metavar="PROJECT",
+                   help="log every run (config, metrics, Ave./Per.) and the tables and figures to Weights & Biases "
+                   "project PROJECT; offline (files under <output>/<model>/wandb, `wandb sync` uploads them) unless "
+                   "WANDB_MODE says otherwise; needs pip install wandb")
     p.add_argument("--html", action="store_true",
                    help="also write report.html beside the tables: tables, figures, run settings, links to the JSON")
     p.add_argument("--all-stability", action="store_true",
@@ -474,6 +478,13 @@ def _run(args):
     from harness.results import report
 
     show_progress = _common_setup(args)
+    if args.wandb:  # fail before the run, not after it
+        import importlib.util
+
+        if not str(args.wandb).strip():
+            raise UsageError("--wandb needs a project name, e.g. --wandb layer-pruning")
+        if importlib.util.find_spec("wandb") is None:
+            raise UsageError("--wandb needs the wandb package: pip install wandb==0.31.0 (or pip install -e '.[track]')")
     seeds = list(args.seed)
     args.seed = seeds[0]  # the first seed builds the run's options; the others replace it below
     methods = _split(args.methods, "--methods")
@@ -552,6 +563,12 @@ def _run(args):
             print(f"wrote {path}")
     _task_yamls(opts.eval, out)
     _html(args, out, tables, records)
+    if args.wandb:
+        from harness.results.tracking import log_to_wandb
+
+        dirs = log_to_wandb(args.wandb, records, tables, out, group=out.name)
+        print(f"logged {len(dirs)} W&B run(s) to project {args.wandb} under {out / 'wandb'} "
+              f"(mode {os.environ.get('WANDB_MODE')})")
     return records, tables
 
 
