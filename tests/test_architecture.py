@@ -13,7 +13,8 @@ HARNESS = REPO / "harness"
 # pipeline order: a module may import from its own stage and the ones before it
 STAGES = ["base", "model", "signals", "fitting", "plugins", "evaluation", "results", "runner", "cli"]
 BASE_MODULES = {"errors", "defaults", "io", "finite", "progress"}
-TOP_MODULES = {"runner": "runner", "config_file": "cli", "cli": "cli", "reference": "runner", "validation": "runner"}
+TOP_MODULES = {"runner": "runner", "config_file": "cli", "cli": "cli", "api": "cli", "reference": "runner",
+               "validation": "runner"}
 
 
 def _imports(path: Path) -> list[str]:
