@@ -1,111 +1,24 @@
 """LaCo (Yang et al., 2024, "Layer Collapse"): collapse rear layers into a prior layer.
 
-RDSC merge ("Reserving Differences while Seeking Common"). To collapse layers l+1..l+m into
-layer l, every attention and MLP parameter of layer l becomes
+RDSC merge: to collapse layers l+1..l+m into layer l, every non-norm parameter of layer l becomes
+theta_l + sum_k (theta_{l+k} - theta_l) (accumulated in float32; norms keep layer l's values), and
+layers l+1..l+m are removed.
 
-    theta_l + sum_{k=1..m} (theta_{l+k} - theta_l)
+Search (``laco``, the paper's Algorithm 1, steered to the target n): from l = H - C downwards, merge
+m = min(C - 1, layers still to remove) following layers into l tentatively (windows stay below H);
+keep the merge if the mean cosine between the merged and the dense model's last hidden states on a
+few sentences exceeds T (then l -= I), else roll it back (l -= 1). Short of n, ``fallback=relax``
+runs more passes with a lowered T (every pass in the manifest, a warning logged); ``fallback=error``
+fails. Merges are done in place with a one-layer backup: the model is never copied.
+Defaults, scaled to depth: C = max(3, round(7 L / 40)), H = L - 1, lowest layer 0, I = 1, T = 0.45,
+sentences = the first 5 calibration blocks cut to 32 tokens.
 
-(every parameter of the decoder layer that does not sit in a normalisation module, biases
-included; norms keep layer l's values), and layers l+1..l+m are removed. The sum is
-accumulated in float32 (float64 for float64 weights) and cast back to the weights' dtype.
+``laco-code`` replays the released notebook (yangyifei729/LaCo, commit 8483587) step for step: its
+telescoping in-place merge (the merged layer holds layer l+m's weights), windows cut only by the end
+of the current model, its index movement, and the similarity after the final norm.
 
-Search of ``laco`` (paper Algorithm 1), steered to the harness's target n:
-  l starts at H - C. At each step m = min(C - 1, layers still to remove) following layers
-  are merged into l *tentatively*, and the window is kept below H: l is first lowered to
-  at most (number of current layers whose original index is < H) - 1 - m, so layers >= H
-  are never merged. The similarity s = mean over the few-shot sentences of
-  cos(flattened final hidden states of the merged model, of the reference model) is computed
-  (each sentence's real tokens' X_L, the output of the last decoder layer *before* the final
-  norm, flattened into one vector; ``final_norm=true`` applies the final norm first, as the
-  released code's ``hidden_states[-1]`` does). If s > T the merge is kept and
-  l -= I, else it is rolled back and l -= 1. A pass stops when l < L or when n layers are gone.
-  The reference is the dense model: ALGORITHMS.md says "the current model", and the released
-  notebook compares every candidate with the original, unmerged model, so that is the default;
-  ``reference=current`` compares with the model as merged so far instead.
-  Because m never exceeds the layers still to remove, the search cannot overshoot n.
-  If a pass ends with fewer than n layers removed:
-    - ``fallback=relax`` (default): another pass runs from the top on the partly merged model
-      with T lowered by ``relax_step``; this repeats until n is reached. Each pass's threshold,
-      candidates and acceptances are in the manifest (``scores.passes``, ``scores.candidates``,
-      ``threshold_final``) and a warning is logged, so a relaxed threshold is never silent.
-      Once T < -1 every candidate is accepted, so n is always reached unless a similarity is
-      NaN (then a UsageError is raised).
-    - ``fallback=error``: raise a UsageError naming the shortfall (nothing is half-applied
-      silently; the method fails).
-  Window positions are positions in the current (partly merged) layer list; the manifest
-  records original layer indices (``removed_layers``, ``laco.merges``).
-
-Cost of one search step (no copy of the model is ever made):
-  memory - one layer's attention/MLP weights (the backup of theta_l taken before merging in
-  place) plus one float32 tensor at a time while merging; the m merged-away layers are only
-  unlinked from the layer list (references kept), not copied. Roll-back restores theta_l's
-  tensors from the backup and relinks the layers. The m + 1 affected layers are all that is
-  touched.
-  compute - the merge arithmetic over m + 1 layers' weights and one forward pass of the
-  few-shot sentences, stopped right after the last decoder layer (no LM head).
-  With ``reference=current`` an accepted step costs one more forward pass (new reference).
-
-Defaults (the paper's/code's values, for Llama2-13B with 40 layers: C=7, H=39, L=0, I=1,
-T=0.45, five short Wikipedia sentences), scaled to depth:
-  merge_layers C  = max(3, round(7 * num_layers / 40)), at most H - L: 7/40 of the depth
-                    (40 layers -> 7, 32 -> 6, 24 -> 4, 12 -> 3). At least 3 because with
-                    C = 2 a step merges a single layer and RDSC reduces to theta_{l+1} - a
-                    plain copy, identical to ``laco-code`` (a final step that needs just one
-                    more layer is such a copy too, by construction).
-  highest_layer H = num_layers - 1 (39 of 40: for ``laco`` the last layer is never merged;
-                    windows end at H - 1. For ``laco-code`` H only sets the start, H - C).
-  lowest_layer L = 0, interval I = 1, threshold T = 0.45  (unchanged: not depth-dependent)
-  sentences: the first ``num_sentences`` (5) calibration blocks, cut to their first
-  ``sentence_tokens`` (32) tokens - deterministic given the calibration seed. Explicit
-  sentences: ``sentences=First./Second.`` (slash-separated) or ``sentences_file`` (one per
-  line), tokenised with the model's tokenizer and right-padded (pads never enter a score).
-
-Variant ``laco-code``: the released notebook (yangyifei729/LaCo, laco_llama-13b.ipynb, commit
-84835877f918dc972df1a1375e09209551e02f3d), search loop and merge step for step; tests/test_laco_replay.py
-replays that loop independently and requires the same merges in the same order. Its loop: ``lay``
-starts at H - C (a position in the current layer list); each step tentatively merges
-m = min(C - 1, #current layers - lay - 1) following layers into ``lay``; accepted (s > T): keep it,
-``lay -= I`` (and, as in the notebook, ``lay = #layers - 1 - C`` if ``lay`` is past the end -
-unreachable for I >= 1); rejected: roll back, ``lay -= 1``; stop when ``lay < L``.
-Every difference between ``laco`` and ``laco-code``:
-  1. merge rule - ``laco``: RDSC as above. ``laco-code``: the notebook's in-place update adds
-     ``theta_{l+k} - theta_l`` to the *already updated* base, so the sum telescopes and the
-     merged layer holds layer l+m's attention/MLP weights (with layer l's norms) - in effect
-     layers l..l+m-1 are dropped and l+m is kept (a plain copy; no float32 accumulation).
-  2. window bound - ``laco``: every window ends below H (layers >= H are never merged).
-     ``laco-code``: the window is cut only by the end of the *current* model. The first window
-     (H - C .. H - 1) ends below H as in ``laco``, but after an accepted merge the model has
-     shrunk and the next window runs to its end: it takes in the original layer H (and any
-     above it), then whatever fits, often one layer at a time. So at the same T it removes
-     more layers (12-layer test model, T = 0.4935, same sentences, final_norm=true:
-     notebook/``laco-code`` 8, ``laco`` 4).
-  3. index movement - ``laco`` lowers l before each step so that the window fits below H
-     (after an accept next to H the base drops by the next window's length m', not by I,
-     when m' > I); ``laco-code`` moves exactly as the notebook: l - I after an accept, l - 1
-     after a reject.
-  4. similarity - ``laco`` compares X_L *before* the final norm by default (ALGORITHMS.md);
-     ``laco-code`` defaults to ``final_norm=true``: the notebook's ``hidden_states[-1]`` is
-     taken after the final norm (HF Llama and OPT). Either can be set with ``final_norm``.
-  5. ``highest_layer`` H - ``laco``: the merge bound. ``laco-code``: only the start (H - C),
-     as in the notebook.
-  Shared by both (so not differences between them), but departures of ``laco-code`` from the
-  notebook, made for the harness:
-  - the notebook has no target: it runs until ``lay < L`` and removes what T yields. Here both
-    stop once n layers are gone and cap m at the layers still to remove (so n is never
-    overshot); when n equals what the notebook removes, the cap never binds and the merges are
-    the notebook's. Short of n, ``fallback=relax`` runs more passes (the notebook has one),
-    each from max(L, (current position of original layer H) - C); ``fallback=error`` fails.
-  - the notebook merges the seven Llama projection weights only; here every non-norm parameter
-    of the layer (biases included; identical on Llama, which has no biases).
-  - the notebook deep-copies the whole model for each candidate; here the merge is done in place
-    on the base layer (with a one-layer backup) and rolled back when rejected: same numbers,
-    no copy of the model.
-  - the notebook's sentences are five fixed Wikipedia fragments, each run on its own; here the
-    default is the first calibration blocks (pass ``sentences=`` for others), batched with right
-    padding and the attention mask (same values up to float rounding); cosines in float64, not
-    in the model's dtype; ``reference=current`` is an addition (default ``dense`` = notebook).
-  - for OPT models with ``project_out`` (opt-350m) HF's last hidden state is also projected;
-    here only the final norm is applied.
+The full description, the cost of a step, and every difference between the two and from the
+notebook: docs/methods/laco.md.
 """
 from __future__ import annotations
 

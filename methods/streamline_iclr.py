@@ -1,70 +1,22 @@
-"""LLM-Streamline as released with the ICLR 2025 paper ("Streamlining Redundant Layers to
-Compress Large Language Models", Chen et al.): ``streamline-iclr``.
+"""LLM-Streamline as released with the ICLR 2025 paper (Chen et al., "Streamlining Redundant Layers
+to Compress Large Language Models"; RUCKBReasoning/LLM-Streamline at adf50ba): ``streamline-iclr``.
 
-What the released code does (GitHub RUCKBReasoning/LLM-Streamline, read at adf50ba;
-``LLM_Streamline/get_cosine.py``, ``train_lightweightnetwork.py``, ``train_mseloss.py``,
-``train_llmloss.py``) and what this method does, for n layers to remove:
+For n layers to remove:
+1. Window of n+1 layers: S(i) = mean over the calibration tokens of cos(X_i, X_{i+n+1}); i* = the
+   first argmax (the released per-block 0.5 + 0.5 cos mean ranks windows identically on unpadded
+   blocks; the top boundary is taken before the final norm, the released code's after it).
+2. Layers i*..i*+n are replaced by ONE decoder layer initialised from layer i* (net n removed).
+3. Training: ``loss=mse`` (default) fits the new layer alone to X_{i*} -> X_{i*+n+1} with the model's
+   own causal mask; ``loss=lm`` trains only its parameters with the causal-LM loss. 1 epoch, AdamW
+   lr 2e-4, weight decay 1e-3, 8 blocks a step, ``train_samples`` blocks of the calibration source.
 
-1. **Window: n+1 consecutive layers.** Both entry points score windows of ``n+1`` layers:
-   S(i) = cos(X_i, X_{i+n+1}) for i = 0..L-n-1, and take i* = argmax S(i) (first maximum on
-   ties, like ``torch.argmax``). Here S(i) is the mean over every real token of the
-   calibration set of cos(X_i[t], X_{i+n+1}[t]) (``ctx.layer_stats(lags=(1, n+1))``, shared
-   with the other methods of the run). The released code maps each token's cosine to
-   0.5 + 0.5*cos, averages it over the tokens of one 2048-token block, then averages the
-   blocks. The affine map never changes the argmax, and with blocks that all have the same
-   number of real tokens (the released code's and the harness's calibration blocks: fixed
-   length, no padding) the mean of per-block means *is* the mean over all tokens, so the two
-   rank windows identically. They can differ in two places only: (a) on padded data with
-   blocks of unequal length (the per-block mean weights short blocks more; the harness never
-   pads its calibration blocks), and (b) for the window that ends at the top: the released code
-   takes ``hidden_states[L]`` from ``output_hidden_states``, which is *after* the final norm,
-   while X_L here is the last decoder layer's output before it (ALGORITHMS.md). Its 50
-   calibration blocks are drawn from SlimPajama's training split with an unseeded
-   ``randperm``; here they are the run's seeded calibration set.
-2. **Replacement.** Layers i*..i*+n (n+1 layers) are replaced by ONE decoder layer at position
-   i*, initialised as a copy of layer i* (the first layer of the window; README: "the parameter
-   weights of the first pruned layer are inherited"). The model loses n+1 layers and gains
-   one: net n removed, final depth L-n. ``removed_layers`` lists the n+1 replaced layers
-   (original indices); the measured ratio counts the new layer's parameters back in.
-3. **Training**, ``loss=mse`` (default, the released ``mseloss_entry.py``): the new layer
-   alone is trained so that layer(X_{i*}) ~ X_{i*+n+1}, MSE over real tokens, on activations of
-   the dense model streamed batch by batch (``fit_layer_to_boundaries``: the layer gets the
-   model's own arguments, causal mask included). ``loss=lm`` (``llmloss_entry.py``): the layer
-   is inserted first and only its parameters are trained with the model's causal-LM loss
-   (``train_lm``, gradient norm clipped at 1.0 like the released DeepSpeed config).
-   Defaults follow the released ``args.py``: 1 epoch, AdamW lr 2e-4, weight decay 1e-3,
-   8 blocks per step. Training blocks: ``train_samples`` (3,000) from the calibration source
-   (the released code: 100,000 SlimPajama documents in 2048-token blocks).
+Released-code bugs not copied: OPT's random init ("opt_layer" vs "opt_Layer"), MSE training without
+an attention mask, the LM path's substring match that also trains layers {i*}0..{i*}9, a top-window
+target after the final norm, and the "best" state kept by reference. Not reproduced: gradient
+accumulation, the cosine schedule, clipping at 5, betas (0.9, 0.95), dropout, bf16, the validation set.
 
-Released-code bugs and pitfalls, documented and NOT copied:
-
-- OPT: the init is requested as ``"opt_layer"`` but the copy branch tests ``"opt_Layer"``, so
-  on the MSE path an OPT replacement starts from random weights. Here every family starts
-  from layer i*'s weights (what the README and the Llama branch do).
-- MSE path: the layer is called with hidden states and position ids only, no attention mask;
-  with the pinned transformers (4.45.2, eager attention) that is bidirectional attention in
-  training but causal at inference. Here it trains with the causal mask it runs with.
-- LM path: the trainable set is every parameter whose name contains ``"layers.{i*}"``, a
-  substring match, so for a one-digit i* the layers {i*}0..{i*}9 are trained too. Here only the
-  new layer is trained.
-- A window ending at the top is trained toward the *normed* ``hidden_states[L]``, which the
-  pruned model then normalises again; here the target is the pre-norm X_L.
-- The MSE trainer keeps the "best" validation state by reference to the live state_dict (in
-  effect the last state) and fails when no epoch improves. Here the layer is the state after
-  the last step (no validation set).
-
-Not reproduced (differences in the recipe, not bugs): gradient accumulation (the released
-effective batch is 8 x 16 blocks; here one optimiser step per ``batch_size`` blocks), its
-cosine learning-rate schedule with warmup (min lr 5e-5; here the lr is constant), the MSE
-path's gradient clipping at 5 (none here), the LM path's AdamW betas (0.9, 0.95) (here
-torch's (0.9, 0.999)), dropout during training (both paths train in train mode; here the
-layer trains in eval mode, no dropout), bf16 on 4 GPUs for the LM path, the held-out
-validation set, and the SlimPajama domain mixture.
-
-How it differs from ``streamline-layer`` (paper v1, Table 5 "Transformer Layer w/o params
-sharing"): that method scores windows of n layers (cos(X_i, X_{i+n})) and replaces those n
-layers with one decoder layer, so it removes net n-1 layers for the same n; this one scores
-n+1 layers and removes net n. For the same ``--layers n`` the two leave L-n+1 and L-n layers.
+Against ``streamline-layer`` (paper v1): that scores n-layer windows and removes net n-1 layers.
+Details and the reasoning for each choice: docs/methods/streamline_iclr.md.
 """
 from __future__ import annotations
 
