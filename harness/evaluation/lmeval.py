@@ -29,6 +29,7 @@ from pathlib import Path
 from harness import defaults
 from harness.errors import UsageError
 from harness.evaluation.distributed import broadcast_object
+from harness.evaluation import lmeval_private as private
 from harness.evaluation.fastlm import IMPLS
 from harness.model.loading import model_device
 
@@ -225,12 +226,6 @@ def lm_eval_tasks_dir() -> Path:
     return Path(lm_eval.tasks.__file__).parent
 
 
-def _build_index(paths: list[Path]) -> dict:
-    from lm_eval.tasks._index import TaskIndex
-
-    return TaskIndex.build(paths)
-
-
 def full_index() -> dict:
     """lm-eval's whole task tree (built once per process: ~10 s)."""
     global _FULL_INDEX
@@ -284,39 +279,18 @@ def _certainly_unknown(name: str) -> bool:
 
 def _dir_index(rel: str) -> dict:
     if rel not in _DIR_INDEXES:
-        _DIR_INDEXES[rel] = _build_index([lm_eval_tasks_dir() / rel])
+        _DIR_INDEXES[rel] = private.build_index([lm_eval_tasks_dir() / rel])
     return _DIR_INDEXES[rel]
-
-
-def _manager_over(index: dict):
-    """A TaskManager whose registry is ``index`` (lm-eval 0.4.13: ``_index``; no re-indexing)."""
-    from lm_eval.tasks import TaskManager
-
-    tm = TaskManager(include_defaults=False)
-    tm._index = index
-    names = sorted(index)
-    tm._all_tasks = names
-    return tm
-
-
-def _entry_cfg(entry) -> dict:
-    if entry.cfg is not None:
-        return entry.cfg
-    if entry.yaml_path:
-        from lm_eval.tasks._yaml_loader import load_yaml
-
-        return load_yaml(entry.yaml_path, resolve_func=False, recursive=True)
-    return {}
 
 
 def _members(entry) -> list[str]:
     """Direct members of a group or tag (names; an inline member's name as lm-eval builds it)."""
-    from lm_eval.tasks._index import Kind
+    Kind = private.kinds()
 
     if entry.kind == Kind.TAG:
         return sorted(entry.tags)
     out = []
-    for item in _entry_cfg(entry).get("task") or []:
+    for item in private.entry_cfg(entry).get("task") or []:
         if isinstance(item, str):
             out.append(item)
         elif isinstance(item, dict):
@@ -332,7 +306,7 @@ def _walk(index: dict, name: str, path: tuple = (), inline_ok: bool = False) -> 
     """Leaf tasks under ``name`` with their ancestor names; raises _Missing for an unknown name.
     With ``inline_ok``, a group member defined inline (not in the index) is the leaf lm-eval
     builds for it, ``group::member``."""
-    from lm_eval.tasks._index import Kind
+    Kind = private.kinds()
 
     entry = index.get(name)
     if entry is None:
@@ -351,9 +325,9 @@ def _walk(index: dict, name: str, path: tuple = (), inline_ok: bool = False) -> 
 
 
 def _is_scored_group(entry) -> bool:
-    from lm_eval.tasks._index import Kind
+    Kind = private.kinds()
 
-    return entry.kind == Kind.GROUP and bool(_entry_cfg(entry).get("aggregate_metric_list"))
+    return entry.kind == Kind.GROUP and bool(private.entry_cfg(entry).get("aggregate_metric_list"))
 
 
 @dataclass
@@ -370,7 +344,7 @@ class Resolution:
 
 def _index_for(names: list[str], include: str | None) -> tuple[dict, bool]:
     """The smallest index that resolves ``names`` (and every member of their groups)."""
-    inc = _build_index([Path(include)]) if include else {}
+    inc = private.build_index([Path(include)]) if include else {}
     dirs = []
     for n in names:
         if n in inc:
@@ -418,11 +392,11 @@ def resolve_tasks(cfg: EvalConfig) -> Resolution:
     for n in names:
         if n not in index:
             _unknown(n, list(index), include)
-    user = set(_build_index([Path(include)])) if include else set()
+    user = set(private.build_index([Path(include)])) if include else set()
     columns, kinds, leaves, ancestors = [], {}, {}, {}
 
     def add(name: str, entry):
-        from lm_eval.tasks._index import Kind
+        Kind = private.kinds()
 
         if entry.kind == Kind.TAG or (entry.kind == Kind.GROUP and not _is_scored_group(entry)):
             for child in _members(entry):
@@ -536,7 +510,7 @@ def local_data(name: str, task_cfg: dict, root: Path, shots: int | None = None) 
 
 
 def _leaf_cfg(res: Resolution, leaf: str) -> dict:
-    return _entry_cfg(res.index[leaf])
+    return private.entry_cfg(res.index[leaf])
 
 
 def data_plan(cfg: EvalConfig, res: Resolution) -> dict:
@@ -595,7 +569,7 @@ def static_column_metrics(cfg: EvalConfig) -> dict[str, list[str] | None]:
     out = {}
     for col in res.columns:
         entry = res.index.get(col)
-        cfg_col = _entry_cfg(entry) if entry is not None else {}
+        cfg_col = private.entry_cfg(entry) if entry is not None else {}
         if res.kinds[col] == "group":
             items = cfg_col.get("aggregate_metric_list") or []
         else:
@@ -792,13 +766,12 @@ def load_tasks(cfg: EvalConfig) -> LoadedTasks:
     """Build lm-eval's Task/Group objects for ``cfg`` (datasets are read here); a dataset that
     cannot be loaded is one error line naming the task."""
     from lm_eval.api.group import Group
-    from lm_eval.tasks._index import Entry, Kind
 
     from harness.io import make_temp_dir
 
     workdir = make_temp_dir("sb_tasks")
     if cfg.suite:
-        tm = _manager_over({})
+        tm = private.manager_over({})
         specs, res, notes = _suite_specs(cfg, workdir.name), None, []
     else:
         import yaml
@@ -810,14 +783,14 @@ def load_tasks(cfg: EvalConfig) -> LoadedTasks:
             entry = res.index[leaf]
             path = Path(workdir.name) / f"{leaf}.yaml"
             path.write_text(yaml.safe_dump(_override_spec(leaf, entry, ld)))
-            index[leaf] = Entry(name=leaf, kind=Kind.TASK, yaml_path=path, tags=set(entry.tags))
-        tm = _manager_over(index)
+            index[leaf] = private.new_task_entry(leaf, path, entry.tags)
+        tm = private.manager_over(index)
         specs = list(cfg.tasks)
         notes = [ld.note for ld in plan.values() if ld.note]
     objects = []
     for spec in specs:
         try:
-            obj = tm._load_spec(spec)
+            obj = private.load_spec(tm, spec)
         except UsageError:
             raise
         except Exception as exc:  # noqa: BLE001 - datasets/network/config errors: one line
