@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="run_benchmarks.py", description=(
         "Prune a causal LM with registered layer-pruning methods, evaluate each pruned model and the "
         "dense one with lm-eval (and wikitext-2 perplexity), and print one comparison table. "
-        "`run_benchmarks.py scores --model M` only computes and plots the layer scores (no evaluation)."))
+        "Subcommands, like lm-eval's: run (the default: `run_benchmarks.py --methods ...` is `run --methods ...`), "
+        "report DIR (= --report DIR), check FILE (= --check FILE), scores (layer scores and plots only, no "
+        "evaluation; = --scores-only) and list (= --list-methods); every flag below works with each."))
     p.add_argument("--methods", default=None, help="comma-separated method names (see --list-methods)")
     p.add_argument("--list-methods", action="store_true",
                    help="list registered methods and post-steps (METHOD+STEP, e.g. shortgpt+lora), one line each")
@@ -281,13 +283,28 @@ def main(argv=None) -> int:
         return 130
 
 
+SUBCOMMANDS = {"run": None, "scores": "--scores-only", "list": "--list-methods", "report": "--report", "check": "--check"}
+
+
+def subcommand_argv(argv: list[str]) -> list[str]:
+    """``report DIR ...`` -> ``--report DIR ...`` and the like (``run`` is the default and may be left out)."""
+    if not argv or argv[0] not in SUBCOMMANDS:
+        return argv
+    cmd, rest = argv[0], argv[1:]
+    flag = SUBCOMMANDS[cmd]
+    if cmd in ("report", "check"):
+        if not rest or rest[0].startswith("-"):
+            raise UsageError(f"`{cmd}` needs a {'folder' if cmd == 'report' else 'golden file'}: "
+                             f"run_benchmarks.py {cmd} {'DIR' if cmd == 'report' else 'FILE'} [flags]")
+        return [flag, rest[0], *rest[1:]]
+    return rest if flag is None else [flag, *rest]
+
+
 def _main(argv) -> int:
     from harness.config_file import parse_args_with_config
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    scores_cmd = bool(argv) and argv[0] == "scores"  # `run_benchmarks.py scores --model M` = --scores-only
-    args = parse_args_with_config(build_parser(), argv[1:] if scores_cmd else argv)
-    args.scores_only = args.scores_only or scores_cmd
+    argv = subcommand_argv(list(sys.argv[1:] if argv is None else argv))
+    args = parse_args_with_config(build_parser(), argv)
     try:
         return _dispatch(args, argv)
     except UsageError as exc:

@@ -96,3 +96,18 @@ def test_seed_list_runs_each_seed_and_shows_mean_and_std(tmp_path, capsys):
     (point,) = series["lines"][label.removesuffix(" (2 seeds)")]
     assert point[1] == pytest.approx(statistics.fmean(sl)) and point[4]["ave"] == pytest.approx(statistics.stdev(sl))
     assert series["max_seeds"] == 2
+
+
+def test_subcommands_are_the_flags(tmp_path, capsys):
+    from conftest import one_error_line
+
+    assert main(["list"]) == 0
+    listed = capsys.readouterr().out
+    assert main(["--list-methods"]) == 0 and capsys.readouterr().out == listed and "shortgpt" in listed
+    for rec in _runs("facebook/opt-1.3b"):
+        _put(tmp_path / "opt-1.3b", rec, rec["method"])
+    assert main(["report", str(tmp_path)]) == 0
+    by_sub = capsys.readouterr().out
+    assert main(["--report", str(tmp_path)]) == 0 and capsys.readouterr().out == by_sub
+    one_error_line(main(["report", "--html"]), capsys, ["`report` needs a folder"])
+    one_error_line(main(["check"]), capsys, ["`check` needs a golden file"])
