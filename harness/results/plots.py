@@ -90,7 +90,9 @@ def window_marks(runs: list[dict], num_layers: int) -> list[tuple[str, int, int]
             continue
         if removed[-1] >= num_layers:
             continue
-        marks.append((run.get("label") or run["method"], removed[0], len(removed)))
+        mark = (run.get("label") or run["method"], removed[0], len(removed))
+        if mark not in marks:  # several seeds of a method removing the same window: one outline
+            marks.append(mark)
     return marks
 
 
