@@ -37,8 +37,6 @@ import sys
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
 from harness import (
     ACTIVATIONS,
     CACHE_CHOICES,
@@ -210,16 +208,6 @@ def _window(ctx: MethodContext, cfg) -> tuple[int, dict]:
     return start, {"window_cos": stats.window_cos[n], "start": start, "calibration_tokens": stats.tokens}
 
 
-def _fresh_layer(ctx: MethodContext, index: int) -> torch.nn.Module:
-    layer = ctx.adapter.new_layer(index)
-    init = getattr(ctx.model, "_init_weights", None)
-    if callable(init):  # the model's own initialisation (e.g. normal(0, 0.02)), not torch's defaults
-        with torch.no_grad():
-            for module in layer.modules():
-                init(module)
-    return layer
-
-
 def check_heldout(name: str, held: dict) -> dict:
     """Warn when the fitted replacement is further from the window's output on held-out blocks than
     plain removal is (the replacement then makes the model worse than no replacement)."""
@@ -288,7 +276,7 @@ def run_streamline(ctx: MethodContext, cfg, kind: str) -> PruneResult:
         if cfg.init == "first":  # a copy: the dense layer stays in place while the targets are computed
             module = copy.deepcopy(unwrap_layer(ctx.adapter.layers[start]))
         else:
-            module = _fresh_layer(ctx, start)
+            module = ctx.adapter.new_layer(start, init=True)  # the model's own initialisation
         if cfg.loss == "mse":
             training = fit_layer_to_boundaries(ctx, module, data, start, start + n, repeat=repeat,
                                                grad_checkpointing=checkpoint, **fit)

@@ -16,6 +16,8 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
+from harness.finite import first_tensor  # noqa: F401 - re-exported: decoder-layer outputs -> hidden states
+
 
 def is_norm(module: nn.Module) -> bool:
     """A normalisation module, recognised by structure: torch's norms or a class named ``*Norm``
@@ -335,12 +337,4 @@ def unwrap_layer(layer: nn.Module) -> nn.Module:
         layer = layer.layer if isinstance(layer, ReplacedBlock) else layer.inner
     return layer
 
-
-def first_tensor(output) -> torch.Tensor:
-    """Decoder layers return a tensor (transformers 5) or a tuple whose first item is one."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError(f"cannot find the hidden states in a decoder layer output of type {type(output)}")
 
