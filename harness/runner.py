@@ -311,7 +311,7 @@ def shared_layer_stats(s: Session, timings: dict | None = None):
     the plots need them, else for 1 and every n of the sweep (memory grows with the longest lag);
     what every method at every target reads. ``None`` for a single target without plots."""
     from harness.results.scores import all_lags
-    from harness.signals.activations import collect_layer_stats
+    from harness.signals.activations import cached_layer_stats
 
     if len(s.opts.sweep()) < 2 and not s.opts.all_layer_stats:
         return None
@@ -319,16 +319,11 @@ def shared_layer_stats(s: Session, timings: dict | None = None):
         lags = tuple(all_lags(s.adapter.num_layers))
     else:
         lags = tuple(s.shared.get("sweep_lags") or all_lags(s.adapter.num_layers))
-    key = (s.opts.model, lags)
-    for (model, have), stats in s.stats_cache.items():  # a pass that already covers these lags
-        if model == s.opts.model and set(lags) <= set(have):
-            return stats
-    if key not in s.stats_cache:
-        t = time.perf_counter()
-        s.stats_cache[key] = collect_layer_stats(s.model, s.adapter, s.calibration, lags, progress=s.opts.progress)
-        if timings is not None:
-            timings["score_shared"] = time.perf_counter() - t  # every window length, for every method and target
-    return s.stats_cache[key]
+    stats, seconds = cached_layer_stats(s.stats_cache, s.opts.model, s.model, s.adapter, s.calibration, lags,
+                                        progress=s.opts.progress)
+    if seconds is not None and timings is not None:
+        timings["score_shared"] = seconds  # every window length, for every method and target
+    return stats
 
 
 def layer_scores(s: Session) -> dict:

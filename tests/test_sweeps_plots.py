@@ -240,7 +240,7 @@ def test_cli_sweep_plots_efficiency_then_rerun_skips(tmp_path, capsys):
     assert main(argv) == 0
     first = capsys.readouterr().out
     assert first.count("pruning") == 4 and "dense: evaluating" in first
-    argv += ["--efficiency", *EFF]
+    argv += ["--efficiency", *EFF[:-1], "3"]  # 3 timed pairs: an interquartile range
     assert main(argv) == 0
     second = capsys.readouterr().out
     assert second.count("pruning again to measure") == 4 and "evaluating" not in second

@@ -1,7 +1,6 @@
 """What a method receives: ``MethodContext`` (the harness's small public interface)."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -9,7 +8,7 @@ from harness.model.adapters import ModelAdapter
 from harness.plugins.options import check_window
 from harness.signals.activations import (
     LayerStats,
-    collect_layer_stats,
+    cached_layer_stats,
     iter_boundary_pairs,
 )
 from harness.signals.calibration import CalibrationData, DocumentText, load_calibration
@@ -43,15 +42,9 @@ class MethodContext:
         scores all Streamline windows, all ShortGPT BIs and all angular distances).
         """
         lags = sorted(set(lags or (1, self.num_remove)))
-        key = (self.dense_stats_key, tuple(lags))
-        for (k, have), stats in self.stats_cache.items():
-            if k == self.dense_stats_key and set(lags) <= set(have):
-                self.timings["score"] = 0.0  # shared with an earlier method of this run
-                return stats
-        t = time.perf_counter()
-        stats = collect_layer_stats(self.model, self.adapter, self.calibration, lags, progress=self.progress)
-        self.timings["score"] = time.perf_counter() - t
-        self.stats_cache[key] = stats
+        stats, seconds = cached_layer_stats(self.stats_cache, self.dense_stats_key, self.model, self.adapter,
+                                            self.calibration, lags, progress=self.progress)
+        self.timings["score"] = seconds or 0.0  # 0: shared with an earlier method (or the runner) of this run
         return stats
 
     def training_data(self, num_samples: int, seq_len: int | None = None, seed_offset: int = 1,

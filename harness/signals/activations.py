@@ -211,3 +211,20 @@ def iter_boundary_pairs(model, adapter: ModelAdapter, data, start: int, end: int
         with boundary_hooks(adapter, grab, stop_after=wanted[-1]):
             run_forward(model, input_ids, attention_mask)
         yield captured, attention_mask.bool()
+
+
+def cached_layer_stats(cache: dict, model_key: str, model, adapter: ModelAdapter, calibration, lags,
+                       progress: bool = True) -> tuple[LayerStats, float | None]:
+    """The dense model's statistics for ``lags`` from ``cache`` ({(model, lags): stats}, shared by the
+    runner and every method of a run) when a stored pass covers them, else one forward pass, stored.
+    Returns the statistics and the seconds the pass took (None when served from the cache)."""
+    import time
+
+    lags = tuple(lags)
+    for (key, have), stats in cache.items():
+        if key == model_key and set(lags) <= set(have):
+            return stats, None
+    t = time.perf_counter()
+    stats = collect_layer_stats(model, adapter, calibration, lags, progress=progress)
+    cache[(model_key, lags)] = stats
+    return stats, time.perf_counter() - t
