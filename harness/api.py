@@ -71,16 +71,8 @@ def run(model: str | None = None, methods: list[str] | None = None, **options) -
 
 def report(folder: str, **options) -> Result:
     """The tables of the runs stored under ``folder`` (as ``--report`` renders them; nothing written)."""
-    from pathlib import Path
-
     from harness import cli
-    from harness.errors import UsageError
-    from harness.results import table_settings
-    from harness.results.store import load_runs
 
-    if not Path(folder).is_dir():
-        raise UsageError(f"report folder '{folder}' does not exist")
     args = _parse(_argv(options) + ["--report", str(folder)])
-    table_settings.apply(args, Path(folder))
-    runs = load_runs(str(folder))
+    runs, _settings = cli._report_runs(args)
     return Result(runs, cli._tables(runs, args, cli._split(args.methods, "--methods") or None))

@@ -324,14 +324,7 @@ def _dispatch(args, argv) -> int:
     from harness.results import report
 
     if args.report:
-        from harness.results.store import load_runs
-
-        if not Path(args.report).is_dir():
-            raise UsageError(f"--report directory '{args.report}' does not exist")
-        runs = load_runs(args.report)
-        from harness.results import table_settings
-
-        stored = table_settings.apply(args, Path(args.report))  # the run's metric, labels, order (flags win)
+        runs, stored = _report_runs(args)
         if stored is not None:
             print(f"table settings from {stored} (flags given here override them)")
         paper = _load_paper(args)
@@ -470,7 +463,7 @@ def _common_setup(args) -> bool:
     return show_progress
 
 
-def _calibration_config(args):
+def _calibration_config(args, seed: int | None = None):
     """The calibration text: --calib-data, else --data-dir's wikitext-2 file, else the default source."""
     from harness.signals.calibration import LOCAL_DEFAULT, CalibrationConfig
 
@@ -486,7 +479,8 @@ def _calibration_config(args):
             and not Path(args.calib_data).is_file():
         raise UsageError(f"calibration file '{args.calib_data}' does not exist; pass an existing .txt or .jsonl file")
     return CalibrationConfig(source=source, split=args.calib_split, field=args.calib_field,
-                             num_samples=args.calib_samples, seq_len=args.calib_seq_len, seed=_one_seed(args),
+                             num_samples=args.calib_samples, seq_len=args.calib_seq_len,
+                             seed=_one_seed(args) if seed is None else seed,
                              batch_size=args.calib_batch_size, top_boundary=args.top_boundary)
 
 
@@ -502,8 +496,7 @@ def _run(args):
             raise UsageError("--wandb needs a project name, e.g. --wandb layer-pruning")
         if importlib.util.find_spec("wandb") is None:
             raise UsageError("--wandb needs the wandb package: pip install wandb==0.31.0 (or pip install -e '.[track]')")
-    seeds = list(args.seed)
-    args.seed = seeds[0]  # the first seed builds the run's options; the others replace it below
+    seeds = list(args.seed)  # the first builds the run's options; the others replace it (_with_seed)
     methods = _split(args.methods, "--methods")
     tasks = _split(args.tasks, "--tasks")
     quiet_lm_eval()
@@ -537,8 +530,8 @@ def _run(args):
                         ppl_stride=args.ppl_stride, ppl_max_windows=args.ppl_max_windows, suite=args.suite,
                         num_fewshot=args.num_fewshot, include_path=args.include_path,
                         model_args=parse_model_args(args.model_args), eval_impl=args.eval_impl),
-        calibration=_calibration_config(args),
-        dtype=args.dtype, device=args.device, seed=args.seed, output_dir=args.output_dir, force=args.force,
+        calibration=_calibration_config(args, seeds[0]),
+        dtype=args.dtype, device=args.device, seed=seeds[0], output_dir=args.output_dir, force=args.force,
         save_models=args.save_models, progress=show_progress,
     )
     if args.max_loss_growth is not None:
@@ -548,7 +541,7 @@ def _run(args):
     opts.stability_scores = args.stability_scores
     opts.log_samples = bool(args.log_samples)
     if args.efficiency:
-        opts.efficiency = _efficiency_config(args)
+        opts.efficiency = _efficiency_config(args, seeds[0])
     from harness.evaluation.lmeval import static_column_metrics
 
     report.check_metric_spec(args.table_metric, static_column_metrics(opts.eval))  # names checked, no model yet
@@ -558,7 +551,6 @@ def _run(args):
     for seed in seeds[1:]:  # the dense run does not depend on the seed: found and skipped
         print(f"seed {seed}:")
         records += [r for r in run_benchmark(_with_seed(opts, seed)) if r["method"] != "dense"]
-    args.seed = seeds
     tables = _tables(records, args, opts.methods)
     print()
     print(report.render_text(tables))
@@ -609,7 +601,7 @@ def _html(args, folder: Path, tables, runs) -> None:
 
 
 def _one_seed(args) -> int:
-    """The seed where only one is meaningful (the scores command; while a run's options are built)."""
+    """The seed where only one is meaningful (the scores command)."""
     if not isinstance(args.seed, list):
         return args.seed
     if len(args.seed) > 1:
@@ -627,13 +619,13 @@ def _with_seed(opts, seed: int):
                                efficiency=eff)
 
 
-def _efficiency_config(args):
+def _efficiency_config(args, seed: int | None = None):
     from harness.evaluation.efficiency import EfficiencyConfig
 
     cfg = EfficiencyConfig(batch_size=args.eff_batch_size, seq_len=args.eff_seq_len,
                            decode_batch_size=args.eff_decode_batch_size, decode_prompt_len=args.eff_prompt_len,
                            new_tokens=args.eff_new_tokens, warmup=args.eff_warmup, repeats=args.eff_repeats,
-                           seed=_one_seed(args))
+                           seed=_one_seed(args) if seed is None else seed)
     cfg.validate()
     return cfg
 
@@ -656,6 +648,18 @@ def _tables(records, args, method_order):
     if getattr(args, "per_task_retained", False):
         tables += report.retained_tables([t for t in tables if not t[0].endswith("Per. by target")])
     return tables
+
+
+def _report_runs(args):
+    """--report DIR: the runs stored under DIR, and the table settings of DIR filled into every table
+    flag not given (returns the runs and the settings file used, or None)."""
+    from harness.results import table_settings
+    from harness.results.store import load_runs
+
+    if not Path(args.report).is_dir():
+        raise UsageError(f"--report directory '{args.report}' does not exist")
+    runs = load_runs(args.report)
+    return runs, table_settings.apply(args, Path(args.report))  # the run's metric, labels, order (flags win)
 
 
 def _summary(runs, args, out: Path) -> None:

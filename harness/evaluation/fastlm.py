@@ -122,7 +122,6 @@ class FastLoglikelihood:
                     desc="Running loglikelihood requests")
         try:
             if self.share_contexts and self.logits_cache and batch_fn is None:
-
                 score_shared(self, re_ord, batch_size, res, pbar)
             else:
                 for chunk in re_ord.get_batched(n=batch_size, batch_fn=batch_fn):
