@@ -21,20 +21,29 @@ _TMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # .NAME.XXXXXXXX.tmp, a
 
 
 _SHIPPED_DIR = Path(__file__).resolve().parents[1] / "reference"  # reference models, suite, calibration
+_SHARED_DIR = _SHIPPED_DIR.parents[1] / "shared"  # ../shared beside the clone: the benchmark data (CI's layout)
+_TEMP_WORKDIR = re.compile(r"^(?:.*[/\\])?(sb_[a-z]+)_[^/\\]+[/\\](.+)$")  # harness.io.make_temp_dir's folders
 
 
 def _shipped_relative(value):
-    if isinstance(value, str):
-        prefix = str(_SHIPPED_DIR)
-        if value == prefix or value.startswith(prefix + os.sep):
-            return os.path.relpath(value, _SHIPPED_DIR.parent).replace(os.sep, "/")
+    """An absolute path into the shipped ``reference/`` folder or into ``../shared`` relative to the clone;
+    a file in one of the harness's temporary work folders as ``<sb_kind>/<name>`` (the folder is
+    gone when the run ends); anything else unchanged."""
+    if not isinstance(value, str) or not os.path.isabs(value):
+        return value
+    if any(value == str(d) or value.startswith(str(d) + os.sep) for d in (_SHIPPED_DIR, _SHARED_DIR)):
+        return os.path.relpath(value, _SHIPPED_DIR.parent).replace(os.sep, "/")
+    m = _TEMP_WORKDIR.match(value)
+    if m and value.startswith(tempfile.gettempdir()):
+        return f"<{m.group(1)}>/{m.group(2)}"
     return value
 
 
 def repo_relative(data):
-    """A copy of JSON-like ``data`` in which every absolute path into the repository's shipped
-    ``reference/`` folder is written relative to the repository (``reference/suite``), so result
-    files and manifests committed from one clone name no path of its machine."""
+    """A copy of JSON-like ``data`` in which every absolute path into the shipped ``reference/`` or
+    ``../shared`` is written relative to the clone (``reference/suite``, ``../shared/data``) and the harness's temp
+    work files by name, so result files and manifests committed from one clone name no path of its
+    machine."""
     return map_leaves(data, _shipped_relative)
 
 

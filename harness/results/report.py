@@ -205,8 +205,10 @@ def _items_note(runs: list[dict]) -> str:
 
 
 def eval_group_key(run: dict) -> str:
-    """Runs are comparable when model, evaluation config and dtype agree."""
-    return canonical({"model": run["model"]["name"], "eval": run["eval"], "dtype": run["model"].get("dtype")})
+    """Runs are comparable when model, evaluation config and dtype agree. Where the local data lay
+    is not part of it (the run key holds the data's content: runner._eval_key)."""
+    ev = {k: (True if k in ("data_dir", "suite") and v else v) for k, v in (run["eval"] or {}).items()}
+    return canonical({"model": run["model"]["name"], "eval": ev, "dtype": run["model"].get("dtype")})
 
 
 def protocol_label(run: dict) -> str:
