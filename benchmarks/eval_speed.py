@@ -44,10 +44,11 @@ SEVEN = "piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa,boolq"
 
 
 def _yaml_specs(cfg, workdir: str) -> list[str]:
-    from harness.evaluation import lmeval as ev
+    from harness.evaluation.local_data import _task_yaml_specs
+    from harness.evaluation.task_checks import validate_tasks
 
-    ev.validate_tasks(cfg)
-    return ev._task_yaml_specs(cfg, workdir)  # the very YAMLs the harness evaluates
+    validate_tasks(cfg)
+    return _task_yaml_specs(cfg, workdir)  # the very YAMLs the harness evaluates
 
 
 def _flat(results: dict, columns) -> dict:
@@ -61,21 +62,24 @@ def bench(name: str, model, tok, tasks: str, limit: int, args) -> dict:
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    from harness.evaluation import lmeval as ev
+    from harness.evaluation.eval_config import EvalConfig
+    from harness.evaluation.lmeval import TaskCache, run_lm_eval
+    from harness.evaluation.task_checks import validate_tasks
+    from harness.evaluation.task_resolution import task_manager
 
     fewshot = args.num_fewshot if name == "gemma" and any(t.startswith("mmlu") for t in tasks.split(",")) else None
     impls = ("fast", "fast-shared", "stock")
-    cfgs = {impl: ev.EvalConfig(tasks=tasks.split(","), data_dir=str(args.data_dir), limit=limit,
-                                batch_size=args.batch_size, num_fewshot=fewshot, eval_impl=impl) for impl in impls}
+    cfgs = {impl: EvalConfig(tasks=tasks.split(","), data_dir=str(args.data_dir), limit=limit,
+                             batch_size=args.batch_size, num_fewshot=fewshot, eval_impl=impl) for impl in impls}
     workdir = tempfile.TemporaryDirectory(prefix="eval_speed_")
     specs = _yaml_specs(cfgs["fast"], workdir.name)
-    columns = ev.validate_tasks(cfgs["fast"]).columns
-    tm = ev.task_manager()
-    num_fewshot = ev.parse_num_fewshot(fewshot)
+    columns = validate_tasks(cfgs["fast"]).columns
+    tm = task_manager()
+    num_fewshot = cfgs["fast"].num_fewshot  # parsed by EvalConfig
 
     def harness(impl):
         def run():
-            out = ev.run_lm_eval(model, tok, cfgs[impl], cache=ev.TaskCache())  # tasks rebuilt, as raw does
+            out = run_lm_eval(model, tok, cfgs[impl], cache=TaskCache())  # tasks rebuilt, as raw does
             metrics = {c: {k: v for k, v in m.items() if k != "n"} for c, m in out["metrics"].items()}
             if out["details"]["eval_impl"] != impl:
                 sys.exit(f"error: --eval-impl {impl} did not run on {name} ({out['details']['eval_impl']})")

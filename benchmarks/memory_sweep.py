@@ -90,7 +90,7 @@ def child(args) -> None:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     import harness.runner as runner
-    from harness.evaluation.lmeval import EvalConfig
+    from harness.evaluation.eval_config import EvalConfig
     from harness.model.target import Target
     from harness.plugins.context import MethodContext
     from harness.signals.calibration import CalibrationConfig

@@ -209,20 +209,24 @@ def bench_evaluation(model, tok, args) -> dict:
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    from harness.evaluation import lmeval as ev
+    from harness.evaluation.eval_config import EvalConfig
+    from harness.evaluation.lmeval import TaskCache, run_lm_eval
+    from harness.evaluation.local_data import _task_yaml_specs
+    from harness.evaluation.task_checks import validate_tasks
+    from harness.evaluation.task_resolution import task_manager
 
-    cfg = ev.EvalConfig(tasks=[args.eval_task], data_dir=str(args.data_dir), limit=args.eval_limit,
-                        batch_size=args.eval_batch_size)
-    ev.validate_tasks(cfg)
+    cfg = EvalConfig(tasks=[args.eval_task], data_dir=str(args.data_dir), limit=args.eval_limit,
+                     batch_size=args.eval_batch_size)
+    validate_tasks(cfg)
     workdir = tempfile.TemporaryDirectory(prefix="perf_tasks_")
-    (yaml_path,) = ev._task_yaml_specs(cfg, workdir.name)  # the very YAML the harness evaluates
-    tm = ev.task_manager()  # built once, shared: indexing lm-eval's task folder is not what is measured
+    (yaml_path,) = _task_yaml_specs(cfg, workdir.name)  # the very YAML the harness evaluates
+    tm = task_manager()  # built once, shared: indexing lm-eval's task folder is not what is measured
 
     def harness_cached():  # as the runner calls it (per-item samples kept for the stability column)
-        return ev.run_lm_eval(model, tok, cfg, log_samples=True)["metrics"]
+        return run_lm_eval(model, tok, cfg, log_samples=True)["metrics"]
 
     def harness_cold():  # a fresh Task cache each call: the same work as the raw call
-        return ev.run_lm_eval(model, tok, cfg, log_samples=True, cache=ev.TaskCache())["metrics"]
+        return run_lm_eval(model, tok, cfg, log_samples=True, cache=TaskCache())["metrics"]
 
     def raw():
         out = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=args.eval_batch_size),

@@ -511,7 +511,7 @@ def _run(args):
     if not args.verbose:  # lm-eval warns about every task's fewshot default and every in-memory model
         for name in ("lm_eval", "lm-eval", "datasets", "transformers"):
             logging.getLogger(name).setLevel(logging.ERROR)
-    from harness.evaluation.lmeval import DEFAULT_TASKS, EvalConfig, parse_model_args
+    from harness.evaluation.eval_config import DEFAULT_TASKS, EvalConfig, parse_model_args
     from harness.model.target import Target
     from harness.runner import RunOptions, run_benchmark
 
@@ -542,7 +542,7 @@ def _run(args):
     opts.log_samples = bool(args.log_samples)
     if args.efficiency:
         opts.efficiency = _efficiency_config(args, seeds[0])
-    from harness.evaluation.lmeval import static_column_metrics
+    from harness.evaluation.task_checks import static_column_metrics
 
     report.check_metric_spec(args.table_metric, static_column_metrics(opts.eval))  # names checked, no model yet
     paper = _load_paper(args)  # a bad paper file fails before the run
@@ -583,7 +583,7 @@ def _run(args):
 
 def _task_yamls(cfg, out: Path) -> None:
     """Local data: its lm-eval task YAMLs beside the results, for stock lm-eval on a saved model."""
-    from harness.evaluation.lmeval import write_task_yamls
+    from harness.evaluation.local_data import write_task_yamls
 
     paths = write_task_yamls(cfg, out / "lm_eval_tasks")
     if paths:

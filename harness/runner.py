@@ -21,7 +21,8 @@ import torch
 from harness import defaults
 from harness.errors import MethodFailed, NonFiniteOutput, UsageError
 from harness.evaluation import distributed
-from harness.evaluation.lmeval import EvalConfig, run_lm_eval, validate_tasks
+from harness.evaluation.eval_config import EvalConfig
+from harness.evaluation.lmeval import run_lm_eval
 from harness.evaluation.perplexity import perplexity
 from harness.evaluation.stability import DEFAULT_SCORES as DEFAULT_STABILITY_SCORES
 from harness.evaluation.stability import check_scores as check_stability_scores
@@ -34,6 +35,7 @@ from harness.evaluation.stability import (
     save_samples,
 )
 from harness.evaluation.stability import compare as stability_vs_dense
+from harness.evaluation.task_checks import validate_tasks
 from harness.finite import (
     DEFAULT_MAX_LOSS_GROWTH,
     FirstForwardGuard,

@@ -20,7 +20,7 @@ import traceback
 from pathlib import Path
 
 from harness.errors import UsageError
-from harness.evaluation.lmeval import parse_batch_size
+from harness.evaluation.eval_config import WIKITEXT_LOCAL, parse_batch_size
 from harness.io import (  # the file checks live in io (base stage)
     check_jsonl_file,
     check_text_file,
@@ -152,19 +152,19 @@ def check_calibration_source(source: str, field: str = "text") -> None:
 
 def check_task_data(cfg) -> list[Path]:
     """Open every task data file the evaluation reads and check every row (fields, types, the
-    answer among the choices: harness.evaluation.lmeval.check_task_files); returns the files."""
-    from harness.evaluation import lmeval
+    answer among the choices: harness.evaluation.task_checks.check_task_files); returns the files."""
+    from harness.evaluation.task_checks import check_task_files
 
     if cfg.ppl and not cfg.data_dir and (os.environ.get("HF_DATASETS_OFFLINE") == "1"
                                          or os.environ.get("HF_HUB_OFFLINE") == "1"):
         raise UsageError("--ppl reads wikitext-2 test from the Hub, which is offline here; pass --data-dir "
                          "(a folder laid out like shared/data) so it is read from wikitext2/wikitext-2-raw-v1/test.jsonl")
     try:
-        files = [Path(f) for f in lmeval.check_task_files(cfg)]
+        files = [Path(f) for f in check_task_files(cfg)]
     except (ValueError, KeyError, TypeError, OSError) as exc:  # e.g. a suite.json that is not JSON
         raise UsageError(f"task data could not be read ({type(exc).__name__}: {str(exc)[:200]}); "
                          "check --suite / --data-dir") from None
-    wikitext = Path(cfg.data_dir) / lmeval.WIKITEXT_LOCAL if cfg.data_dir else None
+    wikitext = Path(cfg.data_dir) / WIKITEXT_LOCAL if cfg.data_dir else None
     if cfg.ppl and wikitext is not None and wikitext not in files:  # --ppl next to a --suite
         check_jsonl_file(wikitext, "wikitext-2 test file (--ppl)", ("text",))
         files.append(wikitext)

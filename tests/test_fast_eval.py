@@ -275,7 +275,7 @@ def test_hflm_class_composes_with_data_parallel(monkeypatch):
 
 def test_eval_impl_is_not_part_of_the_run_key():
     from harness import runner
-    from harness.evaluation.lmeval import EvalConfig
+    from harness.evaluation.eval_config import EvalConfig
 
     fast, stock = EvalConfig(eval_impl="fast"), EvalConfig(eval_impl="stock")
     assert fast.to_dict()["eval_impl"] == "fast" and fast.to_dict() != stock.to_dict()
@@ -304,7 +304,8 @@ REAL_TASKS = ["piqa", "arc_easy", "hellaswag"]
 
 
 def _task_run(model, tok, impl, limit=12):
-    from harness.evaluation.lmeval import EvalConfig, run_lm_eval
+    from harness.evaluation.eval_config import EvalConfig
+    from harness.evaluation.lmeval import run_lm_eval
 
     cfg = EvalConfig(tasks=REAL_TASKS, data_dir=str(shared_data_or_skip()), limit=limit, batch_size=4,
                      eval_impl=impl)

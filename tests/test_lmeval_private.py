@@ -8,7 +8,7 @@ import yaml
 from conftest import REPO
 
 from harness.evaluation import lmeval_private as private
-from harness.evaluation.lmeval import lm_eval_tasks_dir
+from harness.evaluation.task_resolution import lm_eval_tasks_dir
 
 
 def test_pinned_lm_eval_version():

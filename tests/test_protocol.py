@@ -326,7 +326,7 @@ def test_config_file_per_task_shots_and_labels(tmp_path):
     assert args.num_fewshot == "mmlu=5,default=0"
     assert args.label == ["shortgpt=ShortGPT", "dense=Dense model", "shortgpt=Ours"]  # the command line wins
 
-    from harness.evaluation.lmeval import fewshot_for, parse_num_fewshot
+    from harness.evaluation.eval_config import fewshot_for, parse_num_fewshot
 
     spec = parse_num_fewshot(args.num_fewshot)
     assert spec == {"mmlu": 5, "default": 0}
@@ -335,7 +335,7 @@ def test_config_file_per_task_shots_and_labels(tmp_path):
 
 
 def test_include_path_is_part_of_the_run_key(tmp_path):
-    from harness.evaluation.lmeval import EvalConfig
+    from harness.evaluation.eval_config import EvalConfig
 
     (tmp_path / "t.yaml").write_text("task: t\n")
     a = EvalConfig(tasks=["t"], include_path=str(tmp_path)).to_dict()

@@ -105,7 +105,8 @@ def test_lm_eval_path_agrees_with_reference_scoring():
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from harness.evaluation.lmeval import EvalConfig, run_lm_eval
+    from harness.evaluation.eval_config import EvalConfig
+    from harness.evaluation.lmeval import run_lm_eval
 
     d = _trained("small")
     model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()

@@ -41,7 +41,7 @@ def test_reserved_and_path_like_method_names_cannot_be_registered(name):
 def test_suite_names_and_files_never_become_paths(tasks, tmp_path):
     import json
 
-    from harness.evaluation.lmeval import suite_tasks
+    from harness.evaluation.local_data import suite_tasks
 
     (tmp_path / "copy.jsonl").write_text('{"query": "a", "choices": ["b", "c"], "label": 0}\n')
     (tmp_path / "suite.json").write_text(json.dumps({"tasks": tasks}))
@@ -214,7 +214,8 @@ def test_every_local_task_row_is_checked(tmp_path, task, row, needle):
     import json
     import shutil
 
-    from harness.evaluation.lmeval import EvalConfig, check_task_files
+    from harness.evaluation.eval_config import EvalConfig
+    from harness.evaluation.task_checks import check_task_files
 
     data = shared_data_or_skip()
     root = tmp_path / "data"
@@ -241,7 +242,7 @@ def test_inputs_that_would_silently_change_what_runs_are_refused(tmp_path):
     --num-fewshot, a config file that is not UTF-8, remove.layers disagreeing with the target."""
     from harness.cli import build_parser
     from harness.config_file import load_config_file
-    from harness.evaluation.lmeval import parse_num_fewshot
+    from harness.evaluation.eval_config import parse_num_fewshot
 
     dup = tmp_path / "dup.yaml"
     dup.write_text("model: m\nlayers: 2\nmethods: [remove]\nlayers: 4\n")
@@ -418,7 +419,7 @@ def test_a_full_disk_or_a_read_only_folder_is_one_error_line(tmp_path, capsys, m
 def test_a_suite_without_tasks_is_refused(tmp_path):
     import json
 
-    from harness.evaluation.lmeval import suite_tasks
+    from harness.evaluation.local_data import suite_tasks
 
     (tmp_path / "suite.json").write_text(json.dumps({"tasks": {}}))
     with pytest.raises(UsageError, match="lists no tasks"):
@@ -427,7 +428,8 @@ def test_a_suite_without_tasks_is_refused(tmp_path):
 
 def test_more_few_shot_examples_than_the_data_holds_is_one_error_line(tmp_path):
     """lm-eval would raise 'Sample larger than population' from deep inside its sampler mid-run."""
-    from harness.evaluation.lmeval import EvalConfig, check_task_files
+    from harness.evaluation.eval_config import EvalConfig
+    from harness.evaluation.task_checks import check_task_files
 
     assert check_task_files(EvalConfig(suite=str(SUITE), num_fewshot=299))
     with pytest.raises(UsageError, match="--num-fewshot 300 for task 'copy'.* holds only 299 examples"):

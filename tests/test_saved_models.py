@@ -150,7 +150,8 @@ def test_shared_layer_is_an_ordinary_checkpoint_and_load_pruned_ties_it_again(re
 
 def _suite_task(tmp_path) -> tuple[Path, str]:
     """One reference-suite task as an lm-eval YAML (the harness's own task spec)."""
-    from harness.evaluation.lmeval import EvalConfig, _task_yaml_specs
+    from harness.evaluation.eval_config import EvalConfig
+    from harness.evaluation.local_data import _task_yaml_specs
 
     suite = tmp_path / "suite"
     suite.mkdir()
@@ -166,7 +167,8 @@ def _suite_task(tmp_path) -> tuple[Path, str]:
 
 
 def test_lm_eval_cli_on_a_saved_streamline_model_gives_the_harness_numbers(ref, tmp_path):
-    from harness.evaluation.lmeval import EvalConfig, run_lm_eval
+    from harness.evaluation.eval_config import EvalConfig
+    from harness.evaluation.lmeval import run_lm_eval
     from harness.evaluation.stability import compact_samples
 
     res = _pruned(ref, "streamline")

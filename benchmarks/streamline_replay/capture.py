@@ -20,7 +20,8 @@ from lm_eval.models.huggingface import HFLM
 import lm_eval
 
 from harness.model.loading import load_model
-from harness.evaluation.lmeval import EvalConfig, _DEFAULT_CACHE, _apply_fewshot
+from harness.evaluation.eval_config import EvalConfig
+from harness.evaluation.lmeval import _DEFAULT_CACHE, _apply_fewshot
 
 TASKS = ["piqa", "arc_easy", "hellaswag", "winogrande"]
 STARTS = (12, 14, 16)

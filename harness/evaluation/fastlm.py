@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.defaults import EVAL_IMPLS as IMPLS
 from harness.evaluation.scored import GatherScored, warn_once
 from harness.evaluation.shared_context import score_shared
 

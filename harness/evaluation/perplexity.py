@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from harness.errors import UsageError
-from harness.evaluation.lmeval import WIKITEXT_LOCAL, EvalConfig
+from harness.evaluation.eval_config import WIKITEXT_LOCAL, EvalConfig
 from harness.model.loading import model_device
 
 

@@ -96,7 +96,7 @@ def suite(row):
             or _index(row.get("label"), len(row["choices"]), "label"))
 
 
-# local data folder (lmeval.LOCAL_DATASETS / mmlu / a suite) -> its row check
+# local data folder (local_data.LOCAL_DATASETS / mmlu / a suite) -> its row check
 CHECKS = {"piqa": piqa, "hellaswag": hellaswag, "winogrande": winogrande, "boolq": boolq, "arc_easy": arc,
           "arc_challenge": arc, "openbookqa": openbookqa, "mmlu": mmlu, "suite": suite}
 
