@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -246,6 +246,51 @@ def released_search(ctx: MethodContext, cfg: LaCoConfig, merge_fn, name: str) ->
     return _search(ctx, cfg, merge_fn, name, released=True)
 
 
+@dataclass
+class _Search:
+    """A search's state across its passes."""
+    orig: list  # original index of each current position
+    ref: object  # the reference final states (dense, or the current model's with reference=current)
+    removed: list = field(default_factory=list)
+    merges: list = field(default_factory=list)
+    candidates: list = field(default_factory=list)
+
+
+def _one_pass(ctx, cfg, merge_fn, st: _Search, data, p: int, threshold: float, bounds: tuple, n: int,
+              released: bool) -> dict:
+    """One pass at ``threshold``: walk the merge base down, merging where the similarity holds."""
+    C, H, lo = bounds
+    adapter = ctx.adapter
+    merge_keys = ("position",) * released + ("layer", "merged", "similarity", "threshold", "pass")
+    evaluated = accepted = 0
+    # the notebook starts at H - C; a relaxed pass (harness addition) starts at the current
+    # position of original layer H, minus C (the same place while nothing is merged)
+    orig = st.orig
+    l = max(lo, sum(1 for o in orig if o < H) - C)
+    while l >= lo and len(st.removed) < n:
+        l, m = _step(adapter, orig, l, C, H, n - len(st.removed), released)
+        if l < lo or m < 1:  # paper: no window fits below H; released: cannot happen, never loop idle
+            break
+        sim, ok = try_merge(ctx, l, m, merge_fn, st.ref, data, cfg.final_norm, threshold)
+        evaluated += 1
+        entry = {"pass": p, **({"position": l} if released else {}), "layer": orig[l],
+                 "merged": orig[l + 1: l + 1 + m], "similarity": sim, "threshold": threshold, "accepted": ok}
+        st.candidates.append(entry)
+        if ok:
+            accepted += 1
+            st.removed.extend(orig[l + 1: l + 1 + m])
+            st.merges.append({k: entry[k] for k in merge_keys})
+            del orig[l + 1: l + 1 + m]
+            if cfg.reference == "current":
+                st.ref = _final_states(ctx, data, cfg.final_norm)
+            l -= cfg.interval
+            if released and l >= adapter.num_layers:  # the notebook's reset (unreachable for interval >= 1)
+                l = adapter.num_layers - 1 - C
+        else:
+            l -= 1
+    return {"threshold": threshold, "evaluated": evaluated, "accepted": accepted}
+
+
 def _search(ctx: MethodContext, cfg: LaCoConfig, merge_fn, name: str, released: bool) -> PruneResult:
     """Both searches: passes at a relaxing threshold, each walking the merge base ``l`` (a position
     in the current layer list) down from H - C. They differ only in the window at each step
@@ -255,45 +300,16 @@ def _search(ctx: MethodContext, cfg: LaCoConfig, merge_fn, name: str, released: 
     C, H, lo = _resolve(ctx, cfg, name)
     t0 = time.perf_counter()
     data, sent_desc = _sentences(ctx, cfg)
-    adapter = ctx.adapter
-    orig = list(range(ctx.num_layers))  # original index of each current position
-    ref = _final_states(ctx, data, cfg.final_norm)
-    removed: list[int] = []
-    merges, candidates, passes = [], [], []
+    st = _Search(orig=list(range(ctx.num_layers)), ref=_final_states(ctx, data, cfg.final_norm))
+    removed, passes = st.removed, []
     threshold = cfg.threshold
     max_passes = 1 if cfg.fallback == "error" else math.ceil((cfg.threshold + 1.0) / cfg.relax_step) + 2
-    merge_keys = ("position",) * released + ("layer", "merged", "similarity", "threshold", "pass")
     for p in range(max_passes):
         if p:
             threshold = cfg.threshold - p * cfg.relax_step
             log.warning("%s: threshold %.3f removed %d of %d layers; relaxing to %.3f (recorded in the manifest)",
                         name, passes[-1]["threshold"], len(removed), n, threshold)
-        evaluated = accepted = 0
-        # the notebook starts at H - C; a relaxed pass (harness addition) starts at the current
-        # position of original layer H, minus C (the same place while nothing is merged)
-        l = max(lo, sum(1 for o in orig if o < H) - C)
-        while l >= lo and len(removed) < n:
-            l, m = _step(adapter, orig, l, C, H, n - len(removed), released)
-            if l < lo or m < 1:  # paper: no window fits below H; released: cannot happen, never loop idle
-                break
-            sim, ok = try_merge(ctx, l, m, merge_fn, ref, data, cfg.final_norm, threshold)
-            evaluated += 1
-            entry = {"pass": p, **({"position": l} if released else {}), "layer": orig[l],
-                     "merged": orig[l + 1: l + 1 + m], "similarity": sim, "threshold": threshold, "accepted": ok}
-            candidates.append(entry)
-            if ok:
-                accepted += 1
-                removed.extend(orig[l + 1: l + 1 + m])
-                merges.append({k: entry[k] for k in merge_keys})
-                del orig[l + 1: l + 1 + m]
-                if cfg.reference == "current":
-                    ref = _final_states(ctx, data, cfg.final_norm)
-                l -= cfg.interval
-                if released and l >= adapter.num_layers:  # the notebook's reset (unreachable for interval >= 1)
-                    l = adapter.num_layers - 1 - C
-            else:
-                l -= 1
-        passes.append({"threshold": threshold, "evaluated": evaluated, "accepted": accepted})
+        passes.append(_one_pass(ctx, cfg, merge_fn, st, data, p, threshold, (C, H, lo), n, released))
         if len(removed) >= n:
             break
         if cfg.fallback == "error":
@@ -308,9 +324,9 @@ def _search(ctx: MethodContext, cfg: LaCoConfig, merge_fn, name: str, released: 
         rule["search"] = "released-notebook"
     return PruneResult(
         model=ctx.model, removed_layers=sorted(removed),
-        scores={"candidates": candidates, "passes": passes, "threshold": cfg.threshold,
+        scores={"candidates": st.candidates, "passes": passes, "threshold": cfg.threshold,
                 "threshold_final": threshold},
-        extra={"laco": {"merges": merges, **rule,
+        extra={"laco": {"merges": st.merges, **rule,
                         "merge_layers": C, "highest_layer": H, "lowest_layer": lo, "interval": cfg.interval,
                         "reference": cfg.reference, "final_norm": cfg.final_norm, "sentences": sent_desc,
                         "requested": n, "removed": len(removed)}},

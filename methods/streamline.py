@@ -226,63 +226,15 @@ def run_streamline(ctx: MethodContext, cfg, kind: str) -> PruneResult:
     if kind == "none":
         remove_layers(ctx.adapter, drop)
         return PruneResult(model=ctx.model, removed_layers=drop, scores=scores, extra={"streamline": info})
-
-    train_n = cfg.train_samples or len(ctx.calibration)
-    mlp_kind = kind in ("mlp", "mlp-shared", "multi-mlp")
-    hold = getattr(cfg, "heldout_samples", 0) if cfg.loss == "mse" else 0
-    # MSE fits activations on calibration blocks; the LM loss trains on the text in the model's own
-    # format (reference models: whole episodes, answers scored; any other model: the same blocks)
-    data = (ctx.lm_training_data if cfg.loss == "lm" else ctx.training_data)(train_n + hold, cfg.train_seq_len)
-    heldout = None
-    if hold and len(data) > hold:  # the training draw's last blocks: the fit never sees them
-        data, heldout = data.split(hold)
+    data, heldout = _training_data(ctx, cfg)
     fit = dict(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
                seed=ctx.seed, progress=ctx.progress, activation_cache=cfg.activation_cache,
                activation_cache_gb=cfg.activation_cache_gb)
     checkpoint = use_checkpointing(cfg.grad_checkpointing, ctx.model)
-    training: dict = {}
-    if mlp_kind:
-        d = ctx.adapter.hidden_size
-        h = mlp_width(d, cfg.hidden_size, cfg.hidden_mult)
-        why = identity_check(d, h, cfg.activation) if cfg.init == "identity" and not cfg.residual else None
-        if why:
-            raise UsageError(f"{cfg.method_name}.init=identity is impossible here: {why}; "
-                             f"pass -o {cfg.method_name}.init=random")
-        if kind == "multi-mlp":
-            module = MultiMLPReplacement(d, h, n, activation=cfg.activation, residual=cfg.residual, init=cfg.init)
-        else:
-            module = MLPReplacement(d, h, activation=cfg.activation, residual=cfg.residual,
-                                    repeat=n if kind == "mlp-shared" else 1, init=cfg.init)
-        ref = next(ctx.model.parameters())
-        module.to(device=ref.device)  # fit in float32; cast to the model dtype on insertion
-        if cfg.loss == "mse" and kind == "multi-mlp":  # MLP k: X_{i*+k} -> X_{i*+k+1}, its own layer
-            logs = [fit_to_boundaries(ctx, mlp, data, start + k, start + k + 1, fit_loss=cfg.fit_loss, **fit)
-                    for k, mlp in enumerate(module.mlps)]
-            training = {"per_mlp": logs, "epoch_loss": [sum(v) / len(v) for v in zip(*(g["epoch_loss"] for g in logs))],
-                        "loss": "mse"}
-        elif cfg.loss == "mse":
-            training = fit_to_boundaries(ctx, module, data, start, start + n, fit_loss=cfg.fit_loss, **fit)
-        if heldout is not None:  # the dense window is still in place: its boundaries are the targets
-            training["heldout"] = check_heldout(cfg.method_name,
-                                                heldout_mse(ctx, module, heldout, start, start + n, cfg.batch_size,
-                                                            fit_loss=cfg.fit_loss))
-        training["init"] = "identity (plain removal)" if cfg.init == "identity" and not cfg.residual else \
-            ("zero residual (plain removal)" if cfg.residual else "random")
-        remove_layers(ctx.adapter, drop)
-        where = insert_replacement(ctx.adapter, start, module)
-        replacement = {**describe(module), "position": start, "where": where}
+    if kind in ("mlp", "mlp-shared", "multi-mlp"):
+        module, training, replacement = _mlp_replacement(ctx, cfg, kind, start, data, heldout, fit)
     else:
-        repeat = n if kind == "layer-shared" else 1
-        if cfg.init == "first":  # a copy: the dense layer stays in place while the targets are computed
-            module = copy.deepcopy(unwrap_layer(ctx.adapter.layers[start]))
-        else:
-            module = ctx.adapter.new_layer(start, init=True)  # the model's own initialisation
-        if cfg.loss == "mse":
-            training = fit_layer_to_boundaries(ctx, module, data, start, start + n, repeat=repeat,
-                                               grad_checkpointing=checkpoint, **fit)
-        positions = insert_layer_replacement(ctx.adapter, start, n, module, repeat=repeat)
-        replacement = {**describe_layer(module, repeat, cfg.init), "position": start, "positions": positions,
-                       "init_from_layer": start if cfg.init == "first" else None}
+        module, training, replacement = _layer_replacement(ctx, cfg, kind, start, data, fit, checkpoint)
     trainable = list(module.parameters())
     if cfg.loss == "lm":
         steps = steps_for(len(data), cfg.batch_size, cfg.epochs)
@@ -292,15 +244,85 @@ def run_streamline(ctx: MethodContext, cfg, kind: str) -> PruneResult:
         training["epochs"] = cfg.epochs
     extra = {"streamline": info, "training": {**training, "data": data.description}}
     if cfg.post_train_steps > 0:
-        pdata = ctx.lm_training_data(cfg.post_train_samples or cfg.post_train_steps * cfg.post_train_batch_size,
-                                  cfg.train_seq_len, seed_offset=2, source=cfg.post_train_text,
-                                  split=cfg.post_train_split if cfg.post_train_text else None,
-                                  field=cfg.post_train_field if cfg.post_train_text else None)
-        post = train_lm(ctx.model, trainable, pdata, steps=cfg.post_train_steps, lr=cfg.post_train_lr,
-                        batch_size=cfg.post_train_batch_size, seed=ctx.seed + 1, progress=ctx.progress,
-                        train_mode=False, desc="post-train replacement", grad_checkpointing=checkpoint)
-        extra["post_training"] = {**post, "trained": "replacement only", "data": pdata.description}
+        extra["post_training"] = _post_train(ctx, cfg, trainable, checkpoint)
     return PruneResult(model=ctx.model, removed_layers=drop, scores=scores, replacement=replacement, extra=extra)
+
+
+def _training_data(ctx: MethodContext, cfg):
+    """(training blocks, held-out blocks or None). MSE fits activations on calibration blocks; the LM
+    loss trains on the text in the model's own format (reference models: whole episodes, answers
+    scored; any other model: the same blocks)."""
+    train_n = cfg.train_samples or len(ctx.calibration)
+    hold = getattr(cfg, "heldout_samples", 0) if cfg.loss == "mse" else 0
+    data = (ctx.lm_training_data if cfg.loss == "lm" else ctx.training_data)(train_n + hold, cfg.train_seq_len)
+    if hold and len(data) > hold:  # the training draw's last blocks: the fit never sees them
+        return data.split(hold)
+    return data, None
+
+
+def _mlp_replacement(ctx: MethodContext, cfg, kind: str, start: int, data, heldout, fit: dict):
+    """Build the MLP replacement, fit it (MSE) and judge it on the held-out blocks while the dense
+    window is in place, then swap the window for it; (module, training log, replacement info)."""
+    n = ctx.num_remove
+    d = ctx.adapter.hidden_size
+    h = mlp_width(d, cfg.hidden_size, cfg.hidden_mult)
+    why = identity_check(d, h, cfg.activation) if cfg.init == "identity" and not cfg.residual else None
+    if why:
+        raise UsageError(f"{cfg.method_name}.init=identity is impossible here: {why}; "
+                         f"pass -o {cfg.method_name}.init=random")
+    if kind == "multi-mlp":
+        module = MultiMLPReplacement(d, h, n, activation=cfg.activation, residual=cfg.residual, init=cfg.init)
+    else:
+        module = MLPReplacement(d, h, activation=cfg.activation, residual=cfg.residual,
+                                repeat=n if kind == "mlp-shared" else 1, init=cfg.init)
+    module.to(device=next(ctx.model.parameters()).device)  # fit in float32; cast to the model dtype on insertion
+    training: dict = {}
+    if cfg.loss == "mse" and kind == "multi-mlp":  # MLP k: X_{i*+k} -> X_{i*+k+1}, its own layer
+        logs = [fit_to_boundaries(ctx, mlp, data, start + k, start + k + 1, fit_loss=cfg.fit_loss, **fit)
+                for k, mlp in enumerate(module.mlps)]
+        training = {"per_mlp": logs, "epoch_loss": [sum(v) / len(v) for v in zip(*(g["epoch_loss"] for g in logs))],
+                    "loss": "mse"}
+    elif cfg.loss == "mse":
+        training = fit_to_boundaries(ctx, module, data, start, start + n, fit_loss=cfg.fit_loss, **fit)
+    if heldout is not None:  # the dense window is still in place: its boundaries are the targets
+        training["heldout"] = check_heldout(cfg.method_name,
+                                            heldout_mse(ctx, module, heldout, start, start + n, cfg.batch_size,
+                                                        fit_loss=cfg.fit_loss))
+    training["init"] = "identity (plain removal)" if cfg.init == "identity" and not cfg.residual else \
+        ("zero residual (plain removal)" if cfg.residual else "random")
+    remove_layers(ctx.adapter, list(range(start, start + n)))
+    where = insert_replacement(ctx.adapter, start, module)
+    return module, training, {**describe(module), "position": start, "where": where}
+
+
+def _layer_replacement(ctx: MethodContext, cfg, kind: str, start: int, data, fit: dict, checkpoint: bool):
+    """A decoder layer (a copy of layer ``start``, or freshly initialised), fit with MSE (applied n
+    times for layer-shared) and put in the window's place; (module, training log, replacement info)."""
+    n = ctx.num_remove
+    repeat = n if kind == "layer-shared" else 1
+    if cfg.init == "first":  # a copy: the dense layer stays in place while the targets are computed
+        module = copy.deepcopy(unwrap_layer(ctx.adapter.layers[start]))
+    else:
+        module = ctx.adapter.new_layer(start, init=True)  # the model's own initialisation
+    training: dict = {}
+    if cfg.loss == "mse":
+        training = fit_layer_to_boundaries(ctx, module, data, start, start + n, repeat=repeat,
+                                           grad_checkpointing=checkpoint, **fit)
+    positions = insert_layer_replacement(ctx.adapter, start, n, module, repeat=repeat)
+    return module, training, {**describe_layer(module, repeat, cfg.init), "position": start, "positions": positions,
+                              "init_from_layer": start if cfg.init == "first" else None}
+
+
+def _post_train(ctx: MethodContext, cfg, trainable: list, checkpoint: bool) -> dict:
+    """The paper's post-training: the replacement alone, LM loss, on its own text."""
+    pdata = ctx.lm_training_data(cfg.post_train_samples or cfg.post_train_steps * cfg.post_train_batch_size,
+                                 cfg.train_seq_len, seed_offset=2, source=cfg.post_train_text,
+                                 split=cfg.post_train_split if cfg.post_train_text else None,
+                                 field=cfg.post_train_field if cfg.post_train_text else None)
+    post = train_lm(ctx.model, trainable, pdata, steps=cfg.post_train_steps, lr=cfg.post_train_lr,
+                    batch_size=cfg.post_train_batch_size, seed=ctx.seed + 1, progress=ctx.progress,
+                    train_mode=False, desc="post-train replacement", grad_checkpointing=checkpoint)
+    return {**post, "trained": "replacement only", "data": pdata.description}
 
 
 VARIANTS = [

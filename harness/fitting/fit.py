@@ -78,9 +78,7 @@ def fit_to_boundaries(ctx, module: nn.Module, data, start: int, end: int, *, epo
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     module.train()
     ref = next(module.parameters())
-    log = {"epoch_loss": [], "steps": 0, "tokens_per_epoch": 0, "optimizer": "AdamW", "lr": lr,
-           "weight_decay": weight_decay, "epochs": epochs, "batch_size": batch_size, "loss": "mse",
-           "fit_loss": fit_loss}
+    log = _new_log(lr, weight_decay, epochs, batch_size, fit_loss=fit_loss)
     t0 = time.perf_counter()
     reader = loss_reader(ctx, end, fit_loss)
     log["fit_loss_reader"] = type(reader).__name__ if reader is not None else None
@@ -95,32 +93,59 @@ def fit_to_boundaries(ctx, module: nn.Module, data, start: int, end: int, *, epo
             cache.add(pair)
             yield pair
 
-    for epoch in range(epochs):
-        total, tokens = 0.0, 0
-        pairs = cache.replay(model_ref.device) if cache.ready else streamed()
-        for x, y in tqdm(pairs, total=n_batches, desc=f"fit replacement (epoch {epoch + 1}/{epochs})",
-                         disable=not progress):
-            x = x.to(device=ref.device, dtype=ref.dtype)
-            y = y.to(device=ref.device, dtype=ref.dtype)
-            with torch.enable_grad(), autocast_for(ref.device):
-                pred = module(x)
-                loss = boundary_loss(pred.float(), y.float(), fit_loss, reader)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            value = loss.detach().item()
-            check_loss(value, "replacement fit", epoch, log["steps"])
-            log.setdefault("loss_first_step", value)
-            total += value * x.shape[0]
-            tokens += x.shape[0]
-            log["steps"] += 1
-        log["epoch_loss"].append(total / max(tokens, 1))
-        log["tokens_per_epoch"] = tokens
+    def step(pair):
+        x = pair[0].to(device=ref.device, dtype=ref.dtype)
+        y = pair[1].to(device=ref.device, dtype=ref.dtype)
+        with torch.enable_grad(), autocast_for(ref.device):
+            loss = boundary_loss(module(x).float(), y.float(), fit_loss, reader)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return loss.detach().item(), x.shape[0]
+
+    _run_epochs(log, epochs, n_batches, cache, streamed, model_ref.device, step, "replacement", progress)
     module.eval()
     log["activation_cache"] = cache.describe()
     cache.close()
     log["seconds"] = time.perf_counter() - t0
     return log
+
+
+def _new_log(lr: float, weight_decay: float, epochs: int, batch_size: int, **extra) -> dict:
+    return {"epoch_loss": [], "steps": 0, "tokens_per_epoch": 0, "optimizer": "AdamW", "lr": lr,
+            "weight_decay": weight_decay, "epochs": epochs, "batch_size": batch_size, "loss": "mse", **extra}
+
+
+def _capture_layer_args(layer: nn.Module) -> tuple[dict, object]:
+    """A pre-hook on ``layer`` keeping the arguments of its latest call besides the hidden states
+    (mask, positions, embeddings; the cache left out); returns (that dict, the hook's handle)."""
+    captured: dict = {}
+
+    def grab(_module, args, kwargs):
+        captured["args"] = tuple(args[1:])
+        captured["kwargs"] = {k: v for k, v in kwargs.items()
+                              if k not in ("hidden_states", "past_key_values", "past_key_value", "use_cache")}
+
+    return captured, layer.register_forward_pre_hook(grab, with_kwargs=True)
+
+
+def _run_epochs(log: dict, epochs: int, n_batches: int, cache, streamed, device, step, what: str,
+                progress: bool) -> None:
+    """The fits' shared loop: epoch 1 streams the model's boundary states (filling the activation
+    cache), later epochs replay the cache when it holds them; ``step(item) -> (loss, tokens)`` takes
+    one optimiser step; a non-finite loss fails the fit (check_loss)."""
+    for epoch in range(epochs):
+        total, tokens = 0.0, 0
+        items = cache.replay(device) if cache.ready else streamed()
+        for item in tqdm(items, total=n_batches, desc=f"fit {what} (epoch {epoch + 1}/{epochs})", disable=not progress):
+            value, count = step(item)
+            check_loss(value, f"{what} fit", epoch, log["steps"])
+            log.setdefault("loss_first_step", value)
+            total += value * count
+            tokens += count
+            log["steps"] += 1
+        log["epoch_loss"].append(total / max(tokens, 1))
+        log["tokens_per_epoch"] = tokens
 
 
 @torch.no_grad()
@@ -161,16 +186,12 @@ def fit_layer_to_boundaries(ctx, layer: nn.Module, data, start: int, end: int, *
                             lr: float, batch_size: int, weight_decay: float = 0.0, seed: int = 0,
                             progress: bool = True, grad_checkpointing: bool = False,
                             activation_cache: str = "none", activation_cache_gb: float = 2.0) -> dict:
-    """Train a decoder layer (not part of the model) with MSE so that ``layer`` applied
-    ``repeat`` times to X_start ~ X_end over real tokens.
-
-    The layer is called with the very arguments the model passes to its layer ``start`` in the
-    same forward pass (captured by a pre-hook): the causal attention mask, position ids and
-    embeddings, with the cache left out. It trains in eval mode (no dropout), like the MLP fit.
-    ``grad_checkpointing`` recomputes each application of the layer in the backward pass;
-    ``activation_cache`` replays the first epoch's (X_start, X_end, mask, layer arguments) in
-    epochs 2..E (harness.fitting.scale); on CUDA the step runs under bf16 autocast.
-    """
+    """Train a decoder layer (not part of the model) with MSE so that ``layer`` applied ``repeat``
+    times to X_start ~ X_end over real tokens, called with the model's own arguments to its layer
+    ``start`` (mask, positions, embeddings: _capture_layer_args), in eval mode (no dropout).
+    ``grad_checkpointing`` recomputes each application in the backward pass; ``activation_cache``
+    replays epoch 1's (X_start, X_end, mask, arguments) in epochs 2..E (harness.fitting.scale); on
+    CUDA the step runs under bf16 autocast."""
     from harness.model.adapters import first_tensor
 
     torch.manual_seed(seed)
@@ -180,19 +201,11 @@ def fit_layer_to_boundaries(ctx, layer: nn.Module, data, start: int, end: int, *
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     layer.eval()
-    captured: dict = {}
-
-    def grab(_module, args, kwargs):
-        captured["args"] = tuple(args[1:])
-        captured["kwargs"] = {k: v for k, v in kwargs.items()
-                              if k not in ("hidden_states", "past_key_values", "past_key_value", "use_cache")}
-
-    log = {"epoch_loss": [], "steps": 0, "tokens_per_epoch": 0, "optimizer": "AdamW", "lr": lr,
-           "weight_decay": weight_decay, "epochs": epochs, "batch_size": batch_size, "loss": "mse",
-           "repeat": repeat, "layer_inputs": "the model's own arguments to layer start (causal mask)"}
+    log = _new_log(lr, weight_decay, epochs, batch_size, repeat=repeat,
+                   layer_inputs="the model's own arguments to layer start (causal mask)")
     t0 = time.perf_counter()
     n_batches = math.ceil(len(data) / batch_size)
-    handle = ctx.adapter.layers[start].register_forward_pre_hook(grab, with_kwargs=True)
+    captured, handle = _capture_layer_args(ctx.adapter.layers[start])
     device = next(layer.parameters()).device
     cache = ActivationCache(activation_cache if epochs > 1 else "none", activation_cache_gb, n_batches)
 
@@ -202,30 +215,21 @@ def fit_layer_to_boundaries(ctx, layer: nn.Module, data, start: int, end: int, *
             cache.add(item)
             yield item
 
+    def step(item):
+        x, y, mask, args, kwargs = item
+        mask = mask.to(x.device)
+        with torch.enable_grad(), autocast_for(device), checkpointing([layer], grad_checkpointing):
+            h = x
+            for _ in range(repeat):
+                h = first_tensor(layer(h, *args, use_cache=False, **kwargs))
+            loss = nn.functional.mse_loss(h[mask].float(), y[mask].float())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return loss.detach().item(), int(mask.sum())
+
     try:
-        for epoch in range(epochs):
-            total, tokens = 0.0, 0
-            items = cache.replay(device) if cache.ready else streamed()
-            for x, y, mask, args, kwargs in tqdm(items, total=n_batches, desc=f"fit layer (epoch {epoch + 1}/{epochs})",
-                                                 disable=not progress):
-                mask = mask.to(x.device)
-                with torch.enable_grad(), autocast_for(device), checkpointing([layer], grad_checkpointing):
-                    h = x
-                    for _ in range(repeat):
-                        h = first_tensor(layer(h, *args, use_cache=False, **kwargs))
-                    loss = nn.functional.mse_loss(h[mask].float(), y[mask].float())
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                count = int(mask.sum())
-                value = loss.detach().item()
-                check_loss(value, "layer fit", epoch, log["steps"])
-                log.setdefault("loss_first_step", value)
-                total += value * count
-                tokens += count
-                log["steps"] += 1
-            log["epoch_loss"].append(total / max(tokens, 1))
-            log["tokens_per_epoch"] = tokens
+        _run_epochs(log, epochs, n_batches, cache, streamed, device, step, "layer", progress)
     finally:
         handle.remove()
         for p, flag in flags:

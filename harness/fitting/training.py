@@ -40,15 +40,11 @@ def steps_for(num_samples: int, batch_size: int, epochs: int) -> int:
 def train_lm(model, params, data, *, steps: int, lr: float, batch_size: int, weight_decay: float = 0.0,
              max_grad_norm: float | None = 1.0, seed: int = 0, progress: bool = True, train_mode: bool = True,
              desc: str = "LM training", grad_checkpointing: bool = False) -> dict:
-    """AdamW on the LM loss for ``steps`` steps; only ``params`` change.
-
-    Each step takes the next ``batch_size`` blocks of ``data`` in a seeded random order,
-    reshuffled after every pass. ``train_mode`` puts the model in train mode (dropout on, e.g.
-    LoRA's); otherwise it stays in eval mode. Every parameter's ``requires_grad`` and the
-    model's mode are restored afterwards. ``grad_checkpointing`` recomputes each decoder layer
-    in the backward pass (harness.fitting.scale); on CUDA the steps run under bf16 autocast.
-    Returns a log (loss curve, tokens, wall time).
-    """
+    """AdamW on the LM loss for ``steps`` steps of ``batch_size`` blocks (_shuffled_batches); only
+    ``params`` change. ``train_mode``: dropout on (e.g. LoRA's), else eval mode; every parameter's
+    ``requires_grad`` and the model's mode are restored afterwards. ``grad_checkpointing``
+    recomputes each decoder layer in the backward pass (harness.fitting.scale); on CUDA the steps
+    run under bf16 autocast. Returns a log (loss curve, tokens, wall time)."""
     params = list(params)
     ids = {id(p) for p in params}
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -57,10 +53,8 @@ def train_lm(model, params, data, *, steps: int, lr: float, batch_size: int, wei
         p.requires_grad_(id(p) in ids)
     for p in params:  # may include parameters not registered in ``model`` (they still need grads)
         p.requires_grad_(True)
-    gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     n = len(data)
-    order: list[int] = []
     losses: list[float] = []
     tokens = scored = 0
     data_labels = getattr(data, "labels", None)
@@ -70,10 +64,8 @@ def train_lm(model, params, data, *, steps: int, lr: float, batch_size: int, wei
     layers = list(get_adapter(base).layers) if grad_checkpointing else []
     try:
         with torch.enable_grad(), autocast_for(model_device(model)), checkpointing(layers, grad_checkpointing):
-            for _ in tqdm(range(steps), desc=desc, disable=not progress):
-                if len(order) < min(batch_size, n):
-                    order += torch.randperm(n, generator=gen).tolist()
-                pick, order = order[:batch_size], order[batch_size:]
+            for pick in tqdm(_shuffled_batches(n, steps, batch_size, seed), total=steps, desc=desc,
+                             disable=not progress):
                 input_ids, mask = data.input_ids[pick], data.attention_mask[pick]
                 labels = None if data_labels is None else data_labels[pick]
                 loss = lm_loss(model, input_ids, mask, labels)
@@ -94,16 +86,32 @@ def train_lm(model, params, data, *, steps: int, lr: float, batch_size: int, wei
         for p, flag in flags:
             p.requires_grad_(flag)
         model.train(was_training)
-    every = max(1, len(losses) // 50)
-    curve = [sum(losses[i:i + every]) / len(losses[i:i + every]) for i in range(0, len(losses), every)]
-    k = max(1, len(losses) // 10)
     return {
         "loss": "lm", "optimizer": "AdamW", "lr": lr, "weight_decay": weight_decay, "schedule": "constant",
         "max_grad_norm": max_grad_norm, "steps": steps, "batch_size": batch_size, "samples": n,
         "tokens": tokens, "scored_tokens": scored, "train_mode": train_mode,
         "grad_checkpointing": bool(grad_checkpointing),
-        "trainable_params": sum(p.numel() for p in params),
-        "loss_first": sum(losses[:k]) / k if losses else None,
-        "loss_last": sum(losses[-k:]) / k if losses else None,
-        "loss_curve": curve, "loss_curve_every": every, "seconds": time.perf_counter() - t0,
+        "trainable_params": sum(p.numel() for p in params), **_loss_summary(losses),
+        "seconds": time.perf_counter() - t0,
     }
+
+
+def _shuffled_batches(n: int, steps: int, batch_size: int, seed: int):
+    """``steps`` batches of block indices: a seeded random order, reshuffled after every pass."""
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < min(batch_size, n):
+            order += torch.randperm(n, generator=gen).tolist()
+        pick, order = order[:batch_size], order[batch_size:]
+        yield pick
+
+
+def _loss_summary(losses: list[float]) -> dict:
+    """The first and last tenth's mean loss, and the curve in at most ~50 points."""
+    every = max(1, len(losses) // 50)
+    curve = [sum(losses[i:i + every]) / len(losses[i:i + every]) for i in range(0, len(losses), every)]
+    k = max(1, len(losses) // 10)
+    return {"loss_first": sum(losses[:k]) / k if losses else None,
+            "loss_last": sum(losses[-k:]) / k if losses else None,
+            "loss_curve": curve, "loss_curve_every": every}

@@ -54,12 +54,9 @@ def measure(model_dir, tasks=None, calib_samples: int = CALIB_SAMPLES) -> dict:
     """Everything the manifest's ``quality`` holds. The calibration set is run_benchmarks.py's
     default for a reference model (same blocks, same count), so the windows removed here are the
     ones ``--methods remove`` removes."""
-    import copy
-
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from harness.model.adapters import get_adapter
-    from harness.model.surgery import remove_layers
     from harness.signals.activations import collect_layer_stats
     from harness.signals.calibration import CalibrationConfig, load_calibration
 
@@ -75,16 +72,7 @@ def measure(model_dir, tasks=None, calib_samples: int = CALIB_SAMPLES) -> dict:
     stats = collect_layer_stats(model, adapter, cal, lags=tuple(sorted({1, *ns.values()})), progress=False)
     dense = evaluate_suite(model, tok, tasks)
     dense_avg = dense["average"]["acc"]
-    removal = []
-    for f, n in ns.items():
-        pruned = copy.deepcopy(model)
-        start = stats.best_window(n)
-        remove_layers(get_adapter(pruned), list(range(start, start + n)))
-        r = evaluate_suite(pruned, tok, tasks)
-        removal.append({"fraction": f, "n": n, "window": [start, start + n - 1],
-                        "acc": {t: round(v["acc"], 4) for t, v in r.items() if t != "average"},
-                        "avg": round(r["average"]["acc"], 4),
-                        "retained": round(100 * r["average"]["acc"] / dense_avg, 1)})
+    removal = [_removal(model, tok, tasks, stats, f, n, dense_avg) for f, n in ns.items()]
     quarter = removal[REGIME_FRACTIONS.index(0.25)]
     n = quarter["n"]
     per_layer = [round(v, 4) for v in stats.window_cos[1]]
@@ -109,6 +97,28 @@ def measure(model_dir, tasks=None, calib_samples: int = CALIB_SAMPLES) -> dict:
             "pretrained_llms_retained": PRETRAINED_RETAINED,
         },
     }
+    return _with_bars(q)
+
+
+def _removal(model, tok, tasks, stats, fraction: float, n: int, dense_avg: float) -> dict:
+    """Plain removal of the most similar window of ``n`` layers (Streamline's choice), scored."""
+    import copy
+
+    from harness.model.adapters import get_adapter
+    from harness.model.surgery import remove_layers
+
+    pruned = copy.deepcopy(model)
+    start = stats.best_window(n)
+    remove_layers(get_adapter(pruned), list(range(start, start + n)))
+    r = evaluate_suite(pruned, tok, tasks)
+    return {"fraction": fraction, "n": n, "window": [start, start + n - 1],
+            "acc": {t: round(v["acc"], 4) for t, v in r.items() if t != "average"},
+            "avg": round(r["average"]["acc"], 4),
+            "retained": round(100 * r["average"]["acc"] / dense_avg, 1)}
+
+
+def _with_bars(q: dict) -> dict:
+    """``q`` with the drop under removal and the quality bars it meets."""
     q["remove_drop"] = round(q["dense_avg"] - q["remove_avg"], 4)
     q["bars"] = {
         "dense_acc>=0.85": q["dense_avg"] >= BARS["dense_acc_min"],

@@ -250,65 +250,28 @@ def _save_checkpoint(path: Path, payload: dict) -> None:
 def train(size_key: str, world: W.World, tasks: dict, out_dir: Path, *, log=print, probe_every: int = 1000,
           checkpoint: Path | None = None, stop_after: int | None = None) -> dict | None:
     """Train one size until its StopRule says so; write the model and its manifest to ``out_dir``.
-
-    With ``checkpoint`` (a file), the run saves its full state there every ``CHECKPOINT_EVERY``
-    steps and resumes from it when it exists (same size settings required). ``stop_after`` ends the
-    run after that many steps with a checkpoint and no model (what an interruption leaves).
-    """
+    With ``checkpoint`` (a file), save the full state there every ``CHECKPOINT_EVERY`` steps and
+    resume from it (_resume); ``stop_after`` ends after that many steps with a checkpoint and no
+    model (what an interruption leaves)."""
     size = SIZES[size_key]
     torch.manual_seed(size.seed)
     tok = tokenizer_for(world)
     ids = word_ids(world.vocabulary())
     hx, hy = heldout_batch(world, size, ids)
     model = build_model(size, len(tok))
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": size.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=size.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW([{"params": [p for p in model.parameters() if p.dim() >= 2],
+                              "weight_decay": size.weight_decay},
+                             {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}],
+                            lr=size.lr, betas=(0.9, 0.95))
     probe = {t: items[:60] for t, items in tasks.items()}
-    st = {"step": 0, "losses": [], "heldout": [], "probe": [], "rule": None, "data_sha": "", "seconds": 0.0,
-          "n_tokens": 0}
-    if checkpoint is not None and checkpoint.is_file():
-        ck = torch.load(checkpoint, weights_only=False)
-        old, new = ck["size"], asdict(size)
-        changed = {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
-        if changed - STOP_FIELDS or (changed and ck["state"]["rule"] and ck["state"]["rule"]["cooldown_start"]):
-            raise SystemExit(f"error: checkpoint {checkpoint} was written for other settings "
-                             f"({', '.join(sorted(changed))}); delete it or pass --fresh")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        st = ck["state"]
-        log(f"[{size.name}] resuming at step {st['step']} from {checkpoint.name}")
+    st = _resume(checkpoint, size, model, opt, log)
     rule = StopRule(size, st["rule"])
     model.train()
     t0 = time.perf_counter() - st["seconds"]
     while not rule.done(st["step"]):
-        step = st["step"]
-        for g in opt.param_groups:
-            g["lr"] = rule.lr(step)
-        x, y = step_batch(world, step, size.batch, size.seq_len, ids)
-        st["data_sha"] = hashlib.sha256(st["data_sha"].encode() + x.numpy().tobytes()).hexdigest()
-        st["n_tokens"] += int((y != -100).sum())
-        loss = model(input_ids=x, attention_mask=(x != PAD_ID).long(), labels=y).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        st["losses"].append(loss.item())
-        st["step"] = step = step + 1
-        if not math.isfinite(st["losses"][-1]):
-            raise SystemExit(f"error: [{size.name}] training loss is not finite at step {step}")
+        step = _train_step(model, opt, rule, st, world, size, ids)
         if step % size.eval_every == 0:
-            model.eval()
-            h = _heldout_loss(model, hx, hy)
-            model.train()
-            rule.update(step, h)
-            st["heldout"].append({"step": step, "loss": round(h, 5), "lr": round(rule.lr(step - 1), 7)})
-            log(f"[{size.name}] step {step} train {sum(st['losses'][-100:]) / min(100, len(st['losses'])):.4f} held-out {h:.4f} "
-                f"(best {rule.best:.4f} @ {rule.best_step}) lr {rule.lr(step - 1):.2e} "
-                f"({time.perf_counter() - t0:.0f}s)" + (f" -> cooldown ({rule.reason}) to step "
-                                                       f"{rule.cooldown_start + rule.cooldown_len}"
-                                                       if rule.cooldown_start == step else ""))
+            _heldout_probe(model, size, rule, st, hx, hy, t0, log)
         if probe_every and step % probe_every == 0:
             model.eval()
             r = evaluate_suite(model, tok, probe)
@@ -317,8 +280,8 @@ def train(size_key: str, world: W.World, tasks: dict, out_dir: Path, *, log=prin
             log(f"[{size.name}] probe acc {st['probe'][-1]}")
         if checkpoint is not None and (step % CHECKPOINT_EVERY == 0 or step == stop_after):
             st["rule"], st["seconds"] = rule.state(), time.perf_counter() - t0
-            _save_checkpoint(checkpoint, {"size": asdict(size), "model": model.state_dict(),
-                                          "optimizer": opt.state_dict(), "state": st})
+            _save_checkpoint(checkpoint, {"size": asdict(size), "model": model.state_dict(), "optimizer": opt.state_dict(),
+                                          "state": st})
         if stop_after is not None and step >= stop_after:
             return None
     train_s = time.perf_counter() - t0
@@ -327,8 +290,71 @@ def train(size_key: str, world: W.World, tasks: dict, out_dir: Path, *, log=prin
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
+    manifest = _manifest(size_key, size, model, world, st, rule, train_s, dense)
+    write_json_atomic(out_dir / "manifest.json", manifest)
+    log(f"[{size.name}] done in {train_s:.0f}s after {st['step']} steps ({rule.reason}), held-out loss "
+        f"{manifest['final_heldout_loss']}, dense acc {dense['average']['acc']:.3f}: "
+        + ", ".join(f"{t} {r['acc']:.3f}" for t, r in dense.items()))
+    return manifest
+
+
+def _train_step(model, opt, rule, st: dict, world, size, ids) -> int:
+    """One optimiser step on the step's batch (its hash chained into st["data_sha"]); the new step."""
+    step = st["step"]
+    for g in opt.param_groups:
+        g["lr"] = rule.lr(step)
+    x, y = step_batch(world, step, size.batch, size.seq_len, ids)
+    st["data_sha"] = hashlib.sha256(st["data_sha"].encode() + x.numpy().tobytes()).hexdigest()
+    st["n_tokens"] += int((y != -100).sum())
+    loss = model(input_ids=x, attention_mask=(x != PAD_ID).long(), labels=y).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    st["losses"].append(loss.item())
+    st["step"] = step + 1
+    if not math.isfinite(st["losses"][-1]):
+        raise SystemExit(f"error: [{size.name}] training loss is not finite at step {step + 1}")
+    return step + 1
+
+
+def _resume(checkpoint: Path | None, size, model, opt, log) -> dict:
+    """The training state: fresh, or the checkpoint's (model and optimiser loaded) when it exists
+    and was written for the same size settings (a stopping-rule change is allowed before cooldown)."""
+    st = {"step": 0, "losses": [], "heldout": [], "probe": [], "rule": None, "data_sha": "", "seconds": 0.0,
+          "n_tokens": 0}
+    if checkpoint is None or not checkpoint.is_file():
+        return st
+    ck = torch.load(checkpoint, weights_only=False)
+    old, new = ck["size"], asdict(size)
+    changed = {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
+    if changed - STOP_FIELDS or (changed and ck["state"]["rule"] and ck["state"]["rule"]["cooldown_start"]):
+        raise SystemExit(f"error: checkpoint {checkpoint} was written for other settings "
+                         f"({', '.join(sorted(changed))}); delete it or pass --fresh")
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    log(f"[{size.name}] resuming at step {ck['state']['step']} from {checkpoint.name}")
+    return ck["state"]
+
+
+def _heldout_probe(model, size, rule, st: dict, hx, hy, t0: float, log) -> None:
+    """The held-out loss at this step: fed to the stopping rule, recorded and logged."""
+    step = st["step"]
+    model.eval()
+    h = _heldout_loss(model, hx, hy)
+    model.train()
+    rule.update(step, h)
+    st["heldout"].append({"step": step, "loss": round(h, 5), "lr": round(rule.lr(step - 1), 7)})
+    log(f"[{size.name}] step {step} train {sum(st['losses'][-100:]) / min(100, len(st['losses'])):.4f} held-out {h:.4f} "
+        f"(best {rule.best:.4f} @ {rule.best_step}) lr {rule.lr(step - 1):.2e} "
+        f"({time.perf_counter() - t0:.0f}s)" + (f" -> cooldown ({rule.reason}) to step "
+                                               f"{rule.cooldown_start + rule.cooldown_len}"
+                                               if rule.cooldown_start == step else ""))
+
+
+def _manifest(size_key: str, size, model, world, st: dict, rule, train_s: float, dense: dict) -> dict:
     losses = st["losses"]
-    manifest = {
+    return {
         "name": size.name,
         "command": "python -m harness.reference.train --sizes " + size_key,
         "size": asdict(size),
@@ -357,11 +383,6 @@ def train(size_key: str, world: W.World, tasks: dict, out_dir: Path, *, log=prin
         "note": "dense_suite_accuracy is measured by harness.reference.scoring (lm-eval's acc/acc_norm "
                 "definitions, no delimiter); run_benchmarks.py reports the same numbers through lm-eval.",
     }
-    write_json_atomic(out_dir / "manifest.json", manifest)
-    log(f"[{size.name}] done in {train_s:.0f}s after {st['step']} steps ({rule.reason}), held-out loss "
-        f"{manifest['final_heldout_loss']}, dense acc {dense['average']['acc']:.3f}: "
-        + ", ".join(f"{t} {r['acc']:.3f}" for t, r in dense.items()))
-    return manifest
 
 
 def main(argv=None) -> int:

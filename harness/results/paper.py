@@ -116,6 +116,25 @@ def load_paper(path: str) -> PaperTable:
 
     if not isinstance(data, dict):
         raise UsageError(f"paper file {path} must be a mapping with keys paper, table, columns, rows")
+    _check_top(data, bad)
+    columns = _paper_columns(data.get("columns"), bad)
+    rows_raw = data.get("rows")
+    if not isinstance(rows_raw, list):
+        raise bad("rows", "missing or not a list (write rows: [] for a paper with no per-task rows)")
+    rows = [_paper_row(i, r, columns, bad) for i, r in enumerate(rows_raw)]
+    notes = data.get("notes") or []
+    if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+        raise bad("notes", "must be a list of texts")
+    claims = data.get("claims") or []
+    if not isinstance(claims, list) or not all(isinstance(c, dict) and isinstance(c.get("quote"), str)
+                                               for c in claims):
+        raise bad("claims", "must be a list of mappings, each with a quote")
+    return PaperTable(path=str(path), paper=data["paper"].strip(), table=data["table"].strip(),
+                      source=data.get("source"), protocol=data.get("protocol"), columns=columns, rows=rows,
+                      notes=list(notes), claims=list(claims))
+
+
+def _check_top(data: dict, bad) -> None:
     unknown = sorted(set(map(str, data)) - TOP_KEYS)
     if unknown:
         raise bad("top level", f"unknown key(s) {', '.join(unknown)}; keys are {', '.join(sorted(TOP_KEYS))}")
@@ -125,7 +144,9 @@ def load_paper(path: str) -> PaperTable:
     for key in ("source", "protocol"):
         if data.get(key) is not None and not isinstance(data[key], str):
             raise bad(key, "must be a text")
-    cols_raw = data.get("columns")
+
+
+def _paper_columns(cols_raw, bad) -> OrderedDict[str, PaperColumn]:
     if cols_raw is None:
         cols_raw = {}
     if not isinstance(cols_raw, dict):
@@ -149,67 +170,59 @@ def load_paper(path: str) -> PaperTable:
         if note is not None and not isinstance(note, str):
             raise bad(where, "note must be a text")
         columns[str(name)] = PaperColumn(str(name), task, metric, differs, note)
-    rows_raw = data.get("rows")
-    if not isinstance(rows_raw, list):
-        raise bad("rows", "missing or not a list (write rows: [] for a paper with no per-task rows)")
-    rows = []
-    for i, r in enumerate(rows_raw):
-        where = f"rows[{i}]"
-        if not isinstance(r, dict):
-            raise bad(where, "must be a mapping with model, method, label, ratio, values")
-        if isinstance(r.get("label"), str):
-            where += f" ({r['label']})"
-        extra = sorted(set(map(str, r)) - ROW_KEYS)
-        if extra:
-            raise bad(where, f"unknown key(s) {', '.join(extra)}; keys are {', '.join(sorted(ROW_KEYS))}")
-        if not isinstance(r.get("model"), str) or not r["model"].strip():
-            raise bad(where, "model is missing (a Hub id such as facebook/opt-1.3b)")
-        if "method" not in r:
-            raise bad(where, "method is missing (a harness method name, or null for a method it does not implement)")
-        method = r["method"]
-        if method is not None and (not isinstance(method, str) or not method.strip()):
-            raise bad(where, "method must be a method name or null")
-        if not isinstance(r.get("label"), str) or not r["label"].strip():
-            raise bad(where, "label is missing (the row's name in the paper)")
-        ratio, layers = r.get("ratio"), r.get("layers")
-        if ratio is None and layers is None:
-            raise bad(where, "give ratio (the printed ratio / 100) or layers (layers removed)")
-        if ratio is not None and not (_number(ratio) and 0.0 <= ratio < 1.0):
-            raise bad(where, f"ratio must be a fraction in [0, 1), got {ratio!r}")
-        if layers is not None and not (isinstance(layers, int) and not isinstance(layers, bool) and layers >= 0):
-            raise bad(where, f"layers must be a whole number >= 0, got {layers!r}")
-        values = r.get("values")
-        if not isinstance(values, dict):
-            raise bad(where, "values must map column names to numbers")
-        for col, v in values.items():
-            if str(col) not in columns:
-                raise bad(where, f"values names column '{col}', which is not under columns "
-                                 f"({', '.join(columns) or 'none'})")
-            if v is not None and not _number(v):
-                raise bad(where, f"values.{col} must be a finite number or null, got {v!r}")
-        for key in ("avg", "retained"):
-            if r.get(key) is not None and not _number(r[key]):
-                raise bad(where, f"{key} must be a finite number or null, got {r[key]!r}")
-        for key in ("note", "table"):
-            if r.get(key) is not None and not isinstance(r[key], str):
-                raise bad(where, f"{key} must be a text")
-        if r.get("options") is not None and not isinstance(r["options"], dict):
-            raise bad(where, "options must be a mapping")
-        rows.append(PaperRow(index=i, model=r["model"], method=method, label=r["label"],
-                             ratio=None if ratio is None else float(ratio), layers=layers,
-                             values={str(k): (None if v is None else float(v)) for k, v in values.items()},
-                             avg=r.get("avg"), retained=r.get("retained"), note=r.get("note"),
-                             table=r.get("table"), options=r.get("options")))
-    notes = data.get("notes") or []
-    if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
-        raise bad("notes", "must be a list of texts")
-    claims = data.get("claims") or []
-    if not isinstance(claims, list) or not all(isinstance(c, dict) and isinstance(c.get("quote"), str)
-                                               for c in claims):
-        raise bad("claims", "must be a list of mappings, each with a quote")
-    return PaperTable(path=str(path), paper=data["paper"].strip(), table=data["table"].strip(),
-                      source=data.get("source"), protocol=data.get("protocol"), columns=columns, rows=rows,
-                      notes=list(notes), claims=list(claims))
+    return columns
+
+
+def _paper_row(i: int, r, columns: dict, bad) -> PaperRow:
+    where = f"rows[{i}]"
+    if not isinstance(r, dict):
+        raise bad(where, "must be a mapping with model, method, label, ratio, values")
+    if isinstance(r.get("label"), str):
+        where += f" ({r['label']})"
+    extra = sorted(set(map(str, r)) - ROW_KEYS)
+    if extra:
+        raise bad(where, f"unknown key(s) {', '.join(extra)}; keys are {', '.join(sorted(ROW_KEYS))}")
+    if not isinstance(r.get("model"), str) or not r["model"].strip():
+        raise bad(where, "model is missing (a Hub id such as facebook/opt-1.3b)")
+    if "method" not in r:
+        raise bad(where, "method is missing (a harness method name, or null for a method it does not implement)")
+    method = r["method"]
+    if method is not None and (not isinstance(method, str) or not method.strip()):
+        raise bad(where, "method must be a method name or null")
+    if not isinstance(r.get("label"), str) or not r["label"].strip():
+        raise bad(where, "label is missing (the row's name in the paper)")
+    ratio, layers = r.get("ratio"), r.get("layers")
+    if ratio is None and layers is None:
+        raise bad(where, "give ratio (the printed ratio / 100) or layers (layers removed)")
+    if ratio is not None and not (_number(ratio) and 0.0 <= ratio < 1.0):
+        raise bad(where, f"ratio must be a fraction in [0, 1), got {ratio!r}")
+    if layers is not None and not (isinstance(layers, int) and not isinstance(layers, bool) and layers >= 0):
+        raise bad(where, f"layers must be a whole number >= 0, got {layers!r}")
+    values = _row_values(r.get("values"), columns, where, bad)
+    for key in ("avg", "retained"):
+        if r.get(key) is not None and not _number(r[key]):
+            raise bad(where, f"{key} must be a finite number or null, got {r[key]!r}")
+    for key in ("note", "table"):
+        if r.get(key) is not None and not isinstance(r[key], str):
+            raise bad(where, f"{key} must be a text")
+    if r.get("options") is not None and not isinstance(r["options"], dict):
+        raise bad(where, "options must be a mapping")
+    return PaperRow(index=i, model=r["model"], method=method, label=r["label"],
+                    ratio=None if ratio is None else float(ratio), layers=layers, values=values,
+                    avg=r.get("avg"), retained=r.get("retained"), note=r.get("note"),
+                    table=r.get("table"), options=r.get("options"))
+
+
+def _row_values(values, columns: dict, where: str, bad) -> dict:
+    if not isinstance(values, dict):
+        raise bad(where, "values must map column names to numbers")
+    for col, v in values.items():
+        if str(col) not in columns:
+            raise bad(where, f"values names column '{col}', which is not under columns "
+                             f"({', '.join(columns) or 'none'})")
+        if v is not None and not _number(v):
+            raise bad(where, f"values.{col} must be a finite number or null, got {v!r}")
+    return {str(k): (None if v is None else float(v)) for k, v in values.items()}
 
 
 # ---------------------------------------------------------------- matching
@@ -347,6 +360,55 @@ def _with_paper_metrics(paper: PaperTable, dense_run: dict, per_task: dict) -> d
     return out
 
 
+@dataclass
+class _Columns:
+    """The paper's columns one comparison shows, and how a cell, Ave. and Per. are read on each side."""
+    compared: list
+    headers: dict
+    all_compared: bool
+    default: str
+    per_task: dict
+    used_metric: dict = field(default_factory=dict)
+    paper_dense_avg: float | None = None
+
+    def ours(self, run: dict) -> dict:
+        cells = {}
+        for c in self.compared:
+            value, used = _our_value(run, c.task, self.default, self.per_task)
+            self.used_metric.setdefault(c.name, used)
+            cells[c.name] = value
+        return cells
+
+    def paper_avg(self, row: PaperRow):
+        if self.all_compared and row.avg is not None:
+            return row.avg
+        return _mean([row.values.get(c.name) for c in self.compared])
+
+    def paper_per(self, row: PaperRow):
+        if self.all_compared and row.retained is not None:
+            return row.retained
+        avg = self.paper_avg(row)
+        return None if avg is None or not self.paper_dense_avg else 100.0 * avg / self.paper_dense_avg
+
+
+def _columns_for(paper, dense_run: dict, default, per_task) -> tuple[_Columns, list[str], dict]:
+    """The paper's columns whose lm-eval task this run evaluated; the skipped ones (why); the
+    paper's metric per compared column."""
+    compared, skipped = [], []
+    for col in paper.columns.values():
+        if col.task is None:
+            skipped.append(f"{col.name} (no lm-eval task)")
+        elif col.task not in (dense_run.get("metrics") or {}):
+            skipped.append(f"{col.name} ({col.task} not in this run)")
+        else:
+            compared.append(col)
+    theirs = {c.name: paper_metric(c, dense_run["model"]["name"]) for c in compared}
+    differs = {c.name for c in compared if theirs[c.name] not in (None, per_task.get(c.task, default))}
+    headers = {c.name: c.name + (DAGGER if c.protocol_differs else "") + (MISMATCH if c.name in differs else "")
+               for c in compared}
+    return _Columns(compared, headers, len(compared) == len(paper.columns), default, per_task), skipped, theirs
+
+
 def _compare_group(dense_run, group, paper, default, per_task, labels, method_order, tolerance):
     """The comparison table of one comparable group of runs."""
     model = report.model_display_name(dense_run["model"]["name"])
@@ -361,86 +423,53 @@ def _compare_group(dense_run, group, paper, default, per_task, labels, method_or
     rank = {m: i for i, m in enumerate(method_order or [])}
     others.sort(key=lambda r: (rank.get(r["method"], len(rank)), report.target_key(r), r["method"],
                                r.get("_path", "")))
-    ordered = [dense_run, *others]
-    # columns: the paper's columns whose lm-eval task this run evaluated
-    compared, skipped = [], []
-    for col in paper.columns.values():
-        if col.task is None:
-            skipped.append(f"{col.name} (no lm-eval task)")
-        elif col.task not in (dense_run.get("metrics") or {}):
-            skipped.append(f"{col.name} ({col.task} not in this run)")
-        else:
-            compared.append(col)
-    theirs = {c.name: paper_metric(c, dense_run["model"]["name"]) for c in compared}
-    differs = {c.name for c in compared if theirs[c.name] not in (None, per_task.get(c.task, default))}
-    headers = {c.name: c.name + (DAGGER if c.protocol_differs else "") + (MISMATCH if c.name in differs else "")
-               for c in compared}
-    all_compared = len(compared) == len(paper.columns)
-    used_metric: dict[str, str] = {}
-
-    def ours_cells(run):
-        cells = {}
-        for c in compared:
-            value, used = _our_value(run, c.task, default, per_task)
-            used_metric.setdefault(c.name, used)
-            cells[c.name] = value
-        return cells
-
-    dense_cells = ours_cells(dense_run)
-    our_dense_avg = _mean([dense_cells[c.name] for c in compared])
+    cols, skipped, theirs = _columns_for(paper, dense_run, default, per_task)
     paper_dense = next((r for r in mine if r.method == "dense"), None)
-
-    def paper_avg(row: PaperRow):
-        if all_compared and row.avg is not None:
-            return row.avg
-        return _mean([row.values.get(c.name) for c in compared])
-
-    paper_dense_avg = paper_avg(paper_dense) if paper_dense else None
-
-    def paper_per(row: PaperRow):
-        if all_compared and row.retained is not None:
-            return row.retained
-        avg = paper_avg(row)
-        return None if avg is None or not paper_dense_avg else 100.0 * avg / paper_dense_avg
-
+    cols.paper_dense_avg = cols.paper_avg(paper_dense) if paper_dense else None
     records, shown_paper, shown_ratios = [], [], []
-    any_match = False
-    for run in ordered:
-        failed = run.get("status") == "failed"
-        label = labels.get(run["method"]) or run.get("label") or run["method"]
-        cells = ours_cells(run)
-        avg = _mean([cells[c.name] for c in compared])
-        ratio = measured_ratio(run)
-        per = None if avg is None or not our_dense_avg else 100.0 * avg / our_dense_avg
-        records.append({"Method": label + (" [failed]" if failed else ""), "Source": "ours",
-                        "Ratio": None if failed or ratio is None else 100.0 * ratio,
-                        **{headers[c.name]: cells[c.name] for c in compared}, "Ave.": avg, "Per.": per})
-        if ratio is not None:
-            shown_ratios.append(ratio)
-        for prow in match_rows(run, mine, tolerance):
-            any_match = True
-            shown_paper.append(prow)
-            p_avg, p_per = paper_avg(prow), paper_per(prow)
-            records.append(_paper_record(prow, compared, headers, p_avg, p_per))
-            if failed:
-                continue
-            records.append({"Method": f"{DELTA} vs {prow.label}", "Source": f"{DELTA}",
-                            "Ratio": _signed(_sub(None if ratio is None else 100.0 * ratio,
-                                                  None if prow.ratio is None else 100.0 * prow.ratio)),
-                            **{headers[c.name]: _signed(_sub(cells[c.name], prow.values.get(c.name)))
-                               for c in compared},
-                            "Ave.": _signed(_sub(avg, p_avg)), "Per.": _signed(_sub(per, p_per))})
+    for run in [dense_run, *others]:
+        records += _run_rows(run, dense_run, mine, cols, labels, tolerance, shown_paper, shown_ratios)
     run_methods = {r["method"] for r in group}
     ratios = shown_ratios + [r.ratio for r in shown_paper if r.ratio is not None]
     extra = [r for r in mine if r not in shown_paper and (r.method is None or r.method not in run_methods)
              and r.ratio is not None and any(abs(r.ratio - x) <= tolerance for x in ratios)]
     for prow in extra:
-        records.append(_paper_record(prow, compared, headers, paper_avg(prow), paper_per(prow)))
+        records.append(_paper_record(prow, cols.compared, cols.headers, cols.paper_avg(prow), cols.paper_per(prow)))
     elsewhere = [r for r in mine if r not in shown_paper and r not in extra]
-    df = pd.DataFrame(records, columns=["Method", "Source", "Ratio", *headers.values(), "Ave.", "Per."])
-    notes = _notes(paper, compared, skipped, used_metric, all_compared, shown_paper + extra, elsewhere,
-                   tolerance, any_match, model, theirs)
+    df = pd.DataFrame(records, columns=["Method", "Source", "Ratio", *cols.headers.values(), "Ave.", "Per."])
+    notes = _notes(paper, cols.compared, skipped, cols.used_metric, cols.all_compared, shown_paper + extra,
+                   elsewhere, tolerance, bool(shown_paper), model, theirs)
     return (title, df, notes)
+
+
+def _run_rows(run: dict, dense_run: dict, mine: list, cols: _Columns, labels: dict, tolerance: float,
+              shown_paper: list, shown_ratios: list) -> list[dict]:
+    """One run's row, then each paper row it matches with the delta row (none for a failed run)."""
+    failed = run.get("status") == "failed"
+    label = labels.get(run["method"]) or run.get("label") or run["method"]
+    cells = cols.ours(run)
+    avg = _mean([cells[c.name] for c in cols.compared])
+    our_dense_avg = _mean(list(cols.ours(dense_run).values()))
+    ratio = measured_ratio(run)
+    per = None if avg is None or not our_dense_avg else 100.0 * avg / our_dense_avg
+    h = cols.headers
+    rows = [{"Method": label + (" [failed]" if failed else ""), "Source": "ours",
+             "Ratio": None if failed or ratio is None else 100.0 * ratio,
+             **{h[c.name]: cells[c.name] for c in cols.compared}, "Ave.": avg, "Per.": per}]
+    if ratio is not None:
+        shown_ratios.append(ratio)
+    for prow in match_rows(run, mine, tolerance):
+        shown_paper.append(prow)
+        p_avg, p_per = cols.paper_avg(prow), cols.paper_per(prow)
+        rows.append(_paper_record(prow, cols.compared, h, p_avg, p_per))
+        if failed:
+            continue
+        rows.append({"Method": f"{DELTA} vs {prow.label}", "Source": f"{DELTA}",
+                     "Ratio": _signed(_sub(None if ratio is None else 100.0 * ratio,
+                                           None if prow.ratio is None else 100.0 * prow.ratio)),
+                     **{h[c.name]: _signed(_sub(cells[c.name], prow.values.get(c.name))) for c in cols.compared},
+                     "Ave.": _signed(_sub(avg, p_avg)), "Per.": _signed(_sub(per, p_per))})
+    return rows
 
 
 def _paper_record(prow: PaperRow, compared, headers, avg, per) -> dict:

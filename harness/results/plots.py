@@ -119,8 +119,6 @@ def method_colors(labels) -> dict[str, str]:
 
 def _heatmap(payload: dict, which: str, marks, stem: Path) -> list[Path]:
     import numpy as np
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch, Rectangle
 
     L = int(payload["num_layers"])
     rows = sorted(int(k) for k in payload[which])
@@ -131,7 +129,27 @@ def _heatmap(payload: dict, which: str, marks, stem: Path) -> list[Path]:
                 grid[r, i] = v
     fig = _figure(HEATMAP_SIZE)
     ax = fig.add_subplot()
+    data, norm, digits = _heatmap_cells(fig, ax, grid, rows, L, which)
+    if L <= 16:  # values readable in the cells
+        for r, n in enumerate(rows):
+            for i in range(L):
+                v = grid[r, i]
+                if math.isfinite(v):
+                    dark = float(norm(data[r, i])) < 0.45
+                    ax.text(i, n, f"{v:.{digits}f}", ha="center", va="center", fontsize=5.0 if L > 12 else 6.0,
+                            color="white" if dark else "#222222", zorder=6)
+    handles = _heatmap_marks(ax, payload, which, marks, rows, ring=L <= 16)
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(3, len(handles)), fontsize=6.5, frameon=False)
+    title_kind = "Window cosine S(i)" if which == "window_cos" else "Angular distance d(i)"
+    ax.set_title(f"{title_kind} of every window \u2014 {model_name(payload['model'])}\n"
+                 f"{calibration_name(payload.get('calibration'))}", fontsize=9)
+    return _save(fig, stem)
+
+
+def _heatmap_cells(fig, ax, grid, rows: list[int], L: int, which: str):
+    """The grey map, its colour bar and axes; returns (plotted data, norm, digits of the cell texts)."""
     import matplotlib
+    import numpy as np
     from matplotlib.colors import LogNorm, Normalize
 
     finite = grid[np.isfinite(grid)]
@@ -141,13 +159,11 @@ def _heatmap(payload: dict, which: str, marks, stem: Path) -> list[Path]:
         lo, hi = (float(ok.min()), float(ok.max())) if ok.size else (1e-3, 1.0)
         norm = LogNorm(vmin=lo, vmax=hi if hi > lo else lo * 10)
         cbar_label = "1 \u2212 cos(X$_i$, X$_{i+n}$), log scale; cells: cos"
-        title_kind, best_label = "Window cosine S(i)", "row maximum (Streamline's choice)"
     else:
         data = grid
         lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
         norm = Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1e-9)
         cbar_label = "angular distance arccos(cos)/\u03c0, last token"
-        title_kind, best_label = "Angular distance d(i)", "row minimum (angular's choice)"
     cm = matplotlib.colormaps["Greys_r"].with_extremes(bad="#fff7e6")  # dark = low = redundant, in both; grey, so method outlines stand out
     extent = (-0.5, L - 0.5, rows[0] - 0.5, rows[-1] + 0.5)
     im = ax.imshow(np.ma.masked_invalid(data), cmap=cm, norm=norm, origin="lower", aspect="auto", extent=extent,
@@ -161,20 +177,20 @@ def _heatmap(payload: dict, which: str, marks, stem: Path) -> list[Path]:
     ax.set_yticks(rows if len(rows) <= 24 else rows[:: max(1, len(rows) // 12)])
     ax.tick_params(labelsize=7)
     digits = 3 if which == "window_cos" and finite.size and float(finite.max()) > 0.9 else 2
-    if L <= 16:  # values readable in the cells
-        for r, n in enumerate(rows):
-            for i in range(L):
-                v = grid[r, i]
-                if math.isfinite(v):
-                    dark = float(norm(data[r, i])) < 0.45
-                    ax.text(i, n, f"{v:.{digits}f}", ha="center", va="center", fontsize=5.0 if L > 12 else 6.0,
-                            color="white" if dark else "#222222", zorder=6)
-    # each row's optimum (what streamline/remove or angular would pick at that n), centred on its cell:
-    # a ring around the value where values are printed, else a dot
+    return data, norm, digits
+
+
+def _heatmap_marks(ax, payload: dict, which: str, marks, rows: list[int], ring: bool) -> list:
+    """Each row's optimum (what streamline/remove or angular would pick at that n), centred on its
+    cell: a ring around the value where values are printed (``ring``), else a dot; then every
+    method's removed window outlined; returns the legend handles."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch, Rectangle
+
+    best_label = "row maximum (Streamline's choice)" if which == "window_cos" else "row minimum (angular's choice)"
     best = payload.get("choices", {}).get("streamline" if which == "window_cos" else "angular", {})
     bx = [best[str(n)] for n in rows if str(n) in best]
     by = [n for n in rows if str(n) in best]
-    ring = L <= 16
     ax.scatter(bx, by, s=300 if ring else 10, marker="o", facecolors="none" if ring else "#ffbf00",
                edgecolors="#ffbf00" if ring else "black", linewidths=1.4 if ring else 0.5, zorder=5)
     colors = method_colors(sorted({label for label, _s, _n in marks}))
@@ -192,10 +208,7 @@ def _heatmap(payload: dict, which: str, marks, stem: Path) -> list[Path]:
                                edgecolor=colors[label], linewidth=1.8, zorder=4))
     for label, color in colors.items():
         handles.append(Patch(facecolor="none", edgecolor=color, linewidth=1.8, label=f"{label}: removed window"))
-    fig.legend(handles=handles, loc="outside lower center", ncols=min(3, len(handles)), fontsize=6.5, frameon=False)
-    ax.set_title(f"{title_kind} of every window \u2014 {model_name(payload['model'])}\n"
-                 f"{calibration_name(payload.get('calibration'))}", fontsize=9)
-    return _save(fig, stem)
+    return handles
 
 
 def window_cos_heatmap(payload: dict, marks, stem: Path) -> list[Path]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -276,6 +277,20 @@ def _shots(run: dict, task: str):
 STAB_MIN_ITEMS = 30  # below this many effective items a stability is a handful of items' agreement
 
 
+@dataclass(frozen=True)
+class _TableSpec:
+    """How a table shows its runs (build_tables' settings, parsed once)."""
+    default: str
+    per_task: dict
+    labels: dict
+    stderr: bool
+    all_stability: bool
+    preset: str | None
+
+    def label(self, run: dict) -> str:
+        return self.labels.get(run["method"]) or run.get("label") or run["method"]
+
+
 def build_tables(runs: list[dict], metric_spec: str | None = None, method_order: list[str] | None = None, *,
                  preset: str | None = None, labels: dict | None = None, stderr: bool = False,
                  all_stability: bool = False, titles: dict | None = None):
@@ -286,119 +301,148 @@ def build_tables(runs: list[dict], metric_spec: str | None = None, method_order:
     standard error of each score (shown as ``value ± stderr``; CSV: its own column). Stab. is shown
     where its n_eff reaches ``STAB_MIN_ITEMS`` (every one with ``all_stability``)."""
     default, per_task = parse_metric_spec(metric_spec, preset)
-    labels = labels or {}
+    spec = _TableSpec(default, per_task, labels or {}, stderr, all_stability, preset)
     tables = []
     titles = titles if titles is not None else group_titles(runs)
     for dense_run, group in comparable_groups(runs):
-        others = [r for r in group if r["method"] != "dense"]
-        if method_order:
-            rank = {m: i for i, m in enumerate(method_order)}
-            others.sort(key=lambda r: (rank.get(r["method"], len(rank)), r["method"], r.get("_path", "")))
-        else:
-            others.sort(key=lambda r: (r["method"], r.get("_path", "")))
+        others = _ordered(group, method_order)
         tasks = list(dense_run["metrics"].keys())
         used = {}
         rows = []
-        dense_avg = None
         for run in [dense_run, *others]:
-            row = OrderedDict()
-            failed = run.get("status") == "failed"  # shown as failed: no number in any column, Per. included
-            label = labels.get(run["method"]) or run.get("label") or run["method"]
-            row["Method"] = label + (" [failed]" if failed else "") + (" [fit>removal]" if _fit_worse(run) else "")
-            ratio = None if failed else (run.get("params") or {}).get("ratio", 0.0)
-            row["Ratio"] = None if ratio is None else 100.0 * ratio
-            scores, averaged = [], 0
-            for t in tasks:
-                metrics = run["metrics"].get(t, {})
-                value, used_metric = pick_metric(metrics, t, default, per_task)
-                used[t] = used_metric
-                k = scale(used_metric)
-                hib = higher_is_better(dense_run, t, used_metric)
-                header = column_label(t) + ("" if hib else " \u2193")
-                row[header] = None if value is None else k * value
-                if stderr:
-                    se = metrics.get(f"{used_metric}_stderr")
-                    row[header + " \u00b1"] = None if se is None else k * se
-                if hib:  # Ave. is over the higher-is-better columns (a perplexity column is not averaged)
-                    averaged += 1
-                    if value is not None:
-                        scores.append(k * value)
-            avg = sum(scores) / len(scores) if scores and len(scores) == averaged else None
-            if run is dense_run:
-                dense_avg = avg
-            row["Ave."] = avg
-            row["Per."] = (100.0 * avg / dense_avg) if (avg is not None and dense_avg) else None
-            if any(r.get("stability") for r in group):
-                row["Stab."] = stability_cell(run, tasks, default, per_task)
-                row["n_eff"] = stability_items_cell(run, tasks)
-                if not all_stability and (row["n_eff"] is None or row["n_eff"] < STAB_MIN_ITEMS):
-                    row["Stab."] = None  # too few effective items to mean anything; --all-stability shows it
-            if any("perplexity" in r and r["perplexity"] for r in group):
-                ppl = (run.get("perplexity") or {}).get("ppl")
-                row["PPL"] = ppl
-            rows.append(row)
+            rows.append(_table_row(run, dense_run, group, tasks, spec, used, rows[0]["Ave."] if rows else None))
         rows, seeds = collapse_seeds(rows, [dense_run, *others])
-        df = pd.DataFrame(rows)
+        notes = _table_notes(dense_run, group, others, tasks, used, spec, seeds)
         model = model_display_name(dense_run["model"]["name"])
-        shown = ", ".join(f"{column_label(t)}={used[t]}" + ("" if scale(used[t]) == 100.0 else " (as reported)")
-                          for t in tasks)
-        notes = [
-            "Metric per task: " + shown + " (lm-eval; fractions x100)"
-            + (f", preset {preset}" if preset else "")
-            + ". Ratio: measured from parameter counts (removed - added) / dense.",
-            "Per. = Ave. / dense Ave. x 100."
-            + ("" if all(higher_is_better(dense_run, t, used[t]) for t in tasks) else
-               " Ave. is over the higher-is-better columns (\u2193: lower is better, not averaged)."),
-        ]
-        shots = {t: _shots(dense_run, t) for t in tasks}
-        if any(v not in (None, 0) for v in shots.values()):
-            notes.append("Few-shot examples per task: "
-                         + ", ".join(f"{column_label(t)} {'?' if v is None else v}" for t, v in shots.items())
-                         + " (lm-eval's sampler and seed).")
-        details = dense_run.get("eval_details") or {}
-        for t in tasks:
-            if t in (details.get("groups") or {}):
-                notes.append(f"{column_label(t)} = lm-eval's '{t}' group score ({used[t]} aggregated as its group "
-                             f"config says over {_leaf_count(details, t)} subtasks); each subtask's metrics are in "
-                             "the run JSON (eval_details.subtasks)"
-                             + ("; its Stab. is the subtasks' stabilities, item-weighted." if
-                                any(r.get("stability") for r in group) else "."))
-        notes.extend(details.get("notes") or [])
-        if stderr:
-            notes.append("\u00b1: lm-eval's standard error of each score (same scale).")
-        for r in others:
-            if _fit_worse(r):
-                held = r["manifest"]["training"]["heldout"]
-                key = "cosine" if held.get("judged_by") == "cosine" else "mse"
-                notes.append(f"{labels.get(r['method']) or r.get('label') or r['method']} [fit>removal]: its replacement's "
-                             f"held-out {key} loss {held[key]:.4g} is above plain removal's {held['identity_' + key]:.4g} "
-                             "(the replacement moves the window's output further from the dense model's than nothing would).")
-            if r.get("status") == "failed":
-                notes.append(f"{labels.get(r['method']) or r.get('label') or r['method']} [failed]: "
-                             f"{r.get('failure')}")
-        if any(r.get("stability") for r in group):
-            kinds = sorted({(r.get("stability") or {}).get("scores", "sum") for r in group if r.get("stability")})
-            what = {"sum": "summed log-likelihoods", "mean": "per-token mean log-likelihoods"}
-            notes.append("Stab. = stability vs the dense model (LLM-Streamline, ICLR 2025): sum_k w_k*agree_k, "
-                         "w = softmax over a task's items of the std of the dense model's per-choice lm-eval "
-                         + " / ".join(what.get(k, k) for k in kinds)
-                         + "; agree = both right or both wrong on the task's metric; mean over tasks, x100. "
-                         "n_eff = effective number of items behind it, 1/sum_k w_k^2 (mean over tasks"
-                         + _items_note(group) + ")"
-                         + ("." if all_stability else f"; Stab. is shown where n_eff >= {STAB_MIN_ITEMS} "
-                            "(--all-stability shows every one)."))
-        if seeds:
-            notes.append(f"A row of n seeds shows the mean \u00b1 the standard deviation over its seeds (runs that differ "
-                         f"only in --seed: calibration draw and training; seeds {', '.join(map(str, seeds))})"
-                         + ("; lm-eval's stderr is not shown on those rows." if stderr else "."))
-        ev = dense_run["eval"]
-        if ev.get("limit"):
-            notes.append(f"--limit {ev['limit']}: each task scored on its first {ev['limit']} items only.")
-        if ev.get("ppl") and dense_run.get("perplexity"):
-            p = dense_run["perplexity"]
-            notes.append(f"PPL: wikitext-2 test, window {p['seq_len']}, stride {p['stride']}, {p['windows']} windows.")
-        tables.append((titles.get(eval_group_key(dense_run), model), df, notes))
+        tables.append((titles.get(eval_group_key(dense_run), model), pd.DataFrame(rows), notes))
     return tables
+
+
+def _ordered(group: list[dict], method_order: list[str] | None) -> list[dict]:
+    """The group's method runs (dense left out) in ``method_order``, then the rest by name."""
+    others = [r for r in group if r["method"] != "dense"]
+    rank = {m: i for i, m in enumerate(method_order or [])}
+    others.sort(key=lambda r: (rank.get(r["method"], len(rank)), r["method"], r.get("_path", "")))
+    return others
+
+
+def _table_row(run: dict, dense_run: dict, group: list[dict], tasks: list[str], spec: _TableSpec, used: dict,
+               dense_avg: float | None) -> OrderedDict:
+    """One run's row: label, ratio, a score per task (± stderr), Ave., Per., Stab./n_eff, PPL;
+    ``used`` collects the metric shown per task; ``dense_avg`` is None for the dense row itself."""
+    row = OrderedDict()
+    failed = run.get("status") == "failed"  # shown as failed: no number in any column, Per. included
+    row["Method"] = spec.label(run) + (" [failed]" if failed else "") + (" [fit>removal]" if _fit_worse(run) else "")
+    ratio = None if failed else (run.get("params") or {}).get("ratio", 0.0)
+    row["Ratio"] = None if ratio is None else 100.0 * ratio
+    scores, averaged = [], 0
+    for t in tasks:
+        metrics = run["metrics"].get(t, {})
+        value, used_metric = pick_metric(metrics, t, spec.default, spec.per_task)
+        used[t] = used_metric
+        k = scale(used_metric)
+        hib = higher_is_better(dense_run, t, used_metric)
+        header = column_label(t) + ("" if hib else " \u2193")
+        row[header] = None if value is None else k * value
+        if spec.stderr:
+            se = metrics.get(f"{used_metric}_stderr")
+            row[header + " \u00b1"] = None if se is None else k * se
+        if hib:  # Ave. is over the higher-is-better columns (a perplexity column is not averaged)
+            averaged += 1
+            if value is not None:
+                scores.append(k * value)
+    avg = sum(scores) / len(scores) if scores and len(scores) == averaged else None
+    base = avg if run is dense_run else dense_avg
+    row["Ave."] = avg
+    row["Per."] = (100.0 * avg / base) if (avg is not None and base) else None
+    if any(r.get("stability") for r in group):
+        row["Stab."] = stability_cell(run, tasks, spec.default, spec.per_task)
+        row["n_eff"] = stability_items_cell(run, tasks)
+        if not spec.all_stability and (row["n_eff"] is None or row["n_eff"] < STAB_MIN_ITEMS):
+            row["Stab."] = None  # too few effective items to mean anything; --all-stability shows it
+    if any("perplexity" in r and r["perplexity"] for r in group):
+        row["PPL"] = (run.get("perplexity") or {}).get("ppl")
+    return row
+
+
+def _table_notes(dense_run: dict, group: list[dict], others: list[dict], tasks: list[str], used: dict,
+                 spec: _TableSpec, seeds: list) -> list[str]:
+    """The lines under a table: metrics, Per., shots, groups, stderr, flagged runs, Stab., seeds,
+    --limit and perplexity settings."""
+    shown = ", ".join(f"{column_label(t)}={used[t]}" + ("" if scale(used[t]) == 100.0 else " (as reported)")
+                      for t in tasks)
+    notes = [
+        "Metric per task: " + shown + " (lm-eval; fractions x100)"
+        + (f", preset {spec.preset}" if spec.preset else "")
+        + ". Ratio: measured from parameter counts (removed - added) / dense.",
+        "Per. = Ave. / dense Ave. x 100."
+        + ("" if all(higher_is_better(dense_run, t, used[t]) for t in tasks) else
+           " Ave. is over the higher-is-better columns (\u2193: lower is better, not averaged)."),
+    ]
+    notes += _protocol_notes(dense_run, group, tasks, used)
+    if spec.stderr:
+        notes.append("\u00b1: lm-eval's standard error of each score (same scale).")
+    notes += _flag_notes(others, spec)
+    if any(r.get("stability") for r in group):
+        notes.append(_stability_note(group, spec.all_stability))
+    if seeds:
+        notes.append(f"A row of n seeds shows the mean \u00b1 the standard deviation over its seeds (runs that differ "
+                     f"only in --seed: calibration draw and training; seeds {', '.join(map(str, seeds))})"
+                     + ("; lm-eval's stderr is not shown on those rows." if spec.stderr else "."))
+    ev = dense_run["eval"]
+    if ev.get("limit"):
+        notes.append(f"--limit {ev['limit']}: each task scored on its first {ev['limit']} items only.")
+    if ev.get("ppl") and dense_run.get("perplexity"):
+        p = dense_run["perplexity"]
+        notes.append(f"PPL: wikitext-2 test, window {p['seq_len']}, stride {p['stride']}, {p['windows']} windows.")
+    return notes
+
+
+def _protocol_notes(dense_run: dict, group: list[dict], tasks: list[str], used: dict) -> list[str]:
+    """Few-shot counts, lm-eval group columns and the evaluation's own notes."""
+    notes = []
+    shots = {t: _shots(dense_run, t) for t in tasks}
+    if any(v not in (None, 0) for v in shots.values()):
+        notes.append("Few-shot examples per task: "
+                     + ", ".join(f"{column_label(t)} {'?' if v is None else v}" for t, v in shots.items())
+                     + " (lm-eval's sampler and seed).")
+    details = dense_run.get("eval_details") or {}
+    for t in tasks:
+        if t in (details.get("groups") or {}):
+            notes.append(f"{column_label(t)} = lm-eval's '{t}' group score ({used[t]} aggregated as its group "
+                         f"config says over {_leaf_count(details, t)} subtasks); each subtask's metrics are in "
+                         "the run JSON (eval_details.subtasks)"
+                         + ("; its Stab. is the subtasks' stabilities, item-weighted." if
+                            any(r.get("stability") for r in group) else "."))
+    return notes + list(details.get("notes") or [])
+
+
+def _flag_notes(others: list[dict], spec: _TableSpec) -> list[str]:
+    """Why a row is marked [fit>removal] or [failed]."""
+    notes = []
+    for r in others:
+        if _fit_worse(r):
+            held = r["manifest"]["training"]["heldout"]
+            key = "cosine" if held.get("judged_by") == "cosine" else "mse"
+            notes.append(f"{spec.label(r)} [fit>removal]: its replacement's "
+                         f"held-out {key} loss {held[key]:.4g} is above plain removal's {held['identity_' + key]:.4g} "
+                         "(the replacement moves the window's output further from the dense model's than nothing would).")
+        if r.get("status") == "failed":
+            notes.append(f"{spec.label(r)} [failed]: {r.get('failure')}")
+    return notes
+
+
+def _stability_note(group: list[dict], all_stability: bool) -> str:
+    kinds = sorted({(r.get("stability") or {}).get("scores", "sum") for r in group if r.get("stability")})
+    what = {"sum": "summed log-likelihoods", "mean": "per-token mean log-likelihoods"}
+    return ("Stab. = stability vs the dense model (LLM-Streamline, ICLR 2025): sum_k w_k*agree_k, "
+            "w = softmax over a task's items of the std of the dense model's per-choice lm-eval "
+            + " / ".join(what.get(k, k) for k in kinds)
+            + "; agree = both right or both wrong on the task's metric; mean over tasks, x100. "
+            "n_eff = effective number of items behind it, 1/sum_k w_k^2 (mean over tasks"
+            + _items_note(group) + ")"
+            + ("." if all_stability else f"; Stab. is shown where n_eff >= {STAB_MIN_ITEMS} "
+               "(--all-stability shows every one)."))
 
 
 SEEDS_SUFFIX = re.compile(r" \(\d+ seeds\)$")
