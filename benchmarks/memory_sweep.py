@@ -101,7 +101,7 @@ def child(args) -> None:
         method_options = {"streamline": {"train_samples": str(args.train_samples), "epochs": str(args.epochs)}}
         opts = runner.RunOptions(
             model=args.model, methods=METHODS.split(","), method_options=method_options,
-            target=Target(layers=args.layers),
+            targets=[Target(layers=args.layers)],
             eval=EvalConfig(tasks=args.tasks.split(","), data_dir=str(SHARED), limit=args.limit,
                             batch_size=args.eval_batch_size),
             calibration=CalibrationConfig(source=str(SHARED / "wikitext2" / "wikitext-2-raw-v1" / "test.jsonl"),
@@ -173,8 +173,8 @@ def child(args) -> None:
             runner.copy_model = lambda s: copy.deepcopy(s.model)
         t0 = time.perf_counter()
         if args.child == "dense":
-            plan = runner.prepare(opts)
-            session = runner.open_session(opts, plan, echo=lambda *_: None)
+            plan, identity = runner.prepare(opts)
+            session = runner.open_session(opts, plan, identity, echo=lambda *_: None)
             runner.run_dense(session, echo=lambda *_: None)
         else:
             runner.run_benchmark(opts, echo=lambda *_: None)

@@ -87,6 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="list registered methods and post-steps (METHOD+STEP, e.g. shortgpt+lora), one line each")
     p.add_argument("--config", default=None, metavar="FILE",
                    help="YAML file whose keys mirror these flags (e.g. configs/table5_6.yaml); flags given here win")
+    _add_model_flags(p.add_argument_group("model and targets"))
+    _add_eval_flags(p.add_argument_group("evaluation"))
+    _add_calibration_flags(p.add_argument_group("calibration and run"))
+    _add_output_flags(p.add_argument_group("outputs and modes"))
+    _add_efficiency_flags(p.add_argument_group("efficiency"))
+    _add_table_flags(p.add_argument_group("tables"))
+    _add_golden_flags(p.add_argument_group("regression (golden files)"))
+    return p
+
+
+def _add_model_flags(p) -> None:
+    """--help's "model and targets" flags."""
     p.add_argument("--model", default=None, help="Hub id, local model folder, or a reference model name "
                    f"({', '.join(shipped_reference_models())}; default: {reference_default()} on the reference suite)")
     p.add_argument("--suite", default=None, help="a generated task-suite folder (suite.json) instead of --tasks "
@@ -111,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a method option, e.g. -o streamline.epochs=3 (repeatable; lists use a/b/c); a post-step's "
                    "options: -o lora.r=8 (every +lora run) or -o remove+lora.lora.r=8 (that run only)")
     p.add_argument("--plugins", default=None, help="comma-separated .py files that register extra methods")
+
+
+def _add_eval_flags(p) -> None:
+    """--help's "evaluation" flags."""
     p.add_argument("--data-dir", default=None,
                    help="local benchmark files laid out like shared/data (tasks, wikitext-2, calibration)")
     p.add_argument("--limit", type=_int("--limit"), default=None, help="evaluate only the first N items per task")
@@ -141,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="perplexity window (default min(2048, model positions))")
     p.add_argument("--ppl-stride", type=_int("--ppl-stride"), default=None, help="window stride (default = window)")
     p.add_argument("--ppl-max-windows", type=_int("--ppl-max-windows"), default=None)
+
+
+def _add_calibration_flags(p) -> None:
+    """--help's "calibration and run" flags."""
     p.add_argument("--calib-data", default=None, help="calibration text: .txt/.jsonl file or Hub dataset "
                    "id[:config] (default wikitext-2; with --data-dir its wikitext2 valid.txt)")
     p.add_argument("--calib-split", default="train")
@@ -155,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "method once per seed (the dense run once) and the tables show mean ± std over the seeds")
     p.add_argument("--dtype", default=defaults.DTYPE, help="float32 | float16 | bfloat16")
     p.add_argument("--device", default=defaults.DEVICE, help="cpu | cuda | cuda:N | auto (accelerate device_map)")
+
+
+def _add_output_flags(p) -> None:
+    """--help's "outputs and modes" flags."""
     p.add_argument("--output-dir", default=defaults.OUTPUT_DIR, help="where result JSON and tables go")
     p.add_argument("--force", action="store_true", help="re-run even when a result JSON exists")
     p.add_argument("--save-models", action="store_true", help="save every pruned model next to its result")
@@ -172,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--efficiency", action="store_true",
                    help="measure params, FLOPs/token, prefill latency, decode throughput and peak memory of the dense "
                    "and every pruned model; the table shows Speedup / Dec. Speedup / Ideal / Mem. vs dense")
+
+
+def _add_efficiency_flags(p) -> None:
+    """--help's "efficiency" flags."""
     p.add_argument("--eff-batch-size", type=_int("--eff-batch-size"), default=4, help="prefill batch (efficiency)")
     p.add_argument("--eff-seq-len", type=_int("--eff-seq-len"), default=256,
                    help="prefill tokens per sequence and the FLOPs context (efficiency; capped at the model's positions)")
@@ -181,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens generated with the KV cache per decode measurement")
     p.add_argument("--eff-warmup", type=_int("--eff-warmup"), default=2, help="untimed warm-up runs")
     p.add_argument("--eff-repeats", type=_int("--eff-repeats"), default=5, help="timed runs (the median is reported)")
+
+
+def _add_table_flags(p) -> None:
+    """--help's "tables" flags."""
     p.add_argument("--table-metric", default=None,
                    help="the metric shown per task: any metric lm-eval reports (acc, acc_norm, exact_match, f1, "
                    "mcc, word_perplexity, ...), per task e.g. acc,hellaswag=acc_norm (default acc; printed with "
@@ -208,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-loss-growth", type=_float("--max-loss-growth"), default=None, metavar="FACTOR",
                    help="a method whose training loss ends above its starting loss x FACTOR fails "
                    "(status: failed; default 2)")
+
+
+def _add_golden_flags(p) -> None:
+    """--help's "regression (golden files)" flags."""
     p.add_argument("--write-golden", default=None, metavar="FILE",
                    help="after the run, store its command line and metrics as a golden file")
     p.add_argument("--check", default=None, metavar="FILE",
@@ -219,7 +255,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "failing; regenerate the golden file to record it")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="show lm-eval's and transformers' warnings and full error causes; with --list-methods: every option")
-    return p
 
 
 def _split(value: str | None, flag: str = "list") -> list[str]:
@@ -330,16 +365,7 @@ def _dispatch(args, argv) -> int:
         paper = _load_paper(args)
         if runs:
             report.check_metric_spec(args.table_metric, report.run_column_metrics(runs))
-        tables = _tables(runs, args, _split(args.methods, "--methods") or None)
-        if not tables:
-            raise UsageError(f"no complete result set (dense + methods) under '{args.report}'")
-        _summary(runs, args, Path(args.report))
-        print(report.render_text(tables))
-        for path in report.write_reports(tables, Path(args.report)):
-            print(f"wrote {path}")
-        _paper_comparison(runs, args, paper, Path(args.report), _split(args.methods, "--methods") or None)
-        _report_plots(runs, args, Path(args.report))
-        _html(args, Path(args.report), tables, runs)
+        _publish(args, runs, Path(args.report), _split(args.methods, "--methods") or None, paper)
         return 0
 
     if args.scores_only:
@@ -506,42 +532,10 @@ def _run(args):
     idle = sorted(set(_labels(args.label)) - set(methods or []) - {"dense"})
     if idle:  # e.g. a shared config file's labels, run with fewer --methods
         print(f"note: --label given for methods not being run: {', '.join(idle)}")
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:  # lm-eval warns about every task's fewshot default and every in-memory model
-        for name in ("lm_eval", "lm-eval", "datasets", "transformers"):
-            logging.getLogger(name).setLevel(logging.ERROR)
-    from harness.evaluation.eval_config import DEFAULT_TASKS, EvalConfig, parse_model_args
-    from harness.model.target import Target
-    from harness.runner import RunOptions, run_benchmark
+    _log_levels(args.verbose)
+    from harness.runner import run_benchmark
 
-    if args.layers:
-        targets = [Target(layers=n) for n in args.layers]
-    else:
-        targets = [Target(ratio=r, basis=args.ratio_basis) for r in (args.ratio or [defaults.RATIO])]
-    target = targets[0]
-    opts = RunOptions(
-        model=args.model,
-        methods=methods,
-        method_options=_method_options(args.method_opt),
-        target=target,
-        eval=EvalConfig(tasks=tasks or list(DEFAULT_TASKS), data_dir=args.data_dir, limit=args.limit,
-                        batch_size=args.eval_batch_size, ppl=args.ppl, ppl_seq_len=args.ppl_seq_len,
-                        ppl_stride=args.ppl_stride, ppl_max_windows=args.ppl_max_windows, suite=args.suite,
-                        num_fewshot=args.num_fewshot, include_path=args.include_path,
-                        model_args=parse_model_args(args.model_args), eval_impl=args.eval_impl),
-        calibration=_calibration_config(args, seeds[0]),
-        dtype=args.dtype, device=args.device, seed=seeds[0], output_dir=args.output_dir, force=args.force,
-        save_models=args.save_models, progress=show_progress,
-    )
-    if args.max_loss_growth is not None:
-        opts.max_loss_growth = args.max_loss_growth
-    opts.targets = targets if len(targets) > 1 else []
-    opts.all_layer_stats = bool(args.plots)
-    opts.stability_scores = args.stability_scores
-    opts.log_samples = bool(args.log_samples)
-    if args.efficiency:
-        opts.efficiency = _efficiency_config(args, seeds[0])
+    opts = _run_options(args, methods, tasks, seeds[0], show_progress)
     from harness.evaluation.task_checks import static_column_metrics
 
     report.check_metric_spec(args.table_metric, static_column_metrics(opts.eval))  # names checked, no model yet
@@ -551,34 +545,91 @@ def _run(args):
     for seed in seeds[1:]:  # the dense run does not depend on the seed: found and skipped
         print(f"seed {seed}:")
         records += [r for r in run_benchmark(_with_seed(opts, seed)) if r["method"] != "dense"]
-    tables = _tables(records, args, opts.methods)
-    print()
-    print(report.render_text(tables))
     from harness.results.store import slug
 
     out = Path(args.output_dir) / slug(args.model)
-    from harness.results import table_settings
+    tables = _publish(args, records, out, opts.methods, paper, session=sink.get("session"), run_eval=opts.eval)
+    return records, tables
 
-    for path in report.write_reports(tables, out) + [table_settings.write(out, args, opts.methods)]:
+
+def _log_levels(verbose: bool) -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:  # lm-eval warns about every task's fewshot default and every in-memory model
+        for name in ("lm_eval", "lm-eval", "datasets", "transformers"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _publish(args, runs: list[dict], out: Path, method_order, paper, session=None, run_eval=None) -> list:
+    """Tables (printed and written; for `report` the cross-model summary first), the paper
+    comparison, plots and report.html, for `run` and `report` alike; after a run (``run_eval`` given) also the table settings, the layer scores of
+    ``session``, lm-eval task YAMLs and W&B. Returns the tables."""
+    from harness.results import plots, report, table_settings
+
+    tables = _tables(runs, args, method_order)
+    if run_eval is None:  # report DIR
+        if not tables:
+            raise UsageError(f"no complete result set (dense + methods) under '{out}'")
+        _summary(runs, args, out)
+    else:
+        print()
+    print(report.render_text(tables))
+    written = report.write_reports(tables, out)
+    if run_eval is not None:
+        written.append(table_settings.write(out, args, method_order))
+    for path in written:
         print(f"wrote {path}")
-    _paper_comparison(records, args, paper, out, opts.methods)
-    if args.plots:
-        from harness.results import plots
+    _paper_comparison(runs, args, paper, out, method_order)
+    if run_eval is None:
+        _report_plots(runs, args, out)
+    elif args.plots:
         from harness.results.scores import write_scores
         from harness.runner import layer_scores
 
-        payload = layer_scores(sink["session"])  # the sweep's cached pass, or one forward pass now
-        for path in write_scores(payload, out) + plots.render_plots(out, records, payload, args.table_metric):
+        payload = layer_scores(session)  # the sweep's cached pass, or one forward pass now
+        for path in write_scores(payload, out) + plots.render_plots(out, runs, payload, args.table_metric):
             print(f"wrote {path}")
-    _task_yamls(opts.eval, out)
-    _html(args, out, tables, records)
-    if args.wandb:
+    if run_eval is not None:
+        _task_yamls(run_eval, out)
+    _html(args, out, tables, runs)
+    if run_eval is not None and args.wandb:
         from harness.results.tracking import log_to_wandb
 
-        dirs = log_to_wandb(args.wandb, records, tables, out, group=out.name)
+        dirs = log_to_wandb(args.wandb, runs, tables, out, group=out.name)
         print(f"logged {len(dirs)} W&B run(s) to project {args.wandb} under {out / 'wandb'} "
               f"(mode {os.environ.get('WANDB_MODE')})")
-    return records, tables
+    return tables
+
+
+def _run_options(args, methods, tasks, seed: int, show_progress: bool):
+    """The run's one configuration, built once and frozen (harness.runner.RunOptions): every flag
+    that shapes the run, the targets as one list; the first seed (others: _with_seed)."""
+    from harness.evaluation.eval_config import DEFAULT_TASKS, EvalConfig, parse_model_args
+    from harness.model.target import Target
+    from harness.runner import RunOptions
+
+    if args.layers:
+        targets = [Target(layers=n) for n in args.layers]
+    else:
+        targets = [Target(ratio=r, basis=args.ratio_basis) for r in (args.ratio or [defaults.RATIO])]
+    extra = {} if args.max_loss_growth is None else {"max_loss_growth": args.max_loss_growth}
+    return RunOptions(
+        model=args.model,
+        methods=methods,
+        method_options=_method_options(args.method_opt),
+        targets=targets,
+        eval=EvalConfig(tasks=tasks or list(DEFAULT_TASKS), data_dir=args.data_dir, limit=args.limit,
+                        batch_size=args.eval_batch_size, ppl=args.ppl, ppl_seq_len=args.ppl_seq_len,
+                        ppl_stride=args.ppl_stride, ppl_max_windows=args.ppl_max_windows, suite=args.suite,
+                        num_fewshot=args.num_fewshot, include_path=args.include_path,
+                        model_args=parse_model_args(args.model_args), eval_impl=args.eval_impl),
+        calibration=_calibration_config(args, seed),
+        dtype=args.dtype, device=args.device, seed=seed, output_dir=args.output_dir, force=args.force,
+        save_models=args.save_models, progress=show_progress,
+        efficiency=_efficiency_config(args, seed) if args.efficiency else None,
+        all_layer_stats=bool(args.plots), log_samples=bool(args.log_samples),
+        stability_scores=args.stability_scores, **extra,
+    )
 
 
 def _task_yamls(cfg, out: Path) -> None:

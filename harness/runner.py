@@ -75,12 +75,12 @@ from harness.signals.calibration import CalibrationConfig, load_calibration
 log = logging.getLogger("streamline_bench")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunOptions:
     model: str
     methods: list[str]
     method_options: dict[str, dict[str, str]] = field(default_factory=dict)
-    target: Target = field(default_factory=lambda: Target(ratio=defaults.RATIO))
+    targets: tuple = (Target(ratio=defaults.RATIO),)  # one or more (--ratio 0.1,0.2 / --layers 2,4: a sweep)
     eval: EvalConfig = field(default_factory=EvalConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     dtype: str = defaults.DTYPE
@@ -92,19 +92,23 @@ class RunOptions:
     progress: bool = True
     skip_dense_eval: bool = False
     max_loss_growth: float = DEFAULT_MAX_LOSS_GROWTH  # a training whose final loss exceeds start x this fails
-    identity: dict | None = None  # what the inputs are, by content (filled by prepare; part of every run key)
-    targets: list = field(default_factory=list)  # a sweep (--ratio 0.1,0.2 / --layers 2,4): every method at each
     efficiency: Any = None  # an EfficiencyConfig: measure every model (harness.evaluation.efficiency)
     all_layer_stats: bool = False  # score every window length in the shared pass (plots); sweeps always do
     log_samples: bool = False  # also write lm-eval's per-sample JSONL beside each run (--log-samples)
     stability_scores: str = DEFAULT_STABILITY_SCORES  # per-choice scores behind stability: sum | mean
 
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(self.targets))  # frozen: set once, here
+        if not self.targets:
+            raise UsageError("no target: give --layers N or --ratio R")
+
     def sweep(self) -> list[Target]:
-        return list(self.targets) or [self.target]
+        return list(self.targets)
 
 
-def prepare(opts: RunOptions):
-    """Validate every input before anything runs; returns ``[(name, spec, cfg)]``."""
+def prepare(opts: RunOptions) -> tuple[list, dict]:
+    """Validate every input before anything runs; returns ``[(name, spec, cfg)]`` and the inputs'
+    content identity (part of every run key)."""
     from harness.io import clean_stale_temp_dirs
 
     clean_stale_temp_dirs()  # folders of runs killed with SIGKILL (named by their process)
@@ -136,15 +140,15 @@ def prepare(opts: RunOptions):
     cal = opts.calibration
     if cal.num_samples < 1 or cal.seq_len < 2 or cal.batch_size < 1:
         raise UsageError("calibration needs --calib-samples >= 1, --calib-seq-len >= 2, --calib-batch-size >= 1")
-    validate_inputs(opts, plan)
+    identity = validate_inputs(opts, plan)
     if not (opts.eval.data_dir or opts.eval.suite):  # Hub datasets: fetched (or refused offline) before any model
         from harness.evaluation.lmeval import preload_tasks
 
         preload_tasks(opts.eval)
-    return plan
+    return plan, identity
 
 
-def validate_inputs(opts: RunOptions, plan=()) -> None:
+def validate_inputs(opts: RunOptions, plan=()) -> dict:
     """The rest of the validation phase (harness.validation), before any weights load: files the
     run reads, lengths against the model's positions, the output folder; then the run keys'
     content identity of model, calibration text and task data."""
@@ -168,10 +172,10 @@ def validate_inputs(opts: RunOptions, plan=()) -> None:
     validation.check_output_dir(opts.output_dir)
     if distributed.is_main():  # data-parallel: rank 0 owns the output folder
         clean_output_dir(opts.output_dir)
-    opts.identity = {"model": model_identity(opts.model, opts.eval.model_args),
-                     "calibration": calibration_identity(cal.source),
-                     "data": data_identity(files, opts.eval.suite or opts.eval.data_dir),
-                     "lm_text": lm_text_identity(opts.model, cal.source)}
+    return {"model": model_identity(opts.model, opts.eval.model_args),
+            "calibration": calibration_identity(cal.source),
+            "data": data_identity(files, opts.eval.suite or opts.eval.data_dir),
+            "lm_text": lm_text_identity(opts.model, cal.source)}
 
 
 def _eval_key(opts: RunOptions) -> dict:
@@ -184,12 +188,6 @@ def _eval_key(opts: RunOptions) -> dict:
         if ev.get(where):
             ev[where] = True
     return ev
-
-
-def _identity(opts: RunOptions) -> dict:
-    if opts.identity is None:
-        validate_inputs(opts)
-    return opts.identity
 
 
 def _model_record(opts: RunOptions, model, adapter) -> dict:
@@ -230,6 +228,8 @@ class Session:
     calibration: Any
     num_remove: int
     dense_info: dict
+    target: Target  # this session's target (a sweep: one session per target, harness.runner.target_sessions)
+    identity: dict  # the inputs' content identity (prepare): part of every run key
     lm_text: Any = None  # the calibration text in the model's own training format (reference models), or None
     timings: dict = field(default_factory=dict)  # load / calibration_load, reported once
     stats_cache: dict = field(default_factory=dict)
@@ -241,7 +241,7 @@ class Session:
         return self.dense_info["params"]
 
 
-def open_session(opts: RunOptions, plan, echo=print) -> Session:
+def open_session(opts: RunOptions, plan, identity: dict, echo=print) -> Session:
     """Load the dense model and calibration data; check model-dependent options first."""
     from harness.model.loading import load_tokenizer
 
@@ -254,26 +254,27 @@ def open_session(opts: RunOptions, plan, echo=print) -> Session:
     model, tokenizer = load_model(opts.model, opts.dtype, opts.device, model_args=opts.eval.model_args)
     load_seconds = time.perf_counter() - t
     adapter = get_adapter(model)
-    n = resolve_num_remove(opts.target, model, adapter)
+    target = opts.targets[0]
+    n = resolve_num_remove(target, model, adapter)
     for _name, _spec, cfg in plan:  # model-dependent options (a window start) fail before any run
         cfg.validate(adapter.num_layers, n)
     from harness.validation import check_dense_finite
 
     check_dense_finite(model, adapter, calibration, opts.model)
     session = Session(opts, model, tokenizer, adapter, calibration, n, _model_record(opts, model, adapter),
-                      lm_text=lm_text, timings={"load": load_seconds, "calibration_load": calibration_seconds})
+                      target, identity, lm_text=lm_text, timings={"load": load_seconds, "calibration_load": calibration_seconds})
     echo(f"model {opts.model}: {adapter.num_layers} layers, {session.dense_params:,} parameters; "
-         f"removing n={n} layers ({opts.target.to_dict()})")
+         f"removing n={n} layers ({target.to_dict()})")
     return session
 
 
 def run_benchmark(opts: RunOptions, echo=print, on_session=None) -> list[dict]:
     """The dense run, then one run per method; returns their records (finished ones read back)."""
-    opts.device = distributed.init(opts.device)  # torchrun / accelerate launch: join the group, this rank's GPU
-    if not distributed.is_main():  # rank 0 prints; every rank runs the same sweep
+    opts = dataclasses.replace(opts, device=distributed.init(opts.device))  # torchrun / accelerate launch: join
+    if not distributed.is_main():  # the group, this rank's GPU; rank 0 prints; every rank runs the same sweep
         echo = _silent
-    plan = prepare(opts)
-    session = open_session(opts, plan, echo)
+    plan, identity = prepare(opts)
+    session = open_session(opts, plan, identity, echo)
     if on_session is not None:  # the caller keeps it (plots read its cached layer statistics)
         on_session(session)
     targets = resolve_targets(session, plan, echo)  # every target resolved and checked before any run
@@ -304,20 +305,22 @@ def resolve_targets(s: Session, plan, echo=print) -> list[tuple[Target, int]]:
 def target_sessions(s: Session, targets: list[tuple[Target, int]]) -> list[Session]:
     """One session per target of the sweep, sharing the dense model, calibration, stats cache,
     dense samples and dense efficiency (taken after the dense run); the first is ``s`` itself."""
-    return [s] + [dataclasses.replace(s, opts=dataclasses.replace(s.opts, target=t), num_remove=n)
+    return [s] + [dataclasses.replace(s, target=t, num_remove=n)
                   for t, n in targets]
 
 
-def shared_layer_stats(s: Session, timings: dict | None = None):
+def shared_layer_stats(s: Session, timings: dict | None = None, every_lag: bool = False):
     """The dense model's statistics in one forward pass, then cached: for every window length when
     the plots need them, else for 1 and every n of the sweep (memory grows with the longest lag);
-    what every method at every target reads. ``None`` for a single target without plots."""
+    what every method at every target reads. ``None`` for a single target without plots (or
+    ``every_lag``, the scores command's)."""
     from harness.results.scores import all_lags
     from harness.signals.activations import cached_layer_stats
 
-    if len(s.opts.sweep()) < 2 and not s.opts.all_layer_stats:
+    every_lag = every_lag or s.opts.all_layer_stats
+    if len(s.opts.sweep()) < 2 and not every_lag:
         return None
-    if s.opts.all_layer_stats:
+    if every_lag:
         lags = tuple(all_lags(s.adapter.num_layers))
     else:
         lags = tuple(s.shared.get("sweep_lags") or all_lags(s.adapter.num_layers))
@@ -332,8 +335,7 @@ def layer_scores(s: Session) -> dict:
     """Every window cosine, angular distance and BI of the dense model (the cached pass, or one now)."""
     from harness.results.scores import scores_payload
 
-    s.opts.all_layer_stats = True
-    stats = shared_layer_stats(s)
+    stats = shared_layer_stats(s, every_lag=True)
     return scores_payload(stats, s.opts.model, s.calibration.description)
 
 
@@ -381,7 +383,7 @@ def pruned_efficiency(s: Session, pruned) -> dict:
 def run_dense(s: Session, echo=print) -> dict:
     opts = s.opts
     eval_dict = opts.eval.identity_dict()  # --eval-impl: in eval_details (the path that ran)
-    ident = _identity(opts)
+    ident = s.identity
     path = run_path(opts.output_dir, opts.model, "dense", {"model": ident["model"], "dtype": opts.dtype,
                                                            "eval": _eval_key(opts), "data": ident["data"]})
     # the per-item side file is part of the dense run (stability needs it): re-run without it
@@ -434,7 +436,7 @@ def run_method(s: Session, name: str, spec, cfg, echo=print) -> dict:
         timings["calibration_load"] = s.timings.pop("calibration_load")
     opts = s.opts
     base = {"method": name, "label": cfg.label(name), "method_config": cfg.to_dict(), "model": s.dense_info,
-            "eval": opts.eval.identity_dict(), "target": opts.target.to_dict() | {"num_remove": s.num_remove},
+            "eval": opts.eval.identity_dict(), "target": s.target.to_dict() | {"num_remove": s.num_remove},
             "calibration": s.calibration.description, "seed": opts.seed, "timings": timings}
     result, reason = _prune(s, name, spec, cfg, timings)
     if reason is not None:
@@ -465,10 +467,10 @@ def _method_path(s: Session, name: str, cfg, spec=None) -> Path:
     """The run's file: its key names every input by content (model files, calibration text, task data,
     the method's source and the files its options name)."""
     opts = s.opts
-    ident = _identity(opts)
+    ident = s.identity
     cal_key = dataclasses.asdict(opts.calibration) | {"source": ident["calibration"]}
     key = {"model": ident["model"], "dtype": opts.dtype, "method": name, "method_config": cfg.to_dict(),
-           "target": opts.target.to_dict(), "calibration": cal_key, "eval": _eval_key(opts),
+           "target": s.target.to_dict(), "calibration": cal_key, "eval": _eval_key(opts),
            "data": ident["data"], "seed": opts.seed, "max_loss_growth": opts.max_loss_growth}
     if ident.get("lm_text"):  # a reference model trains with the LM loss on its own episodes (absent: blocks)
         key["lm_text"] = ident["lm_text"]

@@ -91,6 +91,34 @@ def test_no_import_cycle():
         pytest.fail(f"import cycle: {' -> '.join(exc.args[1])}")
 
 
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_function_over_60_lines():
+    """Every function in harness/ and methods/ fits on a screen (signature, docstring and body)."""
+    long = []
+    for path in sorted([*HARNESS.rglob("*.py"), *(REPO / "methods").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, "functions over 60 lines: " + "; ".join(long)
+
+
+def test_run_options_are_one_frozen_configuration():
+    """The CLI builds the run's options once; nothing downstream writes into them (a sweep's
+    per-target sessions carry their own target, the inputs' identity lives in the session)."""
+    from harness.model.target import Target
+    from harness.runner import RunOptions
+
+    opts = RunOptions(model="m", methods=["remove"], targets=[Target(layers=2), Target(layers=4)])
+    assert opts.sweep() == [Target(layers=2), Target(layers=4)] and isinstance(opts.targets, tuple)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.seed = 1
+    assert "identity" not in {f.name for f in dataclasses.fields(RunOptions)}
+
+
 def test_each_stage_imports_only_earlier_stages():
     order = {s: i for i, s in enumerate(STAGES)}
     bad = []
