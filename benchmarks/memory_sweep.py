@@ -173,8 +173,7 @@ def child(args) -> None:
             runner.copy_model = lambda s: copy.deepcopy(s.model)
         t0 = time.perf_counter()
         if args.child == "dense":
-            plan, identity = runner.prepare(opts)
-            session = runner.open_session(opts, plan, identity, echo=lambda *_: None)
+            session = runner.open_session(opts, runner.prepare(opts), echo=lambda *_: None)
             runner.run_dense(session, echo=lambda *_: None)
         else:
             runner.run_benchmark(opts, echo=lambda *_: None)

@@ -14,7 +14,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -106,9 +106,22 @@ class RunOptions:
         return list(self.targets)
 
 
-def prepare(opts: RunOptions) -> tuple[list, dict]:
-    """Validate every input before anything runs; returns ``[(name, spec, cfg)]`` and the inputs'
-    content identity (part of every run key)."""
+class Prepared(NamedTuple):
+    """What the validation phase hands the run."""
+    plan: list  # [(name, spec, cfg)], each cfg checked when it was built
+    identity: dict  # the inputs by content: part of every run key
+    checked: frozenset  # the n every method's options were validated at (from the config, before the weights)
+
+
+def validate_plan(plan, num_layers: int, num_remove: int) -> None:
+    """Every method's model-dependent options at one target (its n), once."""
+    for _name, _spec, cfg in plan:
+        cfg.validate(num_layers, num_remove)
+
+
+def prepare(opts: RunOptions) -> Prepared:
+    """Validate every input before anything runs: the options, each target resolved from the
+    model's config (a --ratio on a weightless copy) and every method's options at it, the files."""
     from harness.io import clean_stale_temp_dirs
 
     clean_stale_temp_dirs()  # folders of runs killed with SIGKILL (named by their process)
@@ -129,14 +142,16 @@ def prepare(opts: RunOptions) -> tuple[list, dict]:
     validate_tasks(opts.eval)
     check_model_source(opts.model, opts.eval.model_args)
     config = load_config(opts.model, opts.eval.model_args)
+    total = getattr(config, "num_hidden_layers", None)
+    checked = set()
     for target in opts.sweep():  # from the config alone: no weights are loaded for a bad --ratio or --layers
-        if target.layers is None:
-            check_on_config(target, config)
-            continue
-        total = getattr(config, "num_hidden_layers", None)
-        if isinstance(total, int) and target.layers >= total:
+        n = target.layers if target.layers is not None else check_on_config(target, config)
+        if target.layers is not None and isinstance(total, int) and n >= total:
             raise UsageError(f"removing {target.layers} layers does not fit a model with {total} decoder "
                              f"layers; ask for fewer (--layers < {total})")
+        if n is not None and isinstance(total, int) and n not in checked:
+            validate_plan(plan, total, n)
+            checked.add(n)
     cal = opts.calibration
     if cal.num_samples < 1 or cal.seq_len < 2 or cal.batch_size < 1:
         raise UsageError("calibration needs --calib-samples >= 1, --calib-seq-len >= 2, --calib-batch-size >= 1")
@@ -145,7 +160,7 @@ def prepare(opts: RunOptions) -> tuple[list, dict]:
         from harness.evaluation.lmeval import preload_tasks
 
         preload_tasks(opts.eval)
-    return plan, identity
+    return Prepared(plan, identity, frozenset(checked))
 
 
 def validate_inputs(opts: RunOptions, plan=()) -> dict:
@@ -162,11 +177,6 @@ def validate_inputs(opts: RunOptions, plan=()) -> dict:
     for name, _spec, cfg in plan:  # a method's own lengths (e.g. streamline.train_seq_len)
         validation.check_option_lengths(config, name, cfg.to_dict())
         validation.check_option_files(name, cfg.to_dict())
-    total = getattr(config, "num_hidden_layers", None)
-    for target in opts.sweep():  # with --layers, n is known from the config: window options checked now
-        if isinstance(total, int) and target.layers is not None and target.layers < total:
-            for _name, _spec, cfg in plan:
-                cfg.validate(total, target.layers)
     validation.check_calibration_source(cal.source, cal.field)
     files = validation.check_task_data(opts.eval)
     validation.check_output_dir(opts.output_dir)
@@ -230,6 +240,7 @@ class Session:
     dense_info: dict
     target: Target  # this session's target (a sweep: one session per target, harness.runner.target_sessions)
     identity: dict  # the inputs' content identity (prepare): part of every run key
+    checked: frozenset = frozenset()  # the n the methods' options were validated at before loading (prepare)
     lm_text: Any = None  # the calibration text in the model's own training format (reference models), or None
     timings: dict = field(default_factory=dict)  # load / calibration_load, reported once
     stats_cache: dict = field(default_factory=dict)
@@ -241,8 +252,10 @@ class Session:
         return self.dense_info["params"]
 
 
-def open_session(opts: RunOptions, plan, identity: dict, echo=print) -> Session:
-    """Load the dense model and calibration data; check model-dependent options first."""
+def open_session(opts: RunOptions, prepared: Prepared, echo=print) -> Session:
+    """Load the dense model and calibration data (a target the config could not resolve is
+    resolved, and the options validated at it, now)."""
+    plan, identity = prepared.plan, prepared.identity
     from harness.model.loading import load_tokenizer
 
     # calibration first, with the tokenizer alone: a text shorter than one block fails before the weights load
@@ -256,13 +269,13 @@ def open_session(opts: RunOptions, plan, identity: dict, echo=print) -> Session:
     adapter = get_adapter(model)
     target = opts.targets[0]
     n = resolve_num_remove(target, model, adapter)
-    for _name, _spec, cfg in plan:  # model-dependent options (a window start) fail before any run
-        cfg.validate(adapter.num_layers, n)
+    if n not in prepared.checked:  # a target only the loaded model resolves (its config built no meta model)
+        validate_plan(plan, adapter.num_layers, n)
     from harness.validation import check_dense_finite
 
     check_dense_finite(model, adapter, calibration, opts.model)
     session = Session(opts, model, tokenizer, adapter, calibration, n, _model_record(opts, model, adapter),
-                      target, identity, lm_text=lm_text, timings={"load": load_seconds, "calibration_load": calibration_seconds})
+                      target, identity, checked=prepared.checked, lm_text=lm_text, timings={"load": load_seconds, "calibration_load": calibration_seconds})
     echo(f"model {opts.model}: {adapter.num_layers} layers, {session.dense_params:,} parameters; "
          f"removing n={n} layers ({target.to_dict()})")
     return session
@@ -273,8 +286,9 @@ def run_benchmark(opts: RunOptions, echo=print, on_session=None) -> list[dict]:
     opts = dataclasses.replace(opts, device=distributed.init(opts.device))  # torchrun / accelerate launch: join
     if not distributed.is_main():  # the group, this rank's GPU; rank 0 prints; every rank runs the same sweep
         echo = _silent
-    plan, identity = prepare(opts)
-    session = open_session(opts, plan, identity, echo)
+    prepared = prepare(opts)
+    plan = prepared.plan
+    session = open_session(opts, prepared, echo)
     if on_session is not None:  # the caller keeps it (plots read its cached layer statistics)
         on_session(session)
     targets = resolve_targets(session, plan, echo)  # every target resolved and checked before any run
@@ -295,8 +309,8 @@ def resolve_targets(s: Session, plan, echo=print) -> list[tuple[Target, int]]:
     out = []
     for target in s.opts.sweep()[1:]:
         n = resolve_num_remove(target, s.model, s.adapter)
-        for _name, _spec, cfg in plan:
-            cfg.validate(s.adapter.num_layers, n)
+        if n not in s.checked:
+            validate_plan(plan, s.adapter.num_layers, n)
         out.append((target, n))
         echo(f"target {target.to_dict()}: removing n={n} layers")
     return out

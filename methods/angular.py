@@ -9,7 +9,6 @@ shot. The statistics come from the harness's shared scoring pass (``ctx.layer_st
 Healing with (Q)LoRA is the generic ``+lora`` post-step, not part of this method.
 """
 from dataclasses import dataclass
-from typing import ClassVar
 
 from harness import (
     MethodContext,
@@ -24,15 +23,12 @@ from harness import (
 class AngularConfig(WindowConfig):
     """``start`` forces the window's first layer (default: argmin of d)."""
 
-    method_name: ClassVar[str] = "angular"
-
 
 @register_method("angular", AngularConfig,
                  "Gromov et al.: remove the n-layer window with the smallest last-token angular distance")
 def angular(ctx: MethodContext, cfg: AngularConfig) -> PruneResult:
     n = ctx.num_remove
     ctx.check_window(n)
-    cfg.validate(ctx.num_layers, n)  # also when called directly, not through the runner
     stats = ctx.layer_stats(lags=(1, n))
     dist = stats.angular[n]  # dist[i] for i = 0..L-n
     start = cfg.start if cfg.start is not None else min(range(len(dist)), key=lambda i: (dist[i], i))

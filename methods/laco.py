@@ -27,7 +27,6 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 
@@ -64,16 +63,34 @@ class LaCoConfig(MethodConfig):
     final_norm: bool = option(False, "apply the final norm to X_L before comparing")
     fallback: str = option("relax", "relax | error: what happens when a pass ends short of n")
     relax_step: float = option(0.05, "threshold decrease per extra pass (fallback=relax)")
-    method_name: ClassVar[str] = "laco"  # the name option errors are reported under (not an option)
+    def check(self) -> None:
+        name = self.method_name
+        if self.merge_layers is not None and self.merge_layers < 2:
+            raise UsageError(f"{name}.merge_layers={self.merge_layers} is too small; use >= 2 (a step merges C-1 "
+                             "layers into one)")
+        if self.interval < 1:
+            raise UsageError(f"{name}.interval={self.interval} must be >= 1")
+        if not -1.0 <= self.threshold <= 1.0:
+            raise UsageError(f"{name}.threshold={self.threshold} is not a cosine; use a value in [-1, 1]")
+        if self.reference not in ("dense", "current"):
+            raise UsageError(f"{name}.reference='{self.reference}' is unknown; use dense or current")
+        if self.fallback not in ("relax", "error"):
+            raise UsageError(f"{name}.fallback='{self.fallback}' is unknown; use relax or error")
+        if self.fallback == "relax" and not self.relax_step > 0:
+            raise UsageError(f"{name}.relax_step={self.relax_step} must be > 0")
+        if self.num_sentences < 1 or self.sentence_tokens < 1:
+            raise UsageError(f"{name} needs num_sentences >= 1 and sentence_tokens >= 1")
+        if self.sentences and self.sentences_file:
+            raise UsageError(f"give {name}.sentences or {name}.sentences_file, not both")
+        if self.sentences_file and not Path(self.sentences_file).is_file():
+            raise UsageError(f"{name}.sentences_file '{self.sentences_file}' does not exist; pass a "
+                             "text file with one sentence per line")
 
     def validate(self, num_layers: int, num_remove: int) -> None:
-        """Option checks that need only the layer count (run before any evaluation)."""
+        """The merge range and n against the layer count."""
         from types import SimpleNamespace
 
         _resolve(SimpleNamespace(num_layers=num_layers, num_remove=num_remove), self, self.method_name)
-        if self.sentences_file and not Path(self.sentences_file).is_file():
-            raise UsageError(f"{self.method_name}.sentences_file '{self.sentences_file}' does not exist; pass a "
-                             "text file with one sentence per line")
 
 
 # --- the merge ---------------------------------------------------------------------------
@@ -199,22 +216,6 @@ def _resolve(ctx: MethodContext, cfg: LaCoConfig, name: str) -> tuple[int, int, 
         C = cfg.merge_layers
     else:  # scaled default, shrunk (never below 2) when the merge range is shorter than that
         C = max(2, min(max(3, round(PAPER_C * L0 / PAPER_DEPTH)), H - lo))
-    if C < 2:
-        raise UsageError(f"{name}.merge_layers={C} is too small; use >= 2 (a step merges C-1 layers into one)")
-    if cfg.interval < 1:
-        raise UsageError(f"{name}.interval={cfg.interval} must be >= 1")
-    if not -1.0 <= cfg.threshold <= 1.0:
-        raise UsageError(f"{name}.threshold={cfg.threshold} is not a cosine; use a value in [-1, 1]")
-    if cfg.reference not in ("dense", "current"):
-        raise UsageError(f"{name}.reference='{cfg.reference}' is unknown; use dense or current")
-    if cfg.fallback not in ("relax", "error"):
-        raise UsageError(f"{name}.fallback='{cfg.fallback}' is unknown; use relax or error")
-    if cfg.fallback == "relax" and not cfg.relax_step > 0:
-        raise UsageError(f"{name}.relax_step={cfg.relax_step} must be > 0")
-    if cfg.num_sentences < 1 or cfg.sentence_tokens < 1:
-        raise UsageError(f"{name} needs num_sentences >= 1 and sentence_tokens >= 1")
-    if cfg.sentences and cfg.sentences_file:
-        raise UsageError(f"give {name}.sentences or {name}.sentences_file, not both")
     if not 0 <= lo < L0 or not lo + 2 <= H <= L0:
         raise UsageError(f"{name}: merge range lowest_layer={lo}, highest_layer={H} does not fit {L0} layers; "
                          f"need 0 <= lowest_layer and lowest_layer + 2 <= highest_layer <= {L0}")
@@ -357,7 +358,6 @@ class LaCoCodeConfig(LaCoConfig):
     as the released notebook's ``hidden_states[-1]`` is."""
 
     final_norm: bool = option(True, "apply the final norm to X_L before comparing (the notebook's hidden_states[-1])")
-    method_name: ClassVar[str] = "laco-code"
 
 
 @register_method("laco-code", LaCoCodeConfig,

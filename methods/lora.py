@@ -66,7 +66,7 @@ class LoRAConfig(MethodConfig):
     grad_checkpointing: str = option("auto", "auto|on|off: recompute decoder layers in the backward pass "
                                      "(auto: above 2B parameters)")
 
-    def validate(self, num_layers: int = 0, num_remove: int = 0) -> None:
+    def check(self) -> None:
         if self.grad_checkpointing not in CHECKPOINT_CHOICES:
             raise UsageError(f"lora.grad_checkpointing={self.grad_checkpointing} is unknown; use auto, on or off")
         if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
@@ -148,7 +148,6 @@ def lora(ctx: MethodContext, cfg: LoRAConfig, result: PruneResult) -> PruneResul
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
-    cfg.validate()
     model, adapter = result.model, ctx.adapter
     cfg.check_model(model, adapter)
     leaf_names = list(cfg.target_modules or adapter.projections)

@@ -4,7 +4,6 @@ This is the "None" row of LLM-Streamline's Table 5. ``start`` forces the window'
 ``layers`` (slash-separated, e.g. ``layers=3/4/9``) removes an explicit list instead.
 """
 from dataclasses import dataclass
-from typing import ClassVar
 
 from harness import (
     MethodContext,
@@ -21,8 +20,6 @@ from harness import (
 class RemoveConfig(WindowConfig):
     layers: list[int] = option(default_factory=list, help="remove these layers (a/b/c) instead of a window")
 
-    method_name: ClassVar[str] = "remove"
-
     def validate(self, num_layers: int, num_remove: int) -> None:
         if self.layers:
             drop = sorted(set(self.layers))
@@ -38,7 +35,6 @@ class RemoveConfig(WindowConfig):
 @register_method("remove", RemoveConfig, "Remove Streamline's most redundant contiguous window, no replacement")
 def remove(ctx: MethodContext, cfg: RemoveConfig) -> PruneResult:
     n = ctx.num_remove
-    cfg.validate(ctx.num_layers, n)  # also when called directly, not through the runner
     if cfg.layers:
         drop = sorted(set(cfg.layers))
         remove_layers(ctx.adapter, drop)

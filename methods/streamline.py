@@ -35,7 +35,6 @@ from __future__ import annotations
 import copy
 import sys
 from dataclasses import dataclass
-from typing import ClassVar
 
 from harness import (
     ACTIVATIONS,
@@ -80,8 +79,6 @@ LAYER_INITS = ("first", "random")
 class StreamlineNoneConfig(WindowConfig):
     """``start`` forces the window's first layer (default: argmax S(i))."""
 
-    method_name: ClassVar[str] = "streamline-none"
-
 
 @dataclass
 class _TrainedConfig(StreamlineNoneConfig):
@@ -114,8 +111,9 @@ class _TrainedConfig(StreamlineNoneConfig):
             for key, value in PAPER_RECIPE.items():
                 if hasattr(self, key) and getattr(self, key) == CPU_RECIPE[key]:
                     setattr(self, key, value)
+        super().__post_init__()
 
-    def validate(self, num_layers: int, num_remove: int) -> None:
+    def check(self) -> None:
         name = self.method_name
         if self.recipe not in ("cpu", "paper"):
             raise UsageError(f"{name}.recipe={self.recipe} is unknown; use cpu or paper")
@@ -134,7 +132,6 @@ class _TrainedConfig(StreamlineNoneConfig):
                 (self.post_train_samples is not None and self.post_train_samples < 1):
             raise UsageError(f"{name} needs post_train_steps >= 0, post_train_lr > 0, post_train_batch_size >= 1 "
                              "and post_train_samples >= 1")
-        super().validate(num_layers, num_remove)
 
 
 @dataclass
@@ -151,9 +148,8 @@ class StreamlineConfig(_TrainedConfig):
                            "residual stream's scale; normed: for a window ending at the top, 1 - cos after the final "
                            "norm (what the LM head reads), else cosine (README: Streamline on a real model)")
 
-    method_name: ClassVar[str] = "streamline"
-
-    def validate(self, num_layers: int, num_remove: int) -> None:
+    def check(self) -> None:
+        super().check()
         name = self.method_name
         if self.activation not in ACTIVATIONS:
             raise UsageError(f"{name}.activation={self.activation} is unknown; use one of {', '.join(ACTIVATIONS)}")
@@ -169,40 +165,21 @@ class StreamlineConfig(_TrainedConfig):
             raise UsageError(f"{name}.fit_loss={self.fit_loss} is unknown; use one of {', '.join(FIT_LOSSES)}")
         if self.heldout_samples < 0:
             raise UsageError(f"{name}.heldout_samples must be >= 0")
-        super().validate(num_layers, num_remove)
-
-
-@dataclass
-class StreamlineSharedMLPConfig(StreamlineConfig):
-    method_name: ClassVar[str] = "streamline-mlp-shared"
-
-
-@dataclass
-class StreamlineMultiMLPConfig(StreamlineConfig):
-    method_name: ClassVar[str] = "streamline-multi-mlp"
 
 
 @dataclass
 class StreamlineLayerConfig(_TrainedConfig):
     init: str = option("first", "first: a copy of the first pruned layer; random: a fresh layer")
 
-    method_name: ClassVar[str] = "streamline-layer"
-
-    def validate(self, num_layers: int, num_remove: int) -> None:
+    def check(self) -> None:
+        super().check()
         if self.init not in LAYER_INITS:
             raise UsageError(f"{self.method_name}.init={self.init} is unknown; use first or random")
-        super().validate(num_layers, num_remove)
-
-
-@dataclass
-class StreamlineSharedLayerConfig(StreamlineLayerConfig):
-    method_name: ClassVar[str] = "streamline-layer-shared"
 
 
 def _window(ctx: MethodContext, cfg) -> tuple[int, dict]:
     n = ctx.num_remove
     ctx.check_window(n)
-    cfg.validate(ctx.num_layers, n)
     stats = ctx.layer_stats()
     start = cfg.start if cfg.start is not None else stats.best_window(n)
     return start, {"window_cos": stats.window_cos[n], "start": start, "calibration_tokens": stats.tokens}
@@ -329,14 +306,14 @@ VARIANTS = [
     ("streamline", "mlp", StreamlineConfig,
      "LLM-Streamline: remove the most redundant contiguous window, train an MLP in its place "
      "(Table 5 'MLP w/o params sharing', Table 6 'MLP')"),
-    ("streamline-mlp-shared", "mlp-shared", StreamlineSharedMLPConfig,
+    ("streamline-mlp-shared", "mlp-shared", StreamlineConfig,
      "LLM-Streamline with one MLP applied n times (Table 5 'MLP w/ params sharing')"),
-    ("streamline-multi-mlp", "multi-mlp", StreamlineMultiMLPConfig,
+    ("streamline-multi-mlp", "multi-mlp", StreamlineConfig,
      "LLM-Streamline with one MLP per removed layer, each fit to its own layer (Table 6 'Multiple MLP')"),
     ("streamline-layer", "layer", StreamlineLayerConfig,
      "LLM-Streamline with one decoder layer, init from the first pruned layer "
      "(Table 5 'Transformer Layer w/o params sharing'; net n-1 removed; the ICLR 2025 method is streamline-iclr)"),
-    ("streamline-layer-shared", "layer-shared", StreamlineSharedLayerConfig,
+    ("streamline-layer-shared", "layer-shared", StreamlineLayerConfig,
      "LLM-Streamline with one decoder layer applied n times (Table 5 'Transformer Layer w/ params sharing')"),
     ("streamline-none", "none", StreamlineNoneConfig,
      "LLM-Streamline's window removed, nothing inserted (Table 5 'None'; heal with streamline-none+lora)"),

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import ClassVar
 
 from harness import (
     MethodContext,
@@ -57,7 +56,15 @@ class StreamlineICLRConfig(WindowConfig):
     train_seq_len: int | None = option(None, "tokens per training block; None = calibration sequence length "
                                              "(released code: 2048)")
 
-    method_name: ClassVar[str] = "streamline-iclr"
+    def check(self) -> None:
+        name = self.method_name
+        if self.loss not in LOSSES:
+            raise UsageError(f"{name}.loss={self.loss} is unknown; use mse or lm")
+        if self.epochs < 0 or self.lr <= 0 or self.batch_size < 1 or self.weight_decay < 0:
+            raise UsageError(f"{name} needs epochs >= 0, lr > 0, weight_decay >= 0 and batch_size >= 1")
+        if (self.train_samples is not None and self.train_samples < 1) or \
+                (self.train_seq_len is not None and self.train_seq_len < 2):
+            raise UsageError(f"{name} needs train_samples >= 1 and train_seq_len >= 2")
 
     def validate(self, num_layers: int, num_remove: int) -> None:
         name = self.method_name
@@ -70,13 +77,6 @@ class StreamlineICLRConfig(WindowConfig):
         if self.start is not None and not 0 <= self.start <= num_layers - width:
             raise UsageError(f"{name}.start={self.start}: the window of n+1 = {width} layers starting there does "
                              f"not fit {num_layers} layers (use 0..{num_layers - width})")
-        if self.loss not in LOSSES:
-            raise UsageError(f"{name}.loss={self.loss} is unknown; use mse or lm")
-        if self.epochs < 0 or self.lr <= 0 or self.batch_size < 1 or self.weight_decay < 0:
-            raise UsageError(f"{name} needs epochs >= 0, lr > 0, weight_decay >= 0 and batch_size >= 1")
-        if (self.train_samples is not None and self.train_samples < 1) or \
-                (self.train_seq_len is not None and self.train_seq_len < 2):
-            raise UsageError(f"{name} needs train_samples >= 1 and train_seq_len >= 2")
 
 
 @register_method("streamline-iclr", StreamlineICLRConfig,
@@ -84,7 +84,6 @@ class StreamlineICLRConfig(WindowConfig):
                  "input and output replaced by one decoder layer initialised from the first (net n removed)")
 def streamline_iclr(ctx: MethodContext, cfg: StreamlineICLRConfig) -> PruneResult:
     n = ctx.num_remove
-    cfg.validate(ctx.num_layers, n)
     width = n + 1
     stats = ctx.layer_stats(lags=(1, width))
     window_cos = stats.window_cos[width]

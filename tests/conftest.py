@@ -177,6 +177,7 @@ def run_method(name, ctx, return_config=False, **opts):
     if base.startswith("streamline") and base != "streamline-none":
         options = {**options, base: {"train_samples": len(ctx.calibration), **options.get(base, {})}}
     spec, cfg = resolve_method(name, {t: {k: str(v) for k, v in o.items()} for t, o in options.items()})
+    cfg.validate(ctx.num_layers, ctx.num_remove)  # as the runner does before any method runs
     torch.manual_seed(0)
     result = spec.fn(ctx, cfg)
     return (result, cfg) if return_config else result

@@ -106,6 +106,18 @@ def test_no_function_over_60_lines():
     assert not long, "functions over 60 lines: " + "; ".join(long)
 
 
+def test_the_registry_names_each_config():
+    """One config class serves several methods; each registration's errors name its own option."""
+    from harness.errors import UsageError
+    from harness.plugins.pipeline import resolve_method
+
+    for name in ("streamline", "streamline-mlp-shared", "streamline-layer-shared", "laco-code", "remove"):
+        _spec, cfg = resolve_method(name, {})
+        assert cfg.method_name == name
+    with pytest.raises(UsageError, match=r"^streamline-multi-mlp\.fit_loss=kl is unknown"):
+        resolve_method("streamline-multi-mlp", {"streamline-multi-mlp": {"fit_loss": "kl"}})
+
+
 def test_run_options_are_one_frozen_configuration():
     """The CLI builds the run's options once; nothing downstream writes into them (a sweep's
     per-target sessions carry their own target, the inputs' identity lives in the session)."""

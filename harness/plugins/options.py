@@ -20,12 +20,26 @@ def option(default=dataclasses.MISSING, help: str = "", *, default_factory=datac
 
 @dataclass
 class MethodConfig:
-    """Base class of every method's and post-step's options (a dataclass; fields are CLI-settable)."""
+    """Base class of every method's and post-step's options (a dataclass; fields are CLI-settable).
+
+    Checked twice, each check once: ``check`` (the fields alone) when the config is built, and
+    ``validate`` (against the model's layer count and n) once per target, before any weights load.
+    Errors name the option as ``METHOD.KEY``; ``method_name`` is the registered name (the registry
+    gives each registration its own subclass carrying it)."""
+
+    method_name: ClassVar[str] = "method"
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """Check the fields on their own (ranges, choices, files); raise ``UsageError``. Runs when
+        the config is built, so a bad option fails before anything is loaded."""
 
     def validate(self, num_layers: int, num_remove: int) -> None:
         """Check options that depend on the model (e.g. a forced window start) against its
         decoder layer count and the n layers to remove; raise ``UsageError``. The runner calls
-        this after loading the model's config and before any run, so a bad option writes no result."""
+        this once per target from the model's config, before the weights load."""
 
     def to_dict(self) -> dict:
         """The run's ``method_config`` (every option, defaults included)."""
@@ -47,8 +61,6 @@ class WindowConfig(MethodConfig):
     """Options of a method that removes one contiguous window of n layers: ``start`` forces it."""
 
     start: int | None = option(None, "force the window's first layer (default: the method's own choice)")
-
-    method_name: ClassVar[str] = "method"
 
     def validate(self, num_layers: int, num_remove: int) -> None:
         check_window(self.method_name, self.start, num_layers, num_remove)

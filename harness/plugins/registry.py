@@ -83,7 +83,7 @@ class Registry:
                     raise ValueError(f"'{name}' is registered both as a {other.kind} and as a {self.kind}; "
                                      "pick another name")
             doc = help or next(iter((fn.__doc__ or "").strip().splitlines()), "")  # no docstring: no help
-            self._specs[name] = PluginSpec(name, fn, config, doc, fn.__module__, self.kind)
+            self._specs[name] = PluginSpec(name, fn, _named(config, name), doc, fn.__module__, self.kind)
             return fn
 
         return deco
@@ -97,6 +97,13 @@ class Registry:
 
     def get(self, name: str) -> PluginSpec | None:
         return self.all().get(name)
+
+
+def _named(config: type, name: str) -> type:
+    """``config`` as registered under ``name``: a subclass whose ``method_name`` is that name, so
+    its errors name the option as ``NAME.KEY`` (one config class can serve several methods)."""
+    return type(config.__name__, (config,), {"method_name": name, "__module__": config.__module__,
+                                             "__qualname__": config.__qualname__, "__doc__": config.__doc__})
 
 
 METHODS = Registry("method")
