@@ -2,33 +2,23 @@
 train a lightweight network to stand in for it.
 
 1. S(i) = mean over real tokens of cos(X_i, X_{i+n}); i* = argmax S(i) (one forward pass).
-2. A replacement f is trained with MSE so that f(X_{i*}) ~ X_{i*+n} on activations of the
-   dense model, streamed batch by batch (never all held at once), or with the LM loss
-   (``loss=lm``: f inserted, everything else frozen).
-3. Layers i*..i*+n-1 are removed and f runs in their place.
-4. Optional post-training (paper Table 3 protocol, OPT-1.3B/2.7B): ``post_train_steps=N``
-   trains only f with the LM loss on a training text (default: the calibration source, drawn by
-   ``ctx.lm_training_data``: blocks with every token scored, or for a reference model its
-   calibration episodes whole, the loss on the answers only, as the model was trained).
+2. A replacement f is fit so that f(X_{i*}) ~ X_{i*+n} on the dense model's activations, streamed
+   batch by batch, or with the LM loss (``loss=lm``: f inserted, everything else frozen).
+3. Layers i*..i*+n-1 are removed and f runs in their place; optional post-training of f alone
+   with the LM loss (``post_train_steps``, the paper's Table 3 protocol).
 
-Replacement variants, one method name each (paper Tables 5 and 6, "Lightweight Model" column):
+One method name per replacement (paper Tables 5 and 6): ``streamline`` (MLP), ``-mlp-shared`` (one
+MLP applied n times), ``-multi-mlp`` (one MLP per layer), ``-layer`` / ``-layer-shared`` (a decoder
+layer, from the first pruned one), ``-none`` (nothing; heal with ``streamline-none+lora``).
 
-  streamline               MLP w/o params sharing (Table 5) = MLP (Table 6): Linear(d,h)-act-Linear(h,d)
-  streamline-mlp-shared    MLP w/ params sharing: one MLP applied n times
-  streamline-layer         Transformer Layer w/o params sharing: one decoder layer, initialised
-                           from the first pruned layer (``init=random`` for a fresh one), trained
-                           with the causal mask; net n-1 layers removed (the ICLR 2025 method,
-                           n+1 layers replaced by one, is ``streamline-iclr``)
-  streamline-layer-shared  Transformer Layer w/ params sharing: one decoder layer applied n times
-  streamline-multi-mlp     Multiple MLP (Table 6): one MLP per removed layer, MLP k fit to layer
-                           i*+k's own input -> output
-  streamline-none          None (Table 5): the window removed, nothing inserted; the paper heals
-                           it with LoRA of the MLP's trainable size: ``streamline-none+lora`` with
-                           ``-o lora.match_params=mlp``
-
-Defaults: h = 2d (the paper's Table 5 puts the MLP at ~1.3% of OPT-1.3B, i.e. 2*d*h ~ 4d^2),
-ReLU, AdamW lr 4e-4 (the paper's OPT-1.3B/2.7B recipe), 5 epochs. The paper gives no
-post-training learning rate or length; the defaults here (lr 1e-4, 8 blocks a step) are ours.
+Where it deviates from the paper (README "Streamline on a real model"): the default ``recipe=cpu``
+fits 256 blocks (the paper: 3,000), starts the MLP at the identity (ReLU(x) - ReLU(-x) = x with
+h = 2d, i.e. plain removal) instead of random weights, and fits with ``fit_loss=normed`` (1 - cos
+after the model's final norm for a window ending at the top, else a cosine loss) instead of MSE;
+``-o streamline.recipe=paper`` restores all three. Each run stores the fit's held-out loss beside
+plain removal's and warns when the replacement is worse. Defaults otherwise the paper's (h = 2d,
+ReLU, AdamW lr 4e-4, 5 epochs); the post-training lr and length are ours (the paper gives none).
+The variants in full: docs/methods/streamline.md.
 """
 from __future__ import annotations
 
