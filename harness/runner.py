@@ -67,6 +67,7 @@ from harness.results.cache import (
     model_identity,
     read_cached,
     read_cached_gz,
+    without_location,
 )
 from harness.results.record import model_info, new_record
 from harness.results.store import environment, run_path
@@ -192,11 +193,8 @@ def _eval_key(opts: RunOptions) -> dict:
     """The evaluation settings without where the data lies (its content is in identity.data) and
     without how scores are computed (``--eval-impl``, ``--eval-batch-size``: the results do not depend
     on them, tests/test_reliability_round2.py; both are recorded)."""
-    ev = opts.eval.identity_dict()
+    ev = without_location(opts.eval.identity_dict())
     ev.pop("batch_size", None)
-    for where in ("data_dir", "suite"):
-        if ev.get(where):
-            ev[where] = True
     return ev
 
 
@@ -275,7 +273,8 @@ def open_session(opts: RunOptions, prepared: Prepared, echo=print) -> Session:
 
     check_dense_finite(model, adapter, calibration, opts.model)
     session = Session(opts, model, tokenizer, adapter, calibration, n, _model_record(opts, model, adapter),
-                      target, identity, checked=prepared.checked, lm_text=lm_text, timings={"load": load_seconds, "calibration_load": calibration_seconds})
+                      target, identity, checked=prepared.checked, lm_text=lm_text,
+                      timings={"load": load_seconds, "calibration_load": calibration_seconds})
     echo(f"model {opts.model}: {adapter.num_layers} layers, {session.dense_params:,} parameters; "
          f"removing n={n} layers ({target.to_dict()})")
     return session

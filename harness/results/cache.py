@@ -72,6 +72,13 @@ def calibration_identity(source: str) -> dict:
     return {"hub": source}
 
 
+def without_location(ev: dict) -> dict:
+    """An evaluation dict with where its local data lies (``data_dir``, ``suite``) replaced by
+    ``True``: runs on the same data in another folder are the same runs (the data's content is in
+    the run key's ``data``)."""
+    return {k: (True if k in ("data_dir", "suite") and v else v) for k, v in ev.items()}
+
+
 def data_identity(files, root) -> dict:
     """Task data files by content (names relative to their folder)."""
     return files_fingerprint(files, Path(root) if root else None)

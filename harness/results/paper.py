@@ -426,9 +426,10 @@ def _compare_group(dense_run, group, paper, default, per_task, labels, method_or
     cols, skipped, theirs = _columns_for(paper, dense_run, default, per_task)
     paper_dense = next((r for r in mine if r.method == "dense"), None)
     cols.paper_dense_avg = cols.paper_avg(paper_dense) if paper_dense else None
+    our_dense_avg = _mean(list(cols.ours(dense_run).values()))
     records, shown_paper, shown_ratios = [], [], []
     for run in [dense_run, *others]:
-        records += _run_rows(run, dense_run, mine, cols, labels, tolerance, shown_paper, shown_ratios)
+        records += _run_rows(run, our_dense_avg, mine, cols, labels, tolerance, shown_paper, shown_ratios)
     run_methods = {r["method"] for r in group}
     ratios = shown_ratios + [r.ratio for r in shown_paper if r.ratio is not None]
     extra = [r for r in mine if r not in shown_paper and (r.method is None or r.method not in run_methods)
@@ -442,14 +443,13 @@ def _compare_group(dense_run, group, paper, default, per_task, labels, method_or
     return (title, df, notes)
 
 
-def _run_rows(run: dict, dense_run: dict, mine: list, cols: _Columns, labels: dict, tolerance: float,
+def _run_rows(run: dict, our_dense_avg: float | None, mine: list, cols: _Columns, labels: dict, tolerance: float,
               shown_paper: list, shown_ratios: list) -> list[dict]:
     """One run's row, then each paper row it matches with the delta row (none for a failed run)."""
     failed = run.get("status") == "failed"
     label = labels.get(run["method"]) or run.get("label") or run["method"]
     cells = cols.ours(run)
     avg = _mean([cells[c.name] for c in cols.compared])
-    our_dense_avg = _mean(list(cols.ours(dense_run).values()))
     ratio = measured_ratio(run)
     per = None if avg is None or not our_dense_avg else 100.0 * avg / our_dense_avg
     h = cols.headers

@@ -16,6 +16,7 @@ import pandas as pd
 
 from harness.errors import UsageError
 from harness.io import canonical, write_text_atomic
+from harness.results.cache import without_location
 
 TASK_LABELS = {
     "piqa": "PIQA", "hellaswag": "HellaSwag", "winogrande": "WinoGrande", "arc_easy": "ARC-e",
@@ -208,8 +209,8 @@ def _items_note(runs: list[dict]) -> str:
 def eval_group_key(run: dict) -> str:
     """Runs are comparable when model, evaluation config and dtype agree. Where the local data lay
     is not part of it (the run key holds the data's content: runner._eval_key)."""
-    ev = {k: (True if k in ("data_dir", "suite") and v else v) for k, v in (run["eval"] or {}).items()}
-    return canonical({"model": run["model"]["name"], "eval": ev, "dtype": run["model"].get("dtype")})
+    return canonical({"model": run["model"]["name"], "eval": without_location(run["eval"] or {}),
+                      "dtype": run["model"].get("dtype")})
 
 
 def protocol_label(run: dict) -> str:
