@@ -135,8 +135,9 @@ def _add_eval_flags(p) -> None:
                    f"default {defaults.EVAL_BATCH_SIZE})")
     p.add_argument("--eval-impl", type=_eval_impl, default=defaults.EVAL_IMPL, metavar="fast|fast-shared|stock",
                    help="loglikelihood path: fast (LM head and log-softmax only at scored positions, same "
-                   "numbers), fast-shared (also runs a context shared by several choices once, through the KV "
-                   "cache) or stock (lm-eval's HFLM as is); not part of the run key "
+                   "numbers), fast-shared (also runs a context shared by several choices once, the choices "
+                   "packed behind it under a 4-D attention mask) or stock (lm-eval's HFLM as is); not part of "
+                   "the run key "
                    f"(default {defaults.EVAL_IMPL})")
     p.add_argument("--num-fewshot", "--num_fewshot", dest="num_fewshot", default=None, metavar="N|TASK=N,...",
                    help="few-shot examples per task, lm-eval's semantics (its few-shot split, sampler and seed); "

@@ -35,8 +35,10 @@ def _replaced_llama():
     return model
 
 
-MODELS = {"opt": lambda: tiny_model("opt"), "llama": lambda: tiny_model("llama"), "gemma3_text": _gemma3,
-          "llama_replaced": _replaced_llama}
+FAMILIES = ["opt", "llama", "mistral", "qwen2", "qwen3", "gpt_neox", "gemma", "gemma2", "gemma3_text", "phi", "phi3",
+            "mixtral", "gptj"]  # every family the adapters know (as tests/test_families.py), gptj structurally
+MODELS = {**{f: (lambda f=f: tiny_model(f)) for f in FAMILIES}, "gemma3_softcap": _gemma3,
+          "gemma3_window64": lambda: _gemma3(sliding_window=64), "llama_replaced": _replaced_llama}
 
 
 def _lms(model, batch_size=3, max_length=MAX_LEN, impl="fast"):
@@ -110,18 +112,44 @@ def test_loglikelihood_matches_hflm(name, impl):
     reqs = _requests(model)
     assert any(len(fast.tok_encode(r.args[0] + r.args[1])) > MAX_LEN + 1 for r in reqs)  # truncation is exercised
     a = stock.loglikelihood(reqs, disable_tqdm=True)
+    masks = _mask_ranks(model)
     b = fast.loglikelihood(reqs, disable_tqdm=True)
     _compare(a, b)
     assert any(g for _ll, g in a) and not all(g for _ll, g in a)  # both greedy outcomes are exercised
     assert _acc(reqs, a) == _acc(reqs, b)
     assert fast.eval_impl_used == impl
+    # packed rows went through the model (with Gemma 2/3's 4-token windows only the documents that fit
+    # in 4 tokens: a longer one packed would differ from lm-eval, and fail the first batch's check)
+    assert (4 in masks) == (impl == "fast-shared")
+
+
+def _input_shapes(model) -> list:
+    """Records the ``input_ids`` shape of every forward pass of ``model``."""
+    shapes = []
+    model.register_forward_pre_hook(
+        lambda _m, args, kw: shapes.append(tuple(kw.get("input_ids", args[0] if args else None).shape)),
+        with_kwargs=True)
+    return shapes
+
+
+def _mask_ranks(model) -> list:
+    """Records the rank of the attention mask of every forward pass of ``model`` (0: none)."""
+    ranks = []
+
+    def hook(_module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        ranks.append(0 if mask is None else mask.dim())
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    return ranks
 
 
 @pytest.mark.parametrize("batch_size", [8, 1])
 def test_shared_contexts_run_once(batch_size):
-    """fast-shared: a document's context runs once, then its choices' remaining tokens against the
-    cache; documents share passes while both hold at most lm-eval's batch of tokens (batch size x
-    longest input); requests alone in their group are batched as in fast."""
+    """fast-shared: a document's context runs once, its choices' remaining tokens packed behind it in
+    the same row; rows share a pass while they hold at most lm-eval's batch of tokens (batch size x
+    longest input); the first packed pass is checked against the plain path once; requests alone
+    in their group are batched as in fast."""
     from lm_eval.api.instance import Instance
 
     model = tiny_model("llama")
@@ -131,18 +159,43 @@ def test_shared_contexts_run_once(batch_size):
             for d in range(3) for c in range(4)]
     reqs.append(Instance(request_type="loglikelihood", doc={"d": 3}, idx=0, arguments=("t9 t8", " t7 t6")))
     a = stock.loglikelihood(reqs, disable_tqdm=True)
-    shapes = []
-    handle = model.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.logits.shape[:2])))
+    shapes = _input_shapes(model)
     b = fast.loglikelihood(reqs, disable_tqdm=True)
-    handle.remove()
     _compare(a, b)
-    if batch_size == 8:  # the single; the three prefixes (their last positions); 12 members x 2 tokens
-        assert shapes == [(1, 2), (1, 3), (1, 24)]
-    else:  # budget 1 x 16 tokens: one document per pair of passes (4 members x 2 tokens)
-        assert shapes == [(1, 2)] + [(1, 1), (1, 8)] * 3
+    # the single (3 tokens); document d packs its 10 + d context tokens and 4 x 2 choice tokens into
+    # one row of 18 + d (no two fit in one row); the check runs the first packed document's four
+    # 14-token inputs the plain way, once
+    if batch_size == 8:  # budget 8 x 14 tokens: the three rows in one pass
+        assert shapes == [(1, 3), (3, 20), (4, 14)]
+    else:  # budget 14 tokens: one row a pass, longest first
+        assert shapes == [(1, 3), (1, 20), (4, 14), (1, 19), (1, 18)]
+    assert fast.eval_impl_used == "fast-shared"
 
 
-def test_shared_contexts_need_a_cache(monkeypatch, caplog):
+def test_shared_contexts_share_rows():
+    """Groups shorter than the pass's width fill a row together, each seeing only its own tokens."""
+    from lm_eval.api.instance import Instance
+
+    model = tiny_model("llama")
+    stock, fast = _lms(model, batch_size=3, impl="fast-shared")
+    reqs = [Instance(request_type="loglikelihood", doc={"d": d}, idx=c,
+                     arguments=(_text(range(10, 10 + n)), " " + _text([60 + c, 70 + d])))
+            for d, n in enumerate((20, 8, 8)) for c in range(2)]
+    a = stock.loglikelihood(reqs, disable_tqdm=True)
+    shapes = _input_shapes(model)
+    b = fast.loglikelihood(reqs, disable_tqdm=True)
+    _compare(a, b)
+    # groups of 20 + 2 x 1 and twice 8 + 2 x 1 tokens (a prefix runs through the first scored
+    # position); budget 3 x 21 tokens: two rows of 22, the second holding both short documents; then
+    # the check of the first document's two 21-token inputs
+    assert shapes == [(2, 22), (2, 21)]
+
+
+@pytest.mark.parametrize("how", ["ignores", "refuses"])
+def test_shared_contexts_checked_against_the_plain_path(monkeypatch, caplog, how):
+    """A model that ignores the 4-D mask (here: its forward drops it) fails the first packed group's
+    check, one that refuses it (raises) fails its first pass: one warning, the plain fast path from
+    there on, lm-eval's numbers all the same."""
     from harness.evaluation import scored
 
     monkeypatch.setattr(scored, "_WARNED", set())
@@ -151,16 +204,20 @@ def test_shared_contexts_need_a_cache(monkeypatch, caplog):
     stock, fast = _lms(model, impl="fast-shared")
     forward = model.forward
 
-    def no_cache(*args, **kwargs):
-        out = forward(*args, **kwargs)
-        out.past_key_values = None
-        return out
+    def four_d_mask(*args, **kwargs):
+        if kwargs.get("attention_mask") is not None and kwargs["attention_mask"].dim() == 4:
+            if how == "refuses":
+                raise ValueError("no 4-D masks here")
+            kwargs["attention_mask"] = None
+        return forward(*args, **kwargs)
 
-    monkeypatch.setattr(model, "forward", no_cache)
+    monkeypatch.setattr(model, "forward", four_d_mask)
     with caplog.at_level(logging.WARNING, logger="harness.evaluation.fastlm"):
         _compare(stock.loglikelihood(reqs, disable_tqdm=True), fast.loglikelihood(reqs, disable_tqdm=True))
-    assert fast.eval_impl_used == "fast (contexts not shared: the model returns no KV cache)"
-    assert len([r for r in caplog.records if "returned no KV cache" in r.message]) == 1
+    why = ("packing shared contexts changes OPTForCausalLM's log-probabilities" if how == "ignores" else
+           "OPTForCausalLM cannot take packed rows (ValueError: no 4-D masks here)")
+    assert fast.eval_impl_used.startswith(f"fast (contexts not shared: {why}")
+    assert len([r for r in caplog.records if why in r.message]) == 1
 
 
 def test_gemma3_softcap_and_sliding_window_matter():

@@ -76,13 +76,15 @@ class FastLoglikelihood:
     share_contexts = False  # also run a context shared by several requests once (shared_context.py)
     _fast_verified = False  # a first batch went through the fast path and passed every check
     _fast_fallback: str | None = None  # why this model uses lm-eval's path instead
+    _shared_verified = False  # a packed batch of shared contexts matched the plain path (shared_context.py)
+    _shared_fallback: str | None = None  # why contexts are not shared after all
 
     @property
     def eval_impl_used(self) -> str:
         if self._fast_fallback is not None:
             return f"stock (fast path unsupported: {self._fast_fallback})"
-        if self.eval_impl == "fast-shared" and not self.share_contexts:
-            return "fast (contexts not shared: the model returns no KV cache)"
+        if self.eval_impl == "fast-shared" and self._shared_fallback is not None:
+            return f"fast (contexts not shared: {self._shared_fallback})"
         if self.eval_impl == "fast-shared" and self.batch_size == "auto":
             return "fast (contexts not shared with lm-eval's automatic batch size)"
         return self.eval_impl
