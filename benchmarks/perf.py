@@ -6,6 +6,8 @@ Three measured ratios, each printed with its target and PASS/FAIL and written to
 (a) scoring: ``harness.activations.collect_layer_stats`` with every lag 1..L (all Streamline
     window cosines, ShortGPT's BI and the angular distances in one pass) / one plain forward
     pass of the model over the same calibration batches.                       target <= 1.2
+    The same pass / a forward of the decoder stack alone (``model.get_decoder()``: the layers and
+    the final norm, no LM head), issue 19's measure.                         target <= 1.05
 (b) memory: peak RSS of Streamline's replacement training (``harness.fitting.fit.fit_to_boundaries``
     as methods/streamline.py calls it) with 4N training samples / with N. Each size runs in a
     fresh subprocess; the peak is the kernel's VmHWM, reset right before training (so model
@@ -43,6 +45,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TARGETS = {"scoring": 1.2, "train_memory": 1.1, "evaluation": 1.05}
+SCORING_VS_DECODER = 1.05  # (a), against the decoder stack alone
 OPT_125M = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072, vocab_size=50272,
                 word_embed_proj_dim=768, max_position_embeddings=2048, pad_token_id=1, bos_token_id=2,
                 eos_token_id=2)
@@ -120,17 +123,26 @@ def bench_scoring(model, cal, repeats: int) -> dict:
             for ids, mask in cal.batches():
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
 
+    def decoder():
+        with torch.no_grad():
+            for ids, mask in cal.batches():
+                model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False)
+
     def scoring():
         return collect_layer_stats(model, adapter, cal, lags=lags, progress=False)
 
     timed(plain)  # warm both (allocator, oneDNN kernels)
     stats = timed(scoring)[2]
     assert set(stats.window_cos) == set(lags) and len(stats.window_cos[1]) == adapter.num_layers
-    times = {"plain_forward": [], "collect_layer_stats": []}
-    for _ in range(repeats):  # interleaved, so background load hits both alike
+    times = {"plain_forward": [], "decoder_forward": [], "collect_layer_stats": []}
+    for _ in range(repeats):  # interleaved, so background load hits all alike
         times["plain_forward"].append(timed(plain)[:2])
+        times["decoder_forward"].append(timed(decoder)[:2])
         times["collect_layer_stats"].append(timed(scoring)[:2])
     r = compare(times, "collect_layer_stats", "plain_forward")
+    d = compare(times, "collect_layer_stats", "decoder_forward")
+    r["vs_decoder"] = {"ratio": d["ratio"], "ratio_wall": d["ratio_wall"], "target": SCORING_VS_DECODER,
+                       "verdict": verdict(d["ratio"], SCORING_VS_DECODER)}
     return {**r, "target": TARGETS["scoring"], "verdict": verdict(r["ratio"], TARGETS["scoring"]), "lags": lags,
             "calibration": {"samples": len(cal), "seq_len": int(cal.input_ids.shape[1]),
                             "batch_size": cal.config.batch_size}}
@@ -331,6 +343,10 @@ def main(argv=None) -> int:
         print(f"(a) scoring all windows/BI/angular (lags 1..12) / plain forward: {r['ratio']:.3f} "
               f"(target <= {r['target']}) {r['verdict']}  [CPU medians {m['collect_layer_stats']['cpu']:.2f}s vs "
               f"{m['plain_forward']['cpu']:.2f}s; wall ratio {r['ratio_wall']:.3f}]", flush=True)
+        v = r["vs_decoder"]
+        print(f"(a') the same pass / the decoder stack alone (no LM head): {v['ratio']:.3f} (target <= {v['target']}) "
+              f"{v['verdict']}  [CPU medians {m['collect_layer_stats']['cpu']:.2f}s vs {m['decoder_forward']['cpu']:.2f}s; "
+              f"wall ratio {v['ratio_wall']:.3f}]", flush=True)
     if "train_memory" in only:
         results["train_memory"] = bench_train_memory(args)
         r = results["train_memory"]
@@ -356,6 +372,7 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")
     failed = [k for k in TARGETS if k in results and results[k]["verdict"] != "PASS"]
+    failed += ["scoring vs decoder"] if results.get("scoring", {}).get("vs_decoder", {}).get("verdict") == "FAIL" else []
     return 1 if failed else 0
 
 

@@ -115,7 +115,7 @@ class StatsAccumulator:
         self.sequences = 0
         self._mask = None
         self._last_idx = None
-        self._states: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._states: dict[int, torch.Tensor] = {}  # boundary -> its last-token unit vectors (float64)
         self._dev: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def begin_batch(self, attention_mask: torch.Tensor) -> None:
@@ -127,27 +127,31 @@ class StatsAccumulator:
         self.tokens += int(lengths.sum())
         self.sequences += int((lengths > 0).sum())
         self._states = {}
+        self._ring = None  # (tokens, max_lag, d): the unit vectors of the last max_lag boundaries
 
     def __call__(self, j: int, hidden: torch.Tensor) -> None:
         x = hidden.detach().float()
         dev = x.device
-        mask = self._mask.to(dev)
-        unit = F.normalize(x, dim=-1)  # (B, T, d)
+        b, t, d = x.shape
+        unit = F.normalize(x.reshape(b * t, d), dim=-1)  # (B*T, d)
         # last real token per sequence, float64: arccos near 1 needs the precision
-        last = F.normalize(x[torch.arange(x.shape[0], device=dev), self._last_idx.to(dev).clamp(min=0)].double(), dim=-1)
-        for n in self.lags:
-            prev = self._states.get(j - n)
-            if prev is None:
-                continue
-            p_unit, p_last = prev
-            cos = (unit * p_unit.to(dev)).sum(-1)  # (B, T)
-            lc = (last * p_last.to(dev)).sum(-1).clamp(-1.0, 1.0)
+        last = F.normalize(x[torch.arange(b, device=dev), self._last_idx.to(dev).clamp(min=0)].double(), dim=-1)
+        if self._ring is None:
+            self._ring = torch.empty(b * t, self.max_lag, d, dtype=unit.dtype, device=dev)
+        prev = [n for n in self.lags if j - n in self._states]
+        if prev:
+            # every lag's cosine at once: one batched dot of each token with its last max_lag boundaries
+            filled = self._ring[:, :min(j, self.max_lag)]  # boundary i sits in slot i % max_lag
+            cos = torch.bmm(filled, unit.unsqueeze(-1)).squeeze(-1)  # (B*T, filled slots)
+            sums = cos[self._mask.to(dev).reshape(-1)].double().sum(0)
             valid = (self._last_idx >= 0).to(dev)
-            # accumulate on the accelerator: no host sync per layer
-            cs, an = self._device_sums(n, dev)
-            cs[j - n] += cos[mask].double().sum().to(cs.device)
-            an[j - n] += (torch.arccos(lc[valid]) / math.pi).double().sum().to(an.device)
-        self._states[j] = (unit, last)
+            for n in prev:
+                cs, an = self._device_sums(n, dev)  # accumulated on the accelerator: no host sync per layer
+                cs[j - n] += sums[(j - n) % self.max_lag].to(cs.device)
+                lc = (last * self._states[j - n]).sum(-1).clamp(-1.0, 1.0)
+                an[j - n] += (torch.arccos(lc[valid]) / math.pi).double().sum().to(an.device)
+        self._ring[:, j % self.max_lag] = unit
+        self._states[j] = last
         self._states.pop(j - self.max_lag, None)
 
     def _device_sums(self, n, dev):
