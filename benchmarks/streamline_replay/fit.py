@@ -3,7 +3,8 @@
 (mse; cosine = the harness's; fnmse / fncos = MSE / 1 - cos after the final norm, what the LM head
 reads = the harness's `normed`; fisher = the second-order KL of the head's softmax, with its Fisher
 averaged over calibration tokens); saves each MLP for score.py.
-usage: fit.py NBLOCKS THREADS LOSS,LOSS START,START (see capture.py)"""
+usage: fit.py NBLOCKS THREADS LOSS,LOSS START,START [LR,LR] (see capture.py). A learning rate other than
+4e-4 is saved as mlp_{LOSS}lr{LR}_{START}_{NBLOCKS}.pt. Weight decay 0, as in the harness."""
 import os
 import sys
 import time
@@ -22,6 +23,7 @@ DIR = os.environ.get("REPLAY_DIR", "/tmp/streamline_replay")
 os.makedirs(DIR, exist_ok=True)
 losses = sys.argv[3].split(",")
 starts = [int(s) for s in sys.argv[4].split(",")] if len(sys.argv) > 4 else [14]
+lrs = [float(v) for v in sys.argv[5].split(",")] if len(sys.argv) > 5 else [4e-4]
 torch.set_num_threads(threads)
 torch.manual_seed(0)
 m, tok = load_model("gemma-3-270m")
@@ -86,7 +88,7 @@ def loss_fn(kind, p, y):
 
 def fit(kind, s, epochs=5, lr=4e-4, tokens_per_step=8 * 512):
     mlp = MLPReplacement(640, 1280, init="identity")
-    opt = torch.optim.AdamW(mlp.parameters(), lr=lr)
+    opt = torch.optim.AdamW(mlp.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
     Xs = X[s]
     for ep in range(epochs):
@@ -109,7 +111,9 @@ if "fisher" in losses:
     print("fisher", time.time() - t, "eig max/min", torch.linalg.eigvalsh(M)[[-1, 0]].tolist(), flush=True)
 for s in starts:
     for kind in losses:
-        t = time.time()
-        mlp = fit(kind, s)
-        torch.save(mlp.state_dict(), f"{DIR}/mlp_{kind}_{s}_{nblocks}.pt")
-        print("fit", kind, s, time.time() - t, flush=True)
+        for lr in lrs:
+            t = time.time()
+            mlp = fit(kind, s, lr=lr)
+            name = kind if lr == 4e-4 else f"{kind}lr{lr:g}"
+            torch.save(mlp.state_dict(), f"{DIR}/mlp_{name}_{s}_{nblocks}.pt")
+            print("fit", name, s, time.time() - t, flush=True)
