@@ -138,7 +138,7 @@ def _mask_ranks(model) -> list:
 
     def hook(_module, args, kwargs):
         mask = kwargs.get("attention_mask")
-        ranks.append(0 if mask is None else mask.dim())
+        ranks.append(0 if mask is None else 4 if isinstance(mask, dict) else mask.dim())  # dict: per layer type
 
     model.register_forward_pre_hook(hook, with_kwargs=True)
     return ranks
@@ -146,10 +146,9 @@ def _mask_ranks(model) -> list:
 
 @pytest.mark.parametrize("batch_size", [8, 1])
 def test_shared_contexts_run_once(batch_size):
-    """fast-shared: a document's context runs once, its choices' remaining tokens packed behind it in
-    the same row; rows share a pass while they hold at most lm-eval's batch of tokens (batch size x
-    longest input); the first packed pass is checked against the plain path once; requests alone
-    in their group are batched as in fast."""
+    """fast-shared: inputs sorted, packed as a token trie into rows of up to twice the longest input
+    (a document's context once, its choices' remaining tokens below it), batch size / 2 rows a
+    pass; the first packed row is checked against the plain path once."""
     from lm_eval.api.instance import Instance
 
     model = tiny_model("llama")
@@ -162,18 +161,19 @@ def test_shared_contexts_run_once(batch_size):
     shapes = _input_shapes(model)
     b = fast.loglikelihood(reqs, disable_tqdm=True)
     _compare(a, b)
-    # the single (3 tokens); document d packs its 10 + d context tokens and 4 x 2 choice tokens into
-    # one row of 18 + d (no two fit in one row); the check runs the first packed document's four
-    # 14-token inputs the plain way, once
-    if batch_size == 8:  # budget 8 x 14 tokens: the three rows in one pass
-        assert shapes == [(1, 3), (3, 20), (4, 14)]
-    else:  # budget 14 tokens: one row a pass, longest first
-        assert shapes == [(1, 3), (1, 20), (4, 14), (1, 19), (1, 18)]
+    # inputs: [9 8 7] (3 tokens) first, then document d's four of 12 + d tokens sharing its 10 + d
+    # context tokens; rows of at most 2 x 14 tokens: [9 8 7] + document 0 (3 + 10 + 4 x 2 = 21),
+    # document 1 (11 + 8 = 19), document 2 (20); then the check of the first row's 5 inputs
+    if batch_size == 8:  # 4 rows a pass: all three in one
+        assert shapes == [(3, 21), (5, 12)]
+    else:  # one row a pass
+        assert shapes == [(1, 21), (5, 12), (1, 19), (1, 20)]
     assert fast.eval_impl_used == "fast-shared"
 
 
-def test_shared_contexts_share_rows():
-    """Groups shorter than the pass's width fill a row together, each seeing only its own tokens."""
+def test_shared_prefixes_across_documents():
+    """A prefix several documents share (a few-shot prompt, here 8 tokens) runs once too; lm-eval's
+    one-token cache still merges requests that differ in their last continuation token only."""
     from lm_eval.api.instance import Instance
 
     model = tiny_model("llama")
@@ -185,10 +185,10 @@ def test_shared_contexts_share_rows():
     shapes = _input_shapes(model)
     b = fast.loglikelihood(reqs, disable_tqdm=True)
     _compare(a, b)
-    # groups of 20 + 2 x 1 and twice 8 + 2 x 1 tokens (a prefix runs through the first scored
-    # position); budget 3 x 21 tokens: two rows of 22, the second holding both short documents; then
-    # the check of the first document's two 21-token inputs
-    assert shapes == [(2, 22), (2, 21)]
+    # four model inputs (documents 1 and 2 differ in their last token only: one each for choice 0
+    # and 1): [10..29, 60], [10..29, 61], [10..17, 60], [10..17, 61], all starting with 10..17: one
+    # row of 21 + 1 + 1 + 1 = 24 tokens (plain: 21 + 21 + 9 + 9 = 60); then the check of its inputs
+    assert shapes == [(1, 24), (4, 21)]
 
 
 @pytest.mark.parametrize("how", ["ignores", "refuses"])
@@ -214,7 +214,7 @@ def test_shared_contexts_checked_against_the_plain_path(monkeypatch, caplog, how
     monkeypatch.setattr(model, "forward", four_d_mask)
     with caplog.at_level(logging.WARNING, logger="harness.evaluation.fastlm"):
         _compare(stock.loglikelihood(reqs, disable_tqdm=True), fast.loglikelihood(reqs, disable_tqdm=True))
-    why = ("packing shared contexts changes OPTForCausalLM's log-probabilities" if how == "ignores" else
+    why = ("packing shared prefixes changes OPTForCausalLM's log-probabilities" if how == "ignores" else
            "OPTForCausalLM cannot take packed rows (ValueError: no 4-D masks here)")
     assert fast.eval_impl_used.startswith(f"fast (contexts not shared: {why}")
     assert len([r for r in caplog.records if why in r.message]) == 1

@@ -78,6 +78,8 @@ class FastLoglikelihood:
     _fast_fallback: str | None = None  # why this model uses lm-eval's path instead
     _shared_verified = False  # a packed batch of shared contexts matched the plain path (shared_context.py)
     _shared_fallback: str | None = None  # why contexts are not shared after all
+    _shared_deep_verified = False  # ... and a packed row deeper than the sliding window did too
+    _shared_deep_fallback = False  # rows deeper than the sliding window are scored the plain way
 
     @property
     def eval_impl_used(self) -> str:
