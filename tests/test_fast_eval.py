@@ -146,9 +146,10 @@ def _mask_ranks(model) -> list:
 
 @pytest.mark.parametrize("batch_size", [8, 1])
 def test_shared_contexts_run_once(batch_size):
-    """fast-shared: inputs sorted, packed as a token trie into rows of up to twice the longest input
-    (a document's context once, its choices' remaining tokens below it), batch size / 2 rows a
-    pass; the first packed row is checked against the plain path once."""
+    """fast-shared: inputs sorted, packed as a token trie into rows of up to twice their longest input
+    (a document's context once, its choices' remaining tokens below it), the rows sorted by size and
+    batched within lm-eval's batch of tokens; the first packed row is checked against the plain path
+    once; an input sharing no prefix goes through the plain batches."""
     from lm_eval.api.instance import Instance
 
     model = tiny_model("llama")
@@ -161,13 +162,14 @@ def test_shared_contexts_run_once(batch_size):
     shapes = _input_shapes(model)
     b = fast.loglikelihood(reqs, disable_tqdm=True)
     _compare(a, b)
-    # inputs: [9 8 7] (3 tokens) first, then document d's four of 12 + d tokens sharing its 10 + d
-    # context tokens; rows of at most 2 x 14 tokens: [9 8 7] + document 0 (3 + 10 + 4 x 2 = 21),
-    # document 1 (11 + 8 = 19), document 2 (20); then the check of the first row's 5 inputs
-    if batch_size == 8:  # 4 rows a pass: all three in one
-        assert shapes == [(3, 21), (5, 12)]
-    else:  # one row a pass
-        assert shapes == [(1, 21), (5, 12), (1, 19), (1, 20)]
+    # [9 8 7] shares nothing: a plain batch of its own (3 tokens); document d's four inputs of 12 + d
+    # tokens share its 10 + d context tokens: one row of 10 + d + 4 x 2 each (18, 19, 20; two
+    # documents exceed twice a row's longest input), largest first; then the check of the first
+    # packed row's four 14-token inputs
+    if batch_size == 8:  # budget 8 x 14 tokens: all three rows in one pass
+        assert shapes == [(1, 3), (3, 20), (4, 14)]
+    else:  # budget 14 tokens: one row a pass
+        assert shapes == [(1, 3), (1, 20), (4, 14), (1, 19), (1, 18)]
     assert fast.eval_impl_used == "fast-shared"
 
 

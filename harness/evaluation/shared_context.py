@@ -10,9 +10,10 @@ token trie: a shared prefix appears once, each input's remaining tokens below it
 trie in depth-first order, so a token's ancestors are exactly the tokens before it whose subtree
 holds it; the 4-D attention mask lets each token see its ancestors and itself only, and its
 position id is its depth, i.e. its position in its own input. So every token computes what it
-computes in lm-eval's row for its input, and shared tokens run once. Rows are at most twice the
-longest input wide, as many a pass as the tokens of lm-eval's batch allow (``--eval-batch-size``
-rows of the longest input), right-padded.
+computes in lm-eval's row for its input, and shared tokens run once. A row holds at most twice
+its longest input; rows are sorted by size and a pass takes as many as the tokens of lm-eval's
+batch allow (``--eval-batch-size`` rows of the longest input), right-padded. An input that shares fewer than ``MIN_SHARED`` leading
+tokens with both its neighbours goes through the fast path's plain batches instead.
 
 The mask reaches the attention through transformers' own mask handling (a 4-D mask is used as
 given). With sliding-window layers a row deeper than the window also needs the window's own mask:
@@ -39,11 +40,34 @@ def score_shared(lm, re_ord, batch_size: int, res: list, pbar) -> None:
     items = sorted(((req, lm._input(req[1], req[2])) for req in reps), key=lambda it: it[1])
     if not items:
         return
-    longest = max(len(inp) for _, inp in items)
-    rows = _rows(items, 2 * longest)
-    per_pass = max(1, (batch_size or 2 * len(items)) // 2)  # rows of up to 2 x longest: lm-eval's batch of tokens
-    for start in range(0, len(rows), per_pass):
-        _run_rows(lm, rows[start:start + per_pass], re_ord, res, pbar)
+    items, alone = _sharing(items)
+    step = max(batch_size or len(alone), 1)  # lm-eval's batch size 0: one batch
+    for start in range(0, len(alone), step):
+        lm._score_chunk(alone[start:start + step], re_ord, res, pbar)
+    if not items:
+        return
+    budget = (batch_size or len(items)) * max(len(inp) for _, inp in items)  # lm-eval's batch of tokens
+    rows = sorted(_rows(items), key=lambda row: -_trie_size(row))
+    start = 0
+    while start < len(rows):
+        stop = start + max(1, budget // _trie_size(rows[start]))
+        _run_rows(lm, rows[start:stop], re_ord, res, pbar)
+        start = stop
+
+
+MIN_SHARED = 8  # tokens an input must share with a neighbour to be packed
+
+
+def _sharing(items: list) -> tuple[list, list]:
+    """The sorted items that share at least MIN_SHARED leading tokens with a neighbour (packed),
+    and the requests of the others (plain batches: a packed row's explicit mask costs attention
+    time that a prefix of a few tokens does not win back)."""
+    near = [0] * len(items)
+    for k in range(1, len(items)):
+        n = _lcp(items[k - 1][1], items[k][1])
+        near[k - 1], near[k] = max(near[k - 1], n), max(near[k], n)
+    return ([it for it, n in zip(items, near) if n >= MIN_SHARED],
+            [it[0] for it, n in zip(items, near) if n < MIN_SHARED])
 
 
 def _lcp(a: list[int], b: list[int]) -> int:
@@ -54,20 +78,25 @@ def _lcp(a: list[int], b: list[int]) -> int:
     return i
 
 
-def _rows(items: list, width: int) -> list[list]:
-    """Consecutive (sorted) items, as many per row as keep its trie within ``width`` tokens (an
-    input longer than that gets a row of its own)."""
-    rows, size, prev = [], 0, None
+def _rows(items: list) -> list[list]:
+    """Consecutive (sorted) items, as many per row as keep its trie within twice its longest input
+    (so a row's attention, which the mask makes dense, stays within 4x that of its longest input)."""
+    rows, size, longest, prev = [], 0, 0, None
     for req, inp in items:
         grow = len(inp) - (_lcp(prev, inp) if prev is not None else 0)
-        if rows and size + grow <= width:
+        if rows and size + grow <= 2 * max(longest, len(inp)):
             rows[-1].append((req, inp))
             size += grow
+            longest = max(longest, len(inp))
         else:
             rows.append([(req, inp)])
-            size = len(inp)
+            size = longest = len(inp)
         prev = inp
     return rows
+
+
+def _trie_size(items: list) -> int:
+    return sum(len(inp) - (_lcp(items[k - 1][1], inp) if k else 0) for k, (_, inp) in enumerate(items))
 
 
 class _Row:
