@@ -148,15 +148,19 @@ class FastLoglikelihood:
 
     def _score_chunk(self, chunk, re_ord, res: list, pbar) -> None:
         """One batch of lm-eval's: right-padded rows, one forward pass, answers appended to ``res``."""
+        scored = self._plain_log_probs(chunk)
+        self._fast_verified = True
+        for req, logits in zip(chunk, scored, strict=True):
+            self._answer(req, logits, re_ord, res, pbar)
+
+    def _plain_log_probs(self, chunk) -> tuple[torch.Tensor, ...]:
+        """``[contlen, vocab]`` log-probs per request of ``chunk``, from lm-eval's right-padded rows."""
         from lm_eval.models.utils_hf import pad_and_concat
 
         inps = [torch.tensor(self._input(ctx, cont), dtype=torch.long, device=self.device) for _, ctx, cont in chunk]
         inplens = [inp.shape[0] for inp in inps]
         batched_inps = pad_and_concat(max(inplens), inps, padding_side="right")
-        scored = self._scored_log_probs(batched_inps, inplens, [len(req[2]) for req in chunk])
-        self._fast_verified = True
-        for req, logits in zip(chunk, scored, strict=True):
-            self._answer(req, logits, re_ord, res, pbar)
+        return self._scored_log_probs(batched_inps, inplens, [len(req[2]) for req in chunk])
 
     def _answer(self, req, logits: torch.Tensor, re_ord, res: list, pbar) -> None:
         """lm-eval's per-request scoring from the ``[contlen, vocab]`` log-probs of ``req`` (and of

@@ -38,8 +38,6 @@ def score_shared(lm, re_ord, batch_size: int, res: list, pbar) -> None:
     appending lm-eval's answers to ``res`` in the order ``re_ord.get_cache`` records."""
     reps = [req for chunk in re_ord.get_batched(n=0) for req in chunk]  # all, in lm-eval's order
     items = sorted(((req, lm._input(req[1], req[2])) for req in reps), key=lambda it: it[1])
-    if not items:
-        return
     items, alone = _sharing(items)
     step = max(batch_size or len(alone), 1)  # lm-eval's batch size 0: one batch
     for start in range(0, len(alone), step):
@@ -47,11 +45,11 @@ def score_shared(lm, re_ord, batch_size: int, res: list, pbar) -> None:
     if not items:
         return
     budget = (batch_size or len(items)) * max(len(inp) for _, inp in items)  # lm-eval's batch of tokens
-    rows = sorted(_rows(items), key=lambda row: -_trie_size(row))
+    rows = sorted(_rows(items), key=lambda row: -row[1])
     start = 0
     while start < len(rows):
-        stop = start + max(1, budget // _trie_size(rows[start]))
-        _run_rows(lm, rows[start:stop], re_ord, res, pbar)
+        stop = start + max(1, budget // rows[start][1])
+        _run_rows(lm, [items for items, _size in rows[start:stop]], re_ord, res, pbar)
         start = stop
 
 
@@ -78,25 +76,22 @@ def _lcp(a: list[int], b: list[int]) -> int:
     return i
 
 
-def _rows(items: list) -> list[list]:
+def _rows(items: list) -> list[tuple[list, int]]:
     """Consecutive (sorted) items, as many per row as keep its trie within twice its longest input
-    (so a row's attention, which the mask makes dense, stays within 4x that of its longest input)."""
-    rows, size, longest, prev = [], 0, 0, None
+    (so a row's attention, which the mask makes dense, stays within 4x that of its longest input);
+    each row with its trie's size in tokens."""
+    rows, longest, prev = [], 0, None
     for req, inp in items:
         grow = len(inp) - (_lcp(prev, inp) if prev is not None else 0)
-        if rows and size + grow <= 2 * max(longest, len(inp)):
-            rows[-1].append((req, inp))
-            size += grow
+        if rows and rows[-1][1] + grow <= 2 * max(longest, len(inp)):
+            rows[-1][0].append((req, inp))
+            rows[-1][1] += grow
             longest = max(longest, len(inp))
         else:
-            rows.append([(req, inp)])
-            size = longest = len(inp)
+            rows.append([[(req, inp)], len(inp)])
+            longest = len(inp)
         prev = inp
-    return rows
-
-
-def _trie_size(items: list) -> int:
-    return sum(len(inp) - (_lcp(items[k - 1][1], inp) if k else 0) for k, (_, inp) in enumerate(items))
+    return [(row, size) for row, size in rows]
 
 
 class _Row:
@@ -190,9 +185,7 @@ def _verified(lm, items: list, scored: list, deep: bool) -> bool:
     """The first row of a pass against the plain fast path on the same requests: a model that does
     not honour the mask or the position ids gives different numbers and is not packed."""
     scored = scored[:len(items)]
-    width = max(len(inp) for _, inp in items)
-    ids = torch.tensor([inp + [0] * (width - len(inp)) for _, inp in items], dtype=torch.long, device=lm.device)
-    ref = lm._scored_log_probs(ids, [len(inp) for _, inp in items], [len(req[2]) for req, _ in items])
+    ref = lm._plain_log_probs([req for req, _ in items])
     tol = 1e-3 if torch.finfo(ref[0].dtype).bits >= 32 else 5e-2
     diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(ref, scored, strict=True))
     if diff > tol:
