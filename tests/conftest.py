@@ -47,6 +47,22 @@ def shared_data_or_skip() -> Path:
     return SHARED_DATA
 
 
+def arc_include_task(folder: Path, data: Path) -> Path:
+    """A task for --include-path: ``my_arc``, ARC-Challenge's questions in a prompt of our own."""
+    import yaml
+
+    folder.mkdir(exist_ok=True)
+    (folder / "my_arc.yaml").write_text(yaml.safe_dump({
+        "task": "my_arc", "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data / "arc_challenge" / "test.jsonl")}},
+        "test_split": "test", "output_type": "multiple_choice",
+        "doc_to_text": "Q: {{question}}\nA:", "doc_to_choice": "{{choices.text}}",
+        "doc_to_target": "{{choices.label.index(answerKey)}}",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+        "metadata": {"version": 1.0}}))
+    return folder
+
+
 def opt_tokenizer():
     """The OPT tokenizer rebuilt from shared/data/tokenizers/opt_derived (BPE vocab + merges)."""
     shared_data_or_skip()

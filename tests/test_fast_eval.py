@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from conftest import opt_tokenizer, shared_data_or_skip, tiny_config, tiny_model, tiny_tokenizer
+from conftest import arc_include_task, opt_tokenizer, shared_data_or_skip, tiny_config, tiny_model, tiny_tokenizer
 
 TOL = 1e-4
 MAX_LEN = 24  # small, so some requests are left-truncated
@@ -364,22 +364,6 @@ MMLU = "mmlu_high_school_biology"  # one subject, 5-shot from its dev split
 FEWSHOT = f"{MMLU}=5,default=0"
 
 
-def _include_task(folder, data) -> str:
-    """A task from --include-path (ARC-Challenge's questions in a prompt of our own)."""
-    import yaml
-
-    folder.mkdir(exist_ok=True)
-    (folder / "my_arc.yaml").write_text(yaml.safe_dump({
-        "task": "my_arc", "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(data / "arc_challenge" / "test.jsonl")}},
-        "test_split": "test", "output_type": "multiple_choice",
-        "doc_to_text": "Question: {{question}}\nAnswer:", "doc_to_choice": "{{choices.text}}",
-        "doc_to_target": "{{choices.label.index(answerKey)}}",
-        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
-        "metadata": {"version": 1.0}}))
-    return str(folder)
-
-
 def _task_run(model, tok, impl, tasks, limit, include_path=None, num_fewshot=None, batch_size=4):
     from harness.evaluation.eval_config import EvalConfig
     from harness.evaluation.lmeval import run_lm_eval
@@ -412,7 +396,7 @@ def test_real_tasks_same_requests_fast_and_stock(impl, tmp_path):
     tok = opt_tokenizer()
     model = tiny_model("opt", vocab_size=len(tok), layers=2)
     tasks = SEVEN + [MMLU, "my_arc"]
-    inc = _include_task(tmp_path / "tasks", data)
+    inc = str(arc_include_task(tmp_path / "tasks", data))
     stock, fast = (_task_run(model, tok, i, tasks, 6, inc, FEWSHOT) for i in ("stock", impl))
     assert fast["details"]["n_shot"][MMLU] == 5
     assert _same_requests(stock, fast, impl, tasks) > 150
@@ -435,7 +419,7 @@ def test_real_gemma_same_requests_fast_shared_and_stock(tmp_path, monkeypatch):
     model, tok = load_model("gemma-3-270m")
     long_mmlu = "mmlu_college_medicine"  # 5-shot prompts longer than the window
     tasks = SEVEN + [MMLU, long_mmlu, "my_arc"]
-    inc = _include_task(tmp_path / "tasks", data)
+    inc = str(arc_include_task(tmp_path / "tasks", data))
     shots = f"{MMLU}=5,{long_mmlu}=5,default=0"
     stock, fast = (_task_run(model, tok, i, tasks, 2, inc, shots, batch_size=2) for i in ("stock", "fast-shared"))
     assert _same_requests(stock, fast, "fast-shared", tasks) > 40

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import no_model_loading, one_error_line, shared_data_or_skip
+from conftest import arc_include_task, no_model_loading, one_error_line, shared_data_or_skip
 
 from harness import reference as R
 from harness.cli import main
@@ -143,16 +143,7 @@ def test_arc_easy_5shot_and_include_path_task_equal_raw_lm_eval(tmp_path, capsys
     """Per-task shots (arc_easy 5, the rest 0) and a task from --include-path, in one run."""
     data = shared_data_or_skip()
     model_dir = _model_dir()
-    inc = tmp_path / "my_tasks"
-    inc.mkdir()
-    (inc / "my_arc.yaml").write_text(yaml.safe_dump({
-        "task": "my_arc", "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(data / "arc_challenge" / "test.jsonl")}},
-        "test_split": "test", "output_type": "multiple_choice",
-        "doc_to_text": "Q: {{question}}\nA:", "doc_to_choice": "{{choices.text}}",
-        "doc_to_target": "{{choices.label.index(answerKey)}}",
-        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
-        "metadata": {"version": 1.0}}))
+    inc = arc_include_task(tmp_path / "my_tasks", data)
     out = tmp_path / "runs"
     argv = ["--model", MODEL, "--methods", "remove", "--layers", "3", "--tasks", "arc_easy,my_arc",
             "--num-fewshot", "arc_easy=5,default=0", "--include-path", str(inc), "--data-dir", str(data),
