@@ -2,7 +2,8 @@
 (X_S -> X_18, S = 12/14/16) of Gemma 3 270M on wikitext-2 calibration blocks with several losses
 (mse; cosine = the harness's; fnmse / fncos = MSE / 1 - cos after the final norm, what the LM head
 reads = the harness's `normed`; fisher = the second-order KL of the head's softmax, with its Fisher
-averaged over calibration tokens); saves each MLP for score.py.
+averaged over calibration tokens; kl = KL(dense || pruned) of the head's softmax itself, on $KL_POSITIONS (512)
+random tokens of each step of 4,096); saves each MLP for score.py.
 usage: fit.py NBLOCKS THREADS LOSS,LOSS START,START [LR,LR] (see capture.py). A learning rate other than
 4e-4 is saved as mlp_{LOSS}lr{LR}_{START}_{NBLOCKS}.pt. Weight decay 0, as in the harness."""
 import os
@@ -64,6 +65,15 @@ def head_fisher(sample=8192, chunk=512):
     return E.T @ (pbar[:, None] * E) - uu
 
 
+KL_POSITIONS = int(os.environ.get("KL_POSITIONS", 512))
+
+
+def head(v):
+    logits = m.lm_head(norm(v))
+    cap = m.config.final_logit_softcapping
+    return torch.tanh(logits / cap) * cap if cap is not None else logits
+
+
 def rmsn(v):
     return v * torch.rsqrt(v.float().pow(2).mean(-1, keepdim=True) + 1e-6)
 
@@ -80,6 +90,11 @@ def loss_fn(kind, p, y):
     if kind == "fncos":
         cos = F.cosine_similarity(rmsn(p) * W, rmsn(y) * W, dim=-1)
         return (1 - cos).mean()
+    if kind == "kl":  # KL(dense || pruned) of the LM head's softmax, on KL_POSITIONS random rows of the step
+        rows = torch.randperm(len(p))[:KL_POSITIONS]
+        with torch.no_grad():
+            teacher = F.log_softmax(head(y[rows]), -1)
+        return F.kl_div(F.log_softmax(head(p[rows]), -1), teacher, log_target=True, reduction="batchmean")
     if kind == "fisher":
         d = rmsn(p) * W - rmsn(y) * W
         return ((d @ M) * d).sum(-1).mean()

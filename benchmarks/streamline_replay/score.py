@@ -1,6 +1,8 @@
 """Replay variants through lm-eval on the captured states (see capture.py).
 usage: score.py LIMIT THREADS VARIANT...; VARIANT = dense | identity_S (plain removal of S..17) | NAME
-(the MLP $REPLAY_DIR/mlp_NAME.pt from fit.py, e.g. fncos_14_128). Prints acc per task and Per."""
+(the MLP $REPLAY_DIR/mlp_NAME.pt from fit.py, e.g. fncos_14_128); NAME@T interpolates that MLP's weights
+with the identity start's, (1 - T) * identity + T * fitted (T = 1 is the fit, T = 0 removal). Prints acc per
+task and Per."""
 import json
 import sys
 from pathlib import Path
@@ -20,8 +22,13 @@ for v in variants:
         s = int(v.split("_")[1]) if "_" in v else 14
         Replay.fn = staticmethod(lambda st, s=s: st[s])
     else:
-        s = int(v.split("_")[-2])
-        mlp = MLPReplacement(640, 1280, init="identity"); mlp.load_state_dict(torch.load(f"{DIR}/mlp_{v}.pt")); mlp.eval()
+        name, _, t = v.partition("@")
+        s = int(name.split("_")[-2])
+        mlp = MLPReplacement(640, 1280, init="identity")
+        start = {k: w.clone() for k, w in mlp.state_dict().items()}
+        fitted = torch.load(f"{DIR}/mlp_{name}.pt")
+        t = float(t) if t else 1.0
+        mlp.load_state_dict({k: (1 - t) * start[k] + t * fitted[k] for k in fitted}); mlp.eval()
         Replay.fn = staticmethod(lambda st, s=s, mlp=mlp: mlp(st[s]))
     res, items = evaluate(lm)
     ave = sum(res[t]["acc"] for t in TASKS) / len(TASKS)
