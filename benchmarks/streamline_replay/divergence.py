@@ -9,6 +9,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from harness.model.adapters import get_adapter
 from harness.model.loading import load_model
 from harness.model.replacement import MLPReplacement
 
@@ -16,16 +17,11 @@ limit, threads, names = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 DIR = os.environ.get("REPLAY_DIR", "/tmp/streamline_replay")
 torch.set_num_threads(threads)
 m, _tok = load_model("gemma-3-270m")
+head = get_adapter(m).logits  # final norm, LM head, soft-capping
 store = torch.load(f"{DIR}/store_{limit}.pt")
 Y = torch.cat([v[18] for v in store.values()])
 C = torch.cat([v["cont"] for v in store.values()])
 print("task continuation tokens", len(Y), flush=True)
-
-
-def head(h):
-    logits = m.lm_head(m.model.norm(h))
-    cap = m.config.final_logit_softcapping
-    return torch.tanh(logits / cap) * cap if cap is not None else logits
 
 
 def variant(name):

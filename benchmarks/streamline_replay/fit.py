@@ -68,12 +68,6 @@ def head_fisher(sample=8192, chunk=512):
 KL_POSITIONS = int(os.environ.get("KL_POSITIONS", 512))
 
 
-def head(v):
-    logits = m.lm_head(norm(v))
-    cap = m.config.final_logit_softcapping
-    return torch.tanh(logits / cap) * cap if cap is not None else logits
-
-
 def rmsn(v):
     return v * torch.rsqrt(v.float().pow(2).mean(-1, keepdim=True) + 1e-6)
 
@@ -93,8 +87,8 @@ def loss_fn(kind, p, y):
     if kind == "kl":  # KL(dense || pruned) of the LM head's softmax, on KL_POSITIONS random rows of the step
         rows = torch.randperm(len(p))[:KL_POSITIONS]
         with torch.no_grad():
-            teacher = F.log_softmax(head(y[rows]), -1)
-        return F.kl_div(F.log_softmax(head(p[rows]), -1), teacher, log_target=True, reduction="batchmean")
+            teacher = F.log_softmax(a.logits(y[rows]), -1)
+        return F.kl_div(F.log_softmax(a.logits(p[rows]), -1), teacher, log_target=True, reduction="batchmean")
     if kind == "fisher":
         d = rmsn(p) * W - rmsn(y) * W
         return ((d @ M) * d).sum(-1).mean()

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from harness.errors import MethodFailed
 from harness.fitting.scale import autocast_for, checkpointing
 from harness.model.adapters import get_adapter
+from harness.model.adapters.base import after_head
 from harness.model.loading import model_device
 
 
@@ -49,30 +50,12 @@ def lm_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return out.loss
 
 
-def _after_head(config):
-    """What a ``*ForCausalLM`` does to the head's output before its loss: Gemma 2/3's soft-capping,
-    Cohere's ``logit_scale``, Granite's ``logits_scaling`` (checked against the model's own logits on
-    every call, so an unknown one is an error, never a silently different loss)."""
-    cap = getattr(config, "final_logit_softcapping", None)
-    scale = getattr(config, "logit_scale", None) if "cohere" in str(getattr(config, "model_type", "")) else None
-    div = getattr(config, "logits_scaling", None) if "granite" in str(getattr(config, "model_type", "")) else None
-
-    def apply(z):
-        if scale:
-            z = z * scale
-        if div:
-            z = z / div
-        if cap:
-            z = torch.tanh(z / cap) * cap
-        return z
-    return apply
-
-
 def _chunked_lm_loss(model, head: nn.Module, input_ids, attention_mask, labels, rows: int) -> torch.Tensor:
     """The LM loss without materialising all logits: the model's own forward runs with a pre-hook
     that keeps the head's input [B, T, H] and lets the head see only position 0; its logits there
-    (after the model's own post-head arithmetic) must equal ``_after_head(head(.))`` on the same
-    row, or this fails. Then cross-entropy is summed over chunks of ``rows`` labelled positions,
+    (after the model's own post-head arithmetic) must equal ``after_head(config, head(.))`` on the
+    same row, or this fails (an unknown step after the head is an error, never a silently
+    different loss). Then cross-entropy is summed over chunks of ``rows`` labelled positions,
     each chunk's head and loss recomputed in the backward pass (torch.utils.checkpoint)."""
     from torch.utils.checkpoint import checkpoint
 
@@ -88,9 +71,9 @@ def _chunked_lm_loss(model, head: nn.Module, input_ids, attention_mask, labels, 
     finally:
         handle.remove()
     hidden = kept.get("hidden")
-    after = _after_head(getattr(model, "config", None))
+    config = getattr(model, "config", None)
     with torch.no_grad():
-        mine = after(head(hidden[:, :1])) if hidden is not None else None
+        mine = after_head(config, head(hidden[:, :1])) if hidden is not None else None
     if mine is None or own.shape != mine.shape or \
             not torch.allclose(own.float(), mine.float(), rtol=1e-4, atol=1e-4 * float(mine.abs().max()) + 1e-5):
         raise MethodFailed(f"the chunked LM loss cannot reproduce {type(model).__name__}'s logits from its LM head "
@@ -103,7 +86,7 @@ def _chunked_lm_loss(model, head: nn.Module, input_ids, attention_mask, labels, 
         return hidden.sum() * float("nan")
 
     def chunk_loss(h_chunk, y_chunk):
-        return nn.functional.cross_entropy(after(head(h_chunk)).float(), y_chunk, reduction="sum")
+        return nn.functional.cross_entropy(after_head(config, head(h_chunk)).float(), y_chunk, reduction="sum")
 
     total = sum(checkpoint(chunk_loss, h[i:i + rows], y[i:i + rows], use_reentrant=False)
                 for i in range(0, y.numel(), rows))

@@ -33,6 +33,21 @@ def _get(module: nn.Module, dotted: str) -> nn.Module | None:
     return module
 
 
+def after_head(config, z: torch.Tensor) -> torch.Tensor:
+    """What a ``*ForCausalLM`` does to its LM head's output ``z`` before the softmax and loss:
+    Cohere's ``logit_scale`` (multiply), Granite's ``logits_scaling`` (divide), then Gemma 2/3's
+    ``final_logit_softcapping`` (``cap * tanh(z / cap)``)."""
+    model_type = str(getattr(config, "model_type", ""))
+    scale = getattr(config, "logit_scale", None) if "cohere" in model_type else None
+    div = getattr(config, "logits_scaling", None) if "granite" in model_type else None
+    cap = getattr(config, "final_logit_softcapping", None)
+    if scale:
+        z = z * scale
+    if div:
+        z = z / div
+    return torch.tanh(z / cap) * cap if cap else z
+
+
 class ModelAdapter(ABC):
     """Uniform access to one causal LM's decoder stack (``model`` is the ``*ForCausalLM`` module).
 
@@ -93,13 +108,11 @@ class ModelAdapter(ABC):
         return self.model.get_output_embeddings()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits from X_L (the last decoder layer's output): final norm, LM head, and the
-        final logit soft-capping some families apply (Gemma 2: ``30 * tanh(z / 30)``)."""
+        """Logits from X_L (the last decoder layer's output): final norm, LM head, and what the
+        family does to the head's output (``after_head``)."""
         if self.final_norm is not None:
             hidden = self.final_norm(hidden)
-        z = self.lm_head(hidden)
-        cap = getattr(self.config, "final_logit_softcapping", None)
-        return torch.tanh(z / cap) * cap if cap else z
+        return after_head(self.config, self.lm_head(hidden))
 
     @property
     def config(self):
