@@ -52,7 +52,7 @@ def test_wandb_offline_logs_every_run_and_the_tables(tmp_path, capsys, monkeypat
     runs = {}
     for path in (out / "ref-opt-12l" / "wandb").glob("offline-run-*/run-*.wandb"):
         name, project, summary = _read_run(path)
-        assert project == "pruning-test"
+        assert project == "pruning-test", f"{path.name} ({path.stat().st_size} bytes): run record project {project!r}"
         runs[name] = summary
     assert sorted(runs) == ["Dense", "ref-opt-12l tables", "remove"]
     (rec,) = [json.loads(p.read_text()) for p in (out / "ref-opt-12l").glob("remove__*.json")]

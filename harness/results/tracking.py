@@ -78,4 +78,7 @@ def log_to_wandb(project: str, records: list[dict], tables, folder: Path, group:
         run.log(images)
     dirs.append(run.dir)
     run.finish()
+    # finish() can return before W&B's service process has closed the offline transaction logs; wait
+    # for it, so the files are complete (for `wandb sync`, or a reader) when the command returns.
+    wandb.teardown()
     return dirs
