@@ -92,3 +92,58 @@ def test_resolved_sources_keep_each_calls_own_model_args(tmp_path):
     eager = {"attn_implementation": "eager"}
     assert loading.resolve_source(str(folder), eager) == (str(folder), eager)
     assert loading.resolve_source(str(folder), {"revision": "main"})[1] == {"revision": "main"}
+
+
+_RACER = """
+import os, sys, time
+from pathlib import Path
+from harness.model import gguf
+
+def slow_convert(src, out):  # stands in for the minutes-long dequantisation
+    with open(os.environ["CONVERSIONS"], "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    time.sleep(3)
+    out.mkdir(parents=True)
+    (out / "config.json").write_text("{}")
+
+gguf._convert = slow_convert
+folder, rest, info = gguf.materialize(sys.argv[1])
+assert (Path(folder) / "config.json").is_file()
+"""
+
+
+def test_two_processes_preparing_one_gguf_model_convert_it_once(tmp_path):
+    """Two runs started together (a sweep beside a test, torchrun's ranks) once deleted each other's
+    half-written conversion as stale and died in safetensors; the cache lock makes one wait."""
+    model = tmp_path / "tiny.gguf"
+    model.write_bytes(b"GGUF" + bytes(64))
+    script = tmp_path / "racer.py"
+    script.write_text(_RACER)
+    env = {"STREAMLINE_CACHE": str(tmp_path / "cache"), "CONVERSIONS": str(tmp_path / "conversions.txt"),
+           "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    procs = [subprocess.Popen([sys.executable, str(script), str(model)], env=env, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    assert len((tmp_path / "conversions.txt").read_text().split()) == 1
+    assert sum("waiting for another process preparing a GGUF model" in e for e in errs) == 1, errs
+
+
+def test_a_damaged_assembled_file_is_assembled_again(tmp_path, monkeypatch, capsys):
+    """The package's assemble() refuses a file left half-written by an interrupted run (FileExistsError:
+    wrong sha256); the harness assembles it again from the package's verified chunks and says so."""
+    pytest.importorskip("gguf", reason='the real-model extra is not installed (pip install -e ".[real]")')
+    (tmp_path / "fake_gguf_pkg.py").write_text(
+        "calls = []\n"
+        "def assemble(overwrite=False):\n"
+        "    calls.append(overwrite)\n"
+        "    if not overwrite:\n"
+        "        raise FileExistsError('model.gguf already exists with an unexpected sha256')\n"
+        f"    return {str(tmp_path / 'model.gguf')!r}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(gguf.PACKAGED, "fake-gguf", gguf.Packaged("fake_gguf_pkg", "fake-gguf", "1.0"))
+    path, stem = gguf.gguf_source("fake-gguf")
+    import fake_gguf_pkg
+
+    assert (path, stem, fake_gguf_pkg.calls) == (tmp_path / "model.gguf", "fake-gguf", [False, True])
+    assert "is damaged" in capsys.readouterr().err

