@@ -102,7 +102,7 @@ from harness.model import gguf
 def slow_convert(src, out):  # stands in for the minutes-long dequantisation
     with open(os.environ["CONVERSIONS"], "a") as f:
         f.write(f"{os.getpid()}\\n")
-    time.sleep(3)
+    time.sleep(5)  # long enough that the second process starts while the first converts
     out.mkdir(parents=True)
     (out / "config.json").write_text("{}")
 

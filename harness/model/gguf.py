@@ -57,9 +57,17 @@ def _require(module: str, what: str):
                          f"install the real-model extra: {REAL_EXTRA}") from exc
 
 
+def _names_gguf(name: str, model_args: dict | None = None) -> bool:
+    """Whether ``name`` (with ``model_args``) names a GGUF model: a packaged short name, a folder with
+    ``gguf_file``, or a ``.gguf`` path. Reads nothing from disk."""
+    return name in PACKAGED or bool((model_args or {}).get("gguf_file")) or Path(name).suffix.lower() == ".gguf"
+
+
 def gguf_source(name: str, model_args: dict | None = None) -> tuple[Path, str] | None:
     """``(gguf file, display stem)`` when ``name`` (with ``model_args``) names a GGUF model, else None.
     A packaged short name is assembled here (the package writes the file once)."""
+    if not _names_gguf(name, model_args):
+        return None
     if name in PACKAGED:
         pkg = PACKAGED[name]
         try:
@@ -88,11 +96,9 @@ def gguf_source(name: str, model_args: dict | None = None) -> tuple[Path, str] |
         if Path(str(gguf_file)).name != str(gguf_file) or not file.is_file():
             raise UsageError(f"GGUF file '{gguf_file}' is not in '{name}'; pass the file's name inside that folder")
         return file, file.stem
-    if path.suffix.lower() == ".gguf":
-        if not path.is_file():
-            raise UsageError(f"GGUF file '{name}' does not exist; pass an existing .gguf file")
-        return path, path.stem
-    return None
+    if not path.is_file():
+        raise UsageError(f"GGUF file '{name}' does not exist; pass an existing .gguf file")
+    return path, path.stem
 
 
 def _sha256(path: Path) -> str:
@@ -175,17 +181,14 @@ def _cache_lock():
 def materialize(name: str, model_args: dict | None = None) -> tuple[str, dict | None, dict] | None:
     """For a GGUF model: ``(converted folder, model_args without gguf_file, source info)``; else None.
     The folder is built on first use (minutes for a few hundred MB) and reused afterwards."""
-    if name not in PACKAGED and not (model_args or {}).get("gguf_file") and Path(name).suffix.lower() != ".gguf":
+    if not _names_gguf(name, model_args):
         return None
     with _cache_lock():
         return _materialize(name, model_args)
 
 
-def _materialize(name: str, model_args: dict | None) -> tuple[str, dict | None, dict] | None:
-    found = gguf_source(name, model_args)
-    if found is None:
-        return None
-    gguf, stem = found
+def _materialize(name: str, model_args: dict | None) -> tuple[str, dict | None, dict]:
+    gguf, stem = gguf_source(name, model_args)
     digest = _sha256(gguf)
     out = cache_root() / "gguf" / digest[:16] / stem
     if not (out / "config.json").is_file():
