@@ -233,6 +233,10 @@ def _add_table_flags(p) -> None:
     p.add_argument("--all-stability", action="store_true",
                    help="show Stab. for every run (default: only where its n_eff, the effective number of items "
                    "behind it, reaches 30)")
+    p.add_argument("--paired", default=None, metavar="METHOD",
+                   help="also compare every run with METHOD's run at the same target, item by item: the Per. "
+                   "difference with a 95%% paired bootstrap interval and the items only one of the two gets right "
+                   "(printed; written as paired_METHOD.md/csv/tex)")
     p.add_argument("--label", action="append", default=[], metavar="METHOD=TEXT",
                    help="the row label of a method (repeatable), e.g. --label shortgpt=ShortGPT --label dense=Dense")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars (lm-eval's too)")
@@ -540,6 +544,9 @@ def _run(args):
     from harness.evaluation.task_checks import static_column_metrics
 
     report.check_metric_spec(args.table_metric, static_column_metrics(opts.eval))  # names checked, no model yet
+    if args.paired and args.paired not in opts.methods:
+        raise UsageError(f"--paired {args.paired}: not one of this run's methods ({', '.join(opts.methods)}); "
+                         f"add it to --methods or pair with one of them")
     paper = _load_paper(args)  # a bad paper file fails before the run
     sink = {}
     records = run_benchmark(opts, on_session=(lambda s: sink.setdefault("session", s)) if args.plots else None)
@@ -581,6 +588,7 @@ def _publish(args, runs: list[dict], out: Path, method_order, paper, session=Non
     for path in written:
         print(f"wrote {path}")
     _paper_comparison(runs, args, paper, out, method_order)
+    _paired(runs, args, out, method_order)
     if run_eval is None:
         _report_plots(runs, args, out)
     elif args.plots:
@@ -751,6 +759,23 @@ def _paper_comparison(runs, args, paper, out: Path, method_order) -> None:
     if tables:
         for path in report.write_reports(tables, out, stem="vs_paper"):
             print(f"wrote {path}")
+
+
+def _paired(runs, args, out: Path, method_order) -> None:
+    """--paired METHOD: every run against METHOD's, item by item (printed; paired_METHOD.md/csv/tex)."""
+    if not getattr(args, "paired", None):
+        return
+    from harness.results import report
+    from harness.results.paired import paired_tables
+
+    tables = paired_tables(runs, args.paired, args.table_metric, method_order,
+                           preset=getattr(args, "table_preset", None), labels=_labels(getattr(args, "label", [])))
+    print()
+    print(report.render_text(tables))
+    from harness.results.store import slug
+
+    for path in report.write_reports(tables, out, stem=f"paired_{slug(args.paired)}"):
+        print(f"wrote {path}")
 
 
 def _report_plots(runs, args, out: Path) -> None:

@@ -1,6 +1,6 @@
 """The settings that shaped a folder's tables, stored beside them (``table_settings.yaml``), so that
 ``--report DIR`` renders the very tables the run printed: the metric per task (``--table-metric``,
-``--table-preset``), the row labels, the method order, ``--stderr``, ``--per-task-retained`` and ``--all-stability``.
+``--table-preset``), the row labels, the method order, ``--stderr``, ``--per-task-retained``, ``--all-stability`` and ``--paired``.
 
 Stored per output folder, not per run record: a finished run is re-tabulated by every later
 invocation that reuses it, so the settings belong to the table written there, not to the run. A
@@ -19,7 +19,8 @@ from harness.io import _write_atomic
 FILENAME = "table_settings.yaml"
 # field: (argparse attribute, type, value meaning "not given")
 FIELDS = {"table_metric": (str, None), "table_preset": (str, None), "label": (list, []), "methods": (str, None),
-          "stderr": (bool, False), "per_task_retained": (bool, False), "all_stability": (bool, False)}
+          "stderr": (bool, False), "per_task_retained": (bool, False), "all_stability": (bool, False),
+          "paired": (str, None)}
 
 
 def of_args(args, method_order: list[str] | None) -> dict:
