@@ -180,7 +180,7 @@ def compare(path: Path, args) -> None:
           f"prediction (the process with torch/transformers/lm-eval imported and the run validated "
           f"{runs['dense']['stages']['baseline'] / GB:.2f} GB, tokenizer and calibration blocks "
           f"{sum(fixed.values()) / GB:.2f} GB); eval batch {be}x{te} (the largest lm-eval batch of the run)")
-    print(f"| stage | predicted GB | measured GB | error |\n|---|---:|---:|---:|")
+    print("| stage | predicted GB | measured GB | error |\n|---|---:|---:|---:|")
     for stage, p, m in rows:
         if m is None:
             continue

@@ -8,7 +8,7 @@ about 10 minutes.
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/streamline_fit_losses.py
 """
-import copy, json, math, time, torch, torch.nn.functional as F
+import copy, json, time, torch, torch.nn.functional as F
 from pathlib import Path
 OUT = Path(__file__).with_name("streamline_fit_losses_results.json")
 torch.set_num_threads(1); torch.manual_seed(0)

@@ -23,7 +23,6 @@ Nothing is downloaded: the model comes from an OPTConfig, the tokenizer from
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import shutil
