@@ -181,7 +181,8 @@ def _add_calibration_flags(p) -> None:
 def _add_output_flags(p) -> None:
     """--help's "outputs and modes" flags."""
     p.add_argument("--output-dir", default=defaults.OUTPUT_DIR, help="where result JSON and tables go")
-    p.add_argument("--force", action="store_true", help="re-run even when a result JSON exists")
+    p.add_argument("--force", action="store_true", help="re-run even when a result JSON exists, and evaluate every network afresh (without it, a "
+                   "network an earlier run in the folder already evaluated reuses that evaluation)")
     p.add_argument("--save-models", action="store_true", help="save every pruned model next to its result")
     p.add_argument("--report", default=None, metavar="DIR",
                    help="only re-render tables and plots from the JSON under DIR")

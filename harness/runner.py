@@ -52,7 +52,7 @@ from harness.model.loading import (
     resolve_dtype,
 )
 from harness.model.saving import save_pruned
-from harness.model.sharing import WeightGuard, own_tensors, shell_of
+from harness.model.sharing import WeightGuard, fingerprint, own_tensors, shell_of
 from harness.model.surgery import count_params
 from harness.model.target import Target, check_on_config, resolve_num_remove
 from harness.plugins.context import MethodContext
@@ -461,18 +461,100 @@ def run_method(s: Session, name: str, spec, cfg, echo=print) -> dict:
                              f"removed {cached['manifest'].get('removed_layers')}; re-run it with --force")
         cached["efficiency"] = pruned_efficiency(s, pruned)
         return _store(path, cached)
+    fp = _fingerprint(s, pruned)
+    twin = _twin(s, fp, path)
+    if twin is not None:
+        return _reuse_evaluation(s, twin, base, result, path, fp, echo)
     samples, extra = {}, {}
     metrics, ppl, reason = _evaluate_pruned(s, pruned, timings, samples, extra)
     if reason is not None:
         return _fail(s, path, base, reason, manifest, echo)
     rec = new_record(**base, manifest=manifest, params=_params(s, pruned, result), metrics=metrics,
                      eval_details=extra.get("details"), perplexity=ppl, environment=environment(),
-                     stability=stability_vs_dense(s.dense_samples, samples, scores=opts.stability_scores))
+                     stability=stability_vs_dense(s.dense_samples, samples, scores=opts.stability_scores),
+                     fingerprint=fp)
     save_samples(path, samples)
     _save_and_measure(s, rec, pruned, manifest, path, timings)
     _write_lm_eval_layout(path, rec, extra, opts)  # before the record: a stored record means a complete run
     _store(path, rec)
     echo(f"{name}: removed layers {manifest['removed_layers']}, measured ratio {100 * rec['params']['ratio']:.1f}%")
+    return rec
+
+
+def _fingerprint(s: Session, pruned) -> dict | None:
+    """The pruned network's fingerprint and its evaluation inputs' (model, dtype, evaluation
+    settings, task data, seed): two runs equal in both evaluate to the same numbers."""
+    import hashlib
+    import json
+
+    model_fp = fingerprint(pruned, s.model)
+    if model_fp is None:
+        return None
+    inputs = {"model": s.identity["model"], "dtype": s.opts.dtype, "eval": _eval_key(s.opts),
+              "data": s.identity["data"], "seed": s.opts.seed}
+    return {"model": model_fp,
+            "eval": hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()}
+
+
+def _twin(s: Session, fp: dict | None, path: Path) -> tuple[Path, dict] | None:
+    """A finished run in this folder with the same fingerprint (the same network, evaluated the same
+    way) whose per-item samples and lm-eval results are there to reuse; None with --force (every
+    run evaluated afresh), --log-samples (lm-eval's own sample files are not copied) and data-parallel
+    runs (every rank must take the same path)."""
+    import json
+
+    opts = s.opts
+    if fp is None or opts.force or opts.log_samples or distributed.active():
+        return None
+    from harness.results.lmeval_files import layout_dir
+    from harness.results.record import is_record
+
+    for other in sorted(path.parent.glob("*.json")):
+        if other == path:
+            continue
+        try:  # read only: another file that does not parse is not this run's to move aside
+            rec = json.loads(other.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+            continue
+        if (is_record(rec) and rec.get("status") == "ok" and rec.get("fingerprint") == fp
+                and samples_path(other).is_file() and any(layout_dir(other).glob("results_*.json"))):
+            return other, rec
+    return None
+
+
+def _reuse_evaluation(s: Session, twin: tuple[Path, dict], base: dict, result, path: Path, fp: dict,
+                      echo=print) -> dict:
+    """The run of a network an earlier run already evaluated (``_twin``): its metrics, perplexity,
+    per-item samples and lm-eval results (and efficiency, when measured with these settings) are
+    this run's; stability is recomputed against this session's dense run. The record says whose."""
+    import json
+
+    from harness.results.lmeval_files import layout_dir
+
+    opts = s.opts
+    twin_path, twin_rec = twin
+    samples = load_samples(twin_path)
+    results_file = sorted(layout_dir(twin_path).glob("results_*.json"))[-1]
+    extra = {"lm_eval": json.loads(results_file.read_text(encoding="utf-8"))}
+    reused = ["metrics", "eval_details", "perplexity", "samples", "lm_eval results"]
+    rec = new_record(**base, manifest=result.manifest(), params=_params(s, result.model, result),
+                     metrics=twin_rec["metrics"], eval_details=twin_rec.get("eval_details"),
+                     perplexity=twin_rec.get("perplexity"), environment=environment(),
+                     stability=stability_vs_dense(s.dense_samples, samples, scores=opts.stability_scores),
+                     fingerprint=fp)
+    save_samples(path, samples)
+    measure = opts.efficiency is not None and not _efficiency_settings_match(twin_rec.get("efficiency"),
+                                                                             opts.efficiency)
+    if opts.efficiency is not None and not measure:
+        rec["efficiency"] = twin_rec["efficiency"]
+        reused.append("efficiency")
+    rec["reused_evaluation"] = {"from": twin_path.name, "method": twin_rec["method"], "reused": reused,
+                                "why": "the same network (fingerprint.model) evaluated the same way (fingerprint.eval)"}
+    _save_and_measure(s, rec, result.model, result.manifest(), path, rec["timings"], efficiency=measure)
+    _write_lm_eval_layout(path, rec, extra, opts)  # before the record: a stored record means a complete run
+    _store(path, rec)
+    echo(f"{base['method']}: removed layers {rec['manifest']['removed_layers']}: the same network as "
+         f"{twin_rec['method']}'s run ({twin_path.name}); its evaluation reused (--force evaluates it again)")
     return rec
 
 
@@ -592,7 +674,8 @@ def _evaluate_pruned(s: Session, pruned, timings: dict, samples: dict, extra: di
     return metrics, ppl, None
 
 
-def _save_and_measure(s: Session, rec: dict, pruned, manifest: dict, path: Path, timings: dict) -> None:
+def _save_and_measure(s: Session, rec: dict, pruned, manifest: dict, path: Path, timings: dict,
+                      efficiency: bool = True) -> None:
     """``--save-models`` and ``--efficiency`` for a finished run (its record gains the folder and numbers)."""
     opts = s.opts
     if opts.save_models and distributed.is_main():
@@ -602,7 +685,7 @@ def _save_and_measure(s: Session, rec: dict, pruned, manifest: dict, path: Path,
                                                                    **manifest, "source_model": opts.model})
         timings["save"] = time.perf_counter() - t
         rec["saved_model"] = str(_saved_model_dir(path))
-    if opts.efficiency is not None:
+    if opts.efficiency is not None and efficiency:
         t = time.perf_counter()
         rec["efficiency"] = pruned_efficiency(s, pruned)
         timings["efficiency"] = time.perf_counter() - t

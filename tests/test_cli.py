@@ -78,7 +78,11 @@ def test_end_to_end_results_tables_resume_and_report(tiny_opt_dir, tmp_path, cap
             assert "acc_stderr" in row and row["acc_stderr"] is not None and row["acc_stderr"] >= 0
             assert row["n"] == LIMIT
         assert rec["eval"]["limit"] == LIMIT and rec["eval"]["tasks"] == TASKS
-        assert rec["timings"]["eval"] > 0
+        reused = rec.get("reused_evaluation")
+        if reused:  # the same network as an earlier run (shortgpt and remove can pick the same layer here)
+            assert rec["metrics"] == by_method[reused["method"]][0]["metrics"]
+        else:
+            assert rec["timings"]["eval"] > 0
         p = rec["params"]
         assert p["dense"] == dense_params
         assert p["ratio"] == pytest.approx((p["dense"] - p["pruned"]) / p["dense"])

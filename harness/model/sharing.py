@@ -175,6 +175,38 @@ class WeightGuard:
                 "must copy a layer before changing its weights (ctx.own_layer(i), harness.copy_module)")
 
 
+def fingerprint(shell: nn.Module, dense: nn.Module) -> str | None:
+    """What a pruned model computes, as a SHA-256: its module tree and config, and per state-dict
+    entry either the dense tensor it shares (by name, offset, shape and stride: those are the dense
+    model's bytes) or its own bytes. Two shells of one dense model with equal fingerprints are the
+    same network, so their evaluations are equal (the runner reuses one for the other). None where
+    a tensor is not in memory (meta, offloaded)."""
+    import json
+
+    where = {}
+    for name, t in dense.state_dict(keep_vars=True).items():
+        if t.device.type == "meta":
+            return None
+        where.setdefault((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
+                          t.dtype), name)
+    h = hashlib.sha256()
+    h.update(repr(shell).encode())
+    config = getattr(shell, "config", None)
+    h.update(json.dumps(config.to_diff_dict() if config is not None else None, sort_keys=True, default=str).encode())
+    for name, t in shell.state_dict(keep_vars=True).items():
+        if t.device.type == "meta":
+            return None
+        h.update(f"\n{name} {t.dtype} {tuple(t.shape)} ".encode())
+        src = where.get((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
+                         t.dtype))
+        if src is not None:
+            h.update(f"= dense {src}".encode())
+        else:
+            t = t.detach().cpu().contiguous()
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def state_hash(model: nn.Module) -> str:
     """SHA-256 over every state-dict tensor (names, dtypes, shapes, bytes)."""
     h = hashlib.sha256()

@@ -64,6 +64,8 @@ class RunRecord(TypedDict, total=False):
     timings: dict  # stage -> seconds
     environment: dict  # package versions, git commit, threads, device, platform, creation time
     saved_model: Optional[str]  # with --save-models: the folder of the saved pruned model
+    fingerprint: Optional[dict]  # model: SHA-256 of the pruned network (harness.model.sharing.fingerprint); eval: of the evaluation's inputs
+    reused_evaluation: Optional[dict]  # set when an earlier run had the same fingerprint: its file and method; metrics, perplexity, per-item samples (and efficiency) are its
 
 
 RECORD_KEYS: tuple[str, ...] = tuple(get_type_hints(RunRecord))
