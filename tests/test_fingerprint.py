@@ -92,3 +92,4 @@ def test_an_identical_network_reuses_the_evaluation_and_equals_a_fresh_one(tiny_
     # and a reused run is shown like any other
     table = (reused_dir / tiny_opt_dir.name / "table.md").read_text()
     assert "streamline-none" in table
+    assert "streamline-none: the same network as remove's run" in table

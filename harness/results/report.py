@@ -430,6 +430,14 @@ def _flag_notes(others: list[dict], spec: _TableSpec) -> list[str]:
                          "(the replacement moves the window's output further from the dense model's than nothing would).")
         if r.get("status") == "failed":
             notes.append(f"{spec.label(r)} [failed]: {r.get('failure')}")
+    twins = {}
+    for r in others:  # identical networks: one evaluation shown on several rows
+        reused = r.get("reused_evaluation")
+        if reused:
+            twins.setdefault(reused.get("method", "?"), []).append(spec.label(r))
+    for source, labels in twins.items():
+        notes.append(f"{', '.join(labels)}: the same network as {source}'s run (equal fingerprints), so its "
+                     "evaluation was reused, not repeated.")
     return notes
 
 
