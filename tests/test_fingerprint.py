@@ -39,6 +39,14 @@ def test_fingerprint_tells_networks_apart(family):
     with torch.no_grad():
         next(owned.parameters()).add_(1e-3)
     assert fingerprint(d, dense) == fingerprint(c, dense)  # equal own bytes: equal networks
+    # an attribute that changes the forward without being a tensor, and a hook
+    e = _removed(dense, [1, 2])
+    attn = next(m for m in get_adapter(e).layers[0].modules() if hasattr(m, "scaling"))
+    attn.scaling = attn.scaling * 2
+    assert fingerprint(e, dense) != fingerprint(a, dense)
+    f = _removed(dense, [1, 2])
+    get_adapter(f).layers[0].register_forward_hook(lambda _m, _i, out: out)
+    assert fingerprint(f, dense) != fingerprint(a, dense)
 
 
 def _records(folder):

@@ -175,30 +175,51 @@ class WeightGuard:
                 "must copy a layer before changing its weights (ctx.own_layer(i), harness.copy_module)")
 
 
+_SIMPLE = (bool, int, float, str, type(None))
+
+
+def _tensors(model: nn.Module):
+    """Every parameter and buffer (non-persistent ones included, e.g. rotary frequencies), by name."""
+    yield from model.named_parameters(remove_duplicate=False)
+    yield from model.named_buffers(remove_duplicate=False)
+
+
+def _module_state(module: nn.Module) -> list:
+    """A module's class, its plain attributes (layer_idx, scaling, is_sliding, ...) and its hooks:
+    what changes its forward without being a tensor."""
+    attrs = sorted((k, v) for k, v in vars(module).items() if not k.startswith("_") and (
+        isinstance(v, _SIMPLE) or isinstance(v, (tuple, list)) and all(isinstance(x, _SIMPLE) for x in v)))
+    hooks = [getattr(fn, "__qualname__", type(fn).__name__) for d in (module._forward_pre_hooks, module._forward_hooks)
+             for fn in d.values()]
+    return [type(module).__module__ + "." + type(module).__qualname__, attrs, hooks]
+
+
 def fingerprint(shell: nn.Module, dense: nn.Module) -> str | None:
-    """What a pruned model computes, as a SHA-256: its module tree and config, and per state-dict
-    entry either the dense tensor it shares (by name, offset, shape and stride: those are the dense
-    model's bytes) or its own bytes. Two shells of one dense model with equal fingerprints are the
-    same network, so their evaluations are equal (the runner reuses one for the other). None where
-    a tensor is not in memory (meta, offloaded)."""
+    """What a pruned model computes, as a SHA-256: its module tree (classes, plain attributes, hooks)
+    and config, and per parameter and buffer either the dense tensor it shares (by name, offset,
+    shape and stride: those are the dense model's bytes) or its own bytes. Two shells of one dense
+    model with equal fingerprints are the same network, so their evaluations are equal (the runner
+    reuses one for the other). None where a tensor is not in memory (meta, offloaded)."""
     import json
 
+    def where_key(t):
+        return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype
+
     where = {}
-    for name, t in dense.state_dict(keep_vars=True).items():
+    for name, t in _tensors(dense):
         if t.device.type == "meta":
             return None
-        where.setdefault((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
-                          t.dtype), name)
+        where.setdefault(where_key(t), name)
     h = hashlib.sha256()
-    h.update(repr(shell).encode())
     config = getattr(shell, "config", None)
-    h.update(json.dumps(config.to_diff_dict() if config is not None else None, sort_keys=True, default=str).encode())
-    for name, t in shell.state_dict(keep_vars=True).items():
+    tree = [[name, _module_state(m)] for name, m in shell.named_modules(remove_duplicate=False)]
+    h.update(json.dumps([tree, config.to_diff_dict() if config is not None else None], sort_keys=True,
+                        default=str).encode())
+    for name, t in _tensors(shell):
         if t.device.type == "meta":
             return None
         h.update(f"\n{name} {t.dtype} {tuple(t.shape)} ".encode())
-        src = where.get((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
-                         t.dtype))
+        src = where.get(where_key(t))
         if src is not None:
             h.update(f"= dense {src}".encode())
         else:
