@@ -213,8 +213,10 @@ def fingerprint(shell: nn.Module, dense: nn.Module) -> str | None:
     h = hashlib.sha256()
     config = getattr(shell, "config", None)
     tree = [[name, _module_state(m)] for name, m in shell.named_modules(remove_duplicate=False)]
-    h.update(json.dumps([tree, config.to_diff_dict() if config is not None else None], sort_keys=True,
-                        default=str).encode())
+    # the whole config, not its diff against the class defaults (those are process state); where it
+    # was loaded from is the evaluation key's business
+    settings = {k: v for k, v in config.to_dict().items() if k != "_name_or_path"} if config is not None else None
+    h.update(json.dumps([tree, settings], sort_keys=True, default=str).encode())
     for name, t in _tensors(shell):
         if t.device.type == "meta":
             return None
