@@ -464,7 +464,7 @@ def run_method(s: Session, name: str, spec, cfg, echo=print) -> dict:
     fp = _fingerprint(s, pruned)
     twin = _twin(s, fp, path)
     if twin is not None:
-        return _reuse_evaluation(s, twin, base, result, path, fp, echo)
+        return _reuse_evaluation(s, twin, base, result, manifest, path, fp, echo)
     samples, extra = {}, {}
     metrics, ppl, reason = _evaluate_pruned(s, pruned, timings, samples, extra)
     if reason is not None:
@@ -522,8 +522,8 @@ def _twin(s: Session, fp: dict | None, path: Path) -> tuple[Path, dict] | None:
     return None
 
 
-def _reuse_evaluation(s: Session, twin: tuple[Path, dict], base: dict, result, path: Path, fp: dict,
-                      echo=print) -> dict:
+def _reuse_evaluation(s: Session, twin: tuple[Path, dict], base: dict, result, manifest: dict, path: Path,
+                      fp: dict, echo=print) -> dict:
     """The run of a network an earlier run already evaluated (``_twin``): its metrics, perplexity,
     per-item samples and lm-eval results (and efficiency, when measured with these settings) are
     this run's; stability is recomputed against this session's dense run. The record says whose."""
@@ -537,7 +537,7 @@ def _reuse_evaluation(s: Session, twin: tuple[Path, dict], base: dict, result, p
     results_file = sorted(layout_dir(twin_path).glob("results_*.json"))[-1]
     extra = {"lm_eval": json.loads(results_file.read_text(encoding="utf-8"))}
     reused = ["metrics", "eval_details", "perplexity", "samples", "lm_eval results"]
-    rec = new_record(**base, manifest=result.manifest(), params=_params(s, result.model, result),
+    rec = new_record(**base, manifest=manifest, params=_params(s, result.model, result),
                      metrics=twin_rec["metrics"], eval_details=twin_rec.get("eval_details"),
                      perplexity=twin_rec.get("perplexity"), environment=environment(),
                      stability=stability_vs_dense(s.dense_samples, samples, scores=opts.stability_scores),
@@ -550,7 +550,7 @@ def _reuse_evaluation(s: Session, twin: tuple[Path, dict], base: dict, result, p
         reused.append("efficiency")
     rec["reused_evaluation"] = {"from": twin_path.name, "method": twin_rec["method"], "reused": reused,
                                 "why": "the same network (fingerprint.model) evaluated the same way (fingerprint.eval)"}
-    _save_and_measure(s, rec, result.model, result.manifest(), path, rec["timings"], efficiency=measure)
+    _save_and_measure(s, rec, result.model, manifest, path, rec["timings"], efficiency=measure)
     _write_lm_eval_layout(path, rec, extra, opts)  # before the record: a stored record means a complete run
     _store(path, rec)
     echo(f"{base['method']}: removed layers {rec['manifest']['removed_layers']}: the same network as "

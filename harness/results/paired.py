@@ -61,11 +61,15 @@ def _columns(dense_run: dict, spec) -> tuple[list[tuple[str, str]], str | None]:
     return (cols, None) if cols else ([], "no accuracy column")
 
 
-def _matrices(runs: list[dict], dense_run: dict, cols) -> tuple[list[np.ndarray] | None, str | None]:
-    """Per column, an items x runs 0/1 matrix of the items every run answered (dense first)."""
+def _matrices(runs: list[dict], dense_run: dict, cols, loaded: dict) -> tuple[list[np.ndarray] | None, str | None]:
+    """Per column, an items x runs 0/1 matrix of the items every run answered (dense first);
+    ``loaded`` keeps each side file read once (dense and the reference are in every pair)."""
     samples = []
     for run in runs:
-        s = load_samples(run["_path"]) if run.get("_path") else None
+        path = run.get("_path")
+        if path and path not in loaded:
+            loaded[path] = load_samples(path)
+        s = loaded.get(path) if path else None
         if s is None:
             return None, f"{run['method']} has no per-item side file (.samples.json.gz)"
         samples.append(s)
@@ -126,7 +130,7 @@ def paired_tables(runs: list[dict], reference: str, metric_spec: str | None = No
         raise UsageError(f"--paired {reference}: no run of '{reference}' here; the runs' methods: {', '.join(have)}")
     spec = report.parse_metric_spec(metric_spec, preset)
     titles = report.group_titles(runs)
-    tables = []
+    tables, loaded = [], {}
     for dense_run, group in report.comparable_groups(runs):
         refs = {_key(r): r for r in group if r["method"] == reference and r.get("status") != "failed"}
         if not refs:
@@ -138,7 +142,7 @@ def paired_tables(runs: list[dict], reference: str, metric_spec: str | None = No
             ref = refs.get(_key(run))
             if run["method"] == reference or ref is None or run.get("status") == "failed" or why:
                 continue
-            mats, problem = _matrices([dense_run, run, ref], dense_run, cols)
+            mats, problem = _matrices([dense_run, run, ref], dense_run, cols, loaded)
             label = (labels or {}).get(run["method"]) or run.get("label") or run["method"]
             row = OrderedDict(Method=label)
             if spans:
