@@ -69,6 +69,7 @@ from harness.results.cache import (
     read_cached_gz,
     without_location,
 )
+from harness.results import claim
 from harness.results.record import model_info, new_record
 from harness.results.store import environment, run_path
 from harness.signals.calibration import CalibrationConfig, load_calibration
@@ -296,10 +297,17 @@ def run_benchmark(opts: RunOptions, echo=print, on_session=None) -> list[dict]:
     if opts.efficiency is not None:
         records[0] = dense_efficiency_record(session, records[0], echo)
     # a sweep: dense evaluated once, layer statistics computed once for all targets
+    left = 0
     for s in target_sessions(session, targets):
         for name, spec, cfg in plan:
-            records.append(run_method(s, name, spec, cfg, echo))
+            rec = run_method(s, name, spec, cfg, echo)
+            if rec is None:  # claimed by another process sharing the sweep
+                left += 1
+            else:
+                records.append(rec)
             gc.collect()  # the method's model and its reference cycles go before the next one is built
+    if left:
+        echo(f"{left} run(s) were left to other processes sharing this sweep and are not in the tables below")
     return records
 
 
@@ -399,16 +407,32 @@ def run_dense(s: Session, echo=print) -> dict:
     ident = s.identity
     path = run_path(opts.output_dir, opts.model, "dense", {"model": ident["model"], "dtype": opts.dtype,
                                                            "eval": _eval_key(opts), "data": ident["data"]})
+    cached = None if opts.force else _dense_cached(s, path, echo)
+    if cached is not None:
+        return cached
+    # every other run needs it: a second process sharing the sweep waits for the first one's
+    with claim.wait_claim(path, "dense", echo) as held:
+        cached = _dense_cached(s, path, echo) if held.waited else None
+        return cached if cached is not None else _evaluate_dense(s, path, eval_dict, echo)
+
+
+def _dense_cached(s: Session, path: Path, echo) -> dict | None:
+    """The stored dense run with its side files (``s.dense_samples`` set), or None."""
+    opts = s.opts
     # the per-item side file is part of the dense run (stability needs it): re-run without it
-    if not opts.force:
-        cached = read_cached(path)
-        samples = read_cached_gz(samples_path(path), lambda _p: load_samples(path)) if cached is not None else None
-        # --stability-scores mean needs the token counts (side files written before them lack them)
-        counts_ok = opts.stability_scores != "mean" or has_token_counts(samples)
-        if cached is not None and samples is not None and counts_ok and not _layout_missing(path, opts):
-            echo(f"dense: result exists, skipping ({path})")
-            s.dense_samples = samples
-            return cached
+    cached = read_cached(path)
+    samples = read_cached_gz(samples_path(path), lambda _p: load_samples(path)) if cached is not None else None
+    # --stability-scores mean needs the token counts (side files written before them lack them)
+    counts_ok = opts.stability_scores != "mean" or has_token_counts(samples)
+    if cached is not None and samples is not None and counts_ok and not _layout_missing(path, opts):
+        echo(f"dense: result exists, skipping ({path})")
+        s.dense_samples = samples
+        return cached
+    return None
+
+
+def _evaluate_dense(s: Session, path: Path, eval_dict: dict, echo) -> dict:
+    opts = s.opts
     echo("dense: evaluating")
     timings = {"load": s.timings["load"]}
     torch.manual_seed(opts.seed)
@@ -443,6 +467,21 @@ def run_method(s: Session, name: str, spec, cfg, echo=print) -> dict:
     cached, action = _cached_action(s, name, path, echo)
     if action == "reuse":
         return cached
+    held = claim.try_claim(path)
+    if held is None:  # another process sharing the sweep runs it
+        echo(f"{name}: another process is running it ({claim.holder(path)}); leaving it to that process "
+             f"(`run_benchmarks.py report {path.parent}` shows it once it ends)")
+        return None
+    with held:
+        # that process may have finished it between the look above and the claim
+        again, action = _cached_action(s, name, path, _silent)
+        if action == "reuse":
+            echo(f"{name}: finished by another process meanwhile ({path})")
+            return again
+        return _run_claimed(s, name, spec, cfg, path, again, action, echo)
+
+
+def _run_claimed(s: Session, name: str, spec, cfg, path: Path, cached: dict | None, action: str, echo) -> dict:
     echo(f"{name}: pruning")
     timings = {}
     if "calibration_load" in s.timings:  # recorded with the first method that runs
