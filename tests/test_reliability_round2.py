@@ -1,6 +1,4 @@
 """Reliability, round two (part): non-finite option values, reserved and path-like method names."""
-from pathlib import Path
-
 import pytest
 from conftest import REPO, SHARED_DATA, no_model_loading, one_error_line, shared_data_or_skip
 
@@ -80,7 +78,6 @@ def test_temp_folders_of_killed_runs_are_removed_by_the_next(tmp_path):
 
 def test_the_run_key_follows_the_methods_code_and_the_files_its_options_name(tmp_path):
     """An edited plugin file, or an edited file an option names, gives another run key."""
-    from harness.plugins.pipeline import code_identity
     from harness.plugins.registry import load_plugin_file
 
     plugin = tmp_path / "my_method.py"
@@ -212,7 +209,6 @@ def test_every_suite_row_is_checked_before_the_model_loads(tmp_path, capsys, mon
 def test_every_local_task_row_is_checked(tmp_path, task, row, needle):
     """The local layout of shared/data, with one bad row appended to a task's evaluated file."""
     import json
-    import shutil
 
     from harness.evaluation.eval_config import EvalConfig
     from harness.evaluation.task_checks import check_task_files
