@@ -75,7 +75,7 @@ def _matrices(runs: list[dict], dense_run: dict, cols, loaded: dict) -> tuple[li
         samples.append(s)
     out = []
     for task, metric in cols:
-        leaves = report._leaves(dense_run, task)
+        leaves = report.leaf_tasks(dense_run, task)
         flags = [_flags(s, leaves, metric) for s in samples]
         missing = [r["method"] for r, f in zip(runs, flags) if f is None]
         if missing:
@@ -138,12 +138,12 @@ def paired_tables(runs: list[dict], reference: str, metric_spec: str | None = No
         cols, why = _columns(dense_run, spec)
         rows, notes = [], []
         spans = report.spans_targets(group)
-        for run in sorted(report._ordered(group, method_order), key=report.target_key):
+        for run in sorted(report.method_runs(group, method_order), key=report.target_key):
             ref = refs.get(_key(run))
             if run["method"] == reference or ref is None or run.get("status") == "failed" or why:
                 continue
             mats, problem = _matrices([dense_run, run, ref], dense_run, cols, loaded)
-            label = (labels or {}).get(run["method"]) or run.get("label") or run["method"]
+            label = report.row_label(run, labels)
             row = OrderedDict(Method=label)
             if spans:
                 row["Target"] = report.target_label(run)

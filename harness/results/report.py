@@ -150,11 +150,11 @@ def column_label(task: str) -> str:
     return TASK_LABELS.get(task, task)
 
 
-def _leaves(run: dict, name: str) -> list[str]:
+def leaf_tasks(run: dict, name: str) -> list[str]:
     groups = (run.get("eval_details") or {}).get("groups") or {}
     if name not in groups:
         return [name]
-    return [leaf for child in groups[name] for leaf in _leaves(run, child)]
+    return [leaf for child in groups[name] for leaf in leaf_tasks(run, child)]
 
 
 def _stability_row(run: dict, task: str) -> dict:
@@ -163,7 +163,7 @@ def _stability_row(run: dict, task: str) -> dict:
     block = (run.get("stability") or {}).get("tasks") or {}
     if task in block or task not in ((run.get("eval_details") or {}).get("groups") or {}):
         return block.get(task) or {}
-    rows = [block.get(leaf) for leaf in _leaves(run, task)]
+    rows = [block.get(leaf) for leaf in leaf_tasks(run, task)]
     if not rows or any(not r or not r.get("n") for r in rows):
         return {}
     total = sum(r["n"] for r in rows)
@@ -289,7 +289,7 @@ class _TableSpec:
     preset: str | None
 
     def label(self, run: dict) -> str:
-        return self.labels.get(run["method"]) or run.get("label") or run["method"]
+        return row_label(run, self.labels)
 
 
 def build_tables(runs: list[dict], metric_spec: str | None = None, method_order: list[str] | None = None, *,
@@ -306,7 +306,7 @@ def build_tables(runs: list[dict], metric_spec: str | None = None, method_order:
     tables = []
     titles = titles if titles is not None else group_titles(runs)
     for dense_run, group in comparable_groups(runs):
-        others = _ordered(group, method_order)
+        others = method_runs(group, method_order)
         tasks = list(dense_run["metrics"].keys())
         used = {}
         rows = []
@@ -319,7 +319,12 @@ def build_tables(runs: list[dict], metric_spec: str | None = None, method_order:
     return tables
 
 
-def _ordered(group: list[dict], method_order: list[str] | None) -> list[dict]:
+def row_label(run: dict, labels: dict | None = None) -> str:
+    """A run's row label: ``labels[method]`` (--labels), else the run's own label, else its method."""
+    return (labels or {}).get(run["method"]) or run.get("label") or run["method"]
+
+
+def method_runs(group: list[dict], method_order: list[str] | None) -> list[dict]:
     """The group's method runs (dense left out) in ``method_order``, then the rest by name."""
     others = [r for r in group if r["method"] != "dense"]
     rank = {m: i for i, m in enumerate(method_order or [])}
