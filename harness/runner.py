@@ -54,7 +54,7 @@ from harness.model.loading import (
 from harness.model.saving import save_pruned
 from harness.model.sharing import WeightGuard, fingerprint, own_tensors, shell_of
 from harness.model.surgery import count_params
-from harness.model.target import Target, check_on_config, resolve_num_remove
+from harness.model.target import Target, check_on_config, decoder_params_on_config, resolve_num_remove
 from harness.plugins.context import MethodContext
 from harness.plugins.registry import PruneResult
 from harness.plugins.pipeline import check_option_targets, code_identity, resolve_method
@@ -176,8 +176,12 @@ def validate_inputs(opts: RunOptions, plan=()) -> dict:
     cal = opts.calibration
     validation.check_lengths(config, ppl=opts.eval.ppl, ppl_seq_len=opts.eval.ppl_seq_len,
                              ppl_stride=opts.eval.ppl_stride, calib_seq_len=cal.seq_len)
-    for name, _spec, cfg in plan:  # a method's own lengths (e.g. streamline.train_seq_len)
+    decoder_params = None
+    for name, _spec, cfg in plan:  # a method's own lengths (e.g. streamline.train_seq_len) and widths
         validation.check_option_lengths(config, name, cfg.to_dict())
+        if decoder_params is None and _has_width(cfg.to_dict()):
+            decoder_params = decoder_params_on_config(config)
+        validation.check_option_widths(config, name, cfg.to_dict(), decoder_params)
         validation.check_option_files(name, cfg.to_dict())
     validation.check_calibration_source(cal.source, cal.field)
     files = validation.check_task_data(opts.eval)
@@ -188,6 +192,11 @@ def validate_inputs(opts: RunOptions, plan=()) -> dict:
             "calibration": calibration_identity(cal.source),
             "data": data_identity(files, opts.eval.suite or opts.eval.data_dir),
             "lm_text": lm_text_identity(opts.model, cal.source)}
+
+
+def _has_width(options: dict) -> bool:
+    return any(_has_width(v) if isinstance(v, dict) else k in ("hidden_size", "hidden_mult")
+               for k, v in options.items())
 
 
 def _eval_key(opts: RunOptions) -> dict:

@@ -213,6 +213,31 @@ def check_option_lengths(config, method: str, options: dict) -> None:
                              f"use at most {limit}")
 
 
+def check_option_widths(config, method: str, options: dict, decoder_params: int | None) -> None:
+    """A replacement MLP's width (options ``hidden_size`` / ``hidden_mult``, as Streamline's) must give
+    fewer parameters than the model's whole decoder stack (``decoder_params``, from a weightless copy):
+    ``-o streamline.hidden_size=100000000`` fails here with the sizes, not as an allocation error
+    inside training."""
+    from harness.model.replacement import mlp_params, mlp_width
+
+    for key, value in options.items():
+        if isinstance(value, dict):  # a pipeline's component
+            check_option_widths(config, str(key), value, decoder_params)
+    d = getattr(config, "hidden_size", None)
+    if decoder_params is None or not isinstance(d, int) or not ({"hidden_size", "hidden_mult"} & set(options)):
+        return
+    size, mult = options.get("hidden_size"), options.get("hidden_mult")
+    if not (size is None or isinstance(size, int)) or not isinstance(mult, (int, float, type(None))):
+        return
+    h = mlp_width(d, size, mult) if mult is not None else mlp_width(d, size)
+    params = mlp_params(d, h)
+    if params > decoder_params:
+        given = f"hidden_size={size}" if size else f"hidden_mult={mult}"
+        raise UsageError(f"-o {method}.{given} makes the replacement MLP {params:,} parameters (width {h:,}, "
+                         f"d = {d}), more than all of the model's decoder layers together ({decoder_params:,}); "
+                         f"use a width below {decoder_params // (2 * d + 1):,} (the paper's is 2d = {2 * d})")
+
+
 def check_option_files(method: str, options: dict) -> None:
     """Text files a method reads itself (``post_train_text``, ``lora.text``: any option named
     ``*text`` holding a local path) are checked like the calibration file, before any run."""

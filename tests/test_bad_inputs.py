@@ -139,6 +139,11 @@ CASES = {
                                             ["streamline.train_seq_len=4096", "256"]),
     "post-step option length past positions": (["--methods", "remove+lora", "-o", "lora.seq_len=999"],
                                                ["lora.seq_len=999", "256"]),
+    "replacement wider than the decoder stack": (["--methods", "streamline", "-o",
+                                                  "streamline.hidden_size=100000000"],
+                                                 ["streamline.hidden_size=100000000", "decoder layers", "2d"]),
+    "replacement width in a pipeline": (["--methods", "streamline+lora", "-o", "streamline.hidden_mult=1e6"],
+                                        ["streamline.hidden_mult=1000000.0", "decoder layers"]),
     "ppl seq len past positions": (["--ppl", "--ppl-seq-len", "4096", "--data-dir", _data_dir],
                                    ["--ppl-seq-len 4096", "256"]),
     # lists: empty and repeated items

@@ -125,3 +125,20 @@ def check_on_config(target: Target, config) -> int | None:
     except Exception:  # noqa: BLE001 - remote code, exotic configs: resolved after loading instead
         return None
     return resolve_num_remove(target, model, adapter)
+
+
+def decoder_params_on_config(config) -> int | None:
+    """Parameters of all decoder layers together, counted on a weightless (meta-device) model built
+    from ``config``; None when it cannot be built from its config alone."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from harness.model.adapters import get_adapter
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        layers = get_adapter(model).layers
+    except Exception:  # noqa: BLE001 - remote code, exotic configs: no check before loading
+        return None
+    return sum(p.numel() for p in layers.parameters())
