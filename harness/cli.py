@@ -720,6 +720,10 @@ def _report_runs(args):
     if not Path(args.report).is_dir():
         raise UsageError(f"--report directory '{args.report}' does not exist")
     runs = load_runs(args.report)
+    from harness.results.claim import in_progress
+
+    for stem, who in in_progress(Path(args.report)):  # processes sharing a sweep, still at work
+        print(f"note: {stem} is still running ({who}); it is not in these tables yet")
     return runs, table_settings.apply(args, Path(args.report))  # the run's metric, labels, order (flags win)
 
 

@@ -82,11 +82,24 @@ def test_a_claimed_run_is_left_to_its_holder_and_dense_is_waited_for(tiny_opt_di
     try:
         assert main(argv) == 0
         text = capsys.readouterr().out
-    finally:
+    except BaseException:
         held.release()
+        raise
     assert f"laco: another process is running it (pid {os.getpid()} on host " in text
     assert "laco: pruning" not in text and not laco_json.exists()
     assert "1 run(s) were left to other processes" in text
+    # `report` on the folder names the run still in progress; a killed process's claim is not named
+    held2 = claim.try_claim(folder / "streamline__zzz.json")
+    (folder / "shortgpt__dead.claim").write_text('{"pid": 1, "host": "h", "since": "s"}')
+    try:
+        assert main(["report", str(folder)]) == 0
+        text = capsys.readouterr().out
+    finally:
+        held.release()
+        held2.release()
+    assert f"note: {laco_json.stem} is still running (pid {os.getpid()} on host " in text
+    assert "note: streamline__zzz is still running" in text and "shortgpt__dead" not in text
+    (folder / "shortgpt__dead.claim").unlink()
     table = (folder / "table.md").read_text()
     assert "remove" in table and "laco" not in table
 

@@ -63,7 +63,11 @@ def _lock(path: Path, block: bool) -> int | None:
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+            except BlockingIOError:  # held; or probed this instant by `report` (in_progress): look again
+                time.sleep(0.05)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             return None
@@ -126,3 +130,23 @@ def wait_claim(path: Path, what: str, echo=print) -> Claim:
     fd = _lock(cpath, block=True)
     _write_holder(fd)
     return Claim(cpath, fd, waited=True)
+
+
+def in_progress(folder: Path) -> list[tuple[str, str]]:
+    """``(run file stem, holder)`` for each run under ``folder`` that a live process is running now
+    (its claim is locked); a claim file left by a killed process holds no lock and is not listed."""
+    if fcntl is None:
+        return []
+    out = []
+    for cpath in sorted(Path(folder).rglob(f"*{SUFFIX}")):
+        try:
+            fd = os.open(cpath, os.O_RDONLY)
+        except OSError:  # removed as its run ended
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a shared lock only probes: never held past here
+        except BlockingIOError:
+            out.append((cpath.stem, holder(cpath)))
+        finally:
+            os.close(fd)
+    return out
