@@ -470,8 +470,9 @@ def _evaluate_dense(s: Session, path: Path, eval_dict: dict, echo) -> dict:
     return rec
 
 
-def run_method(s: Session, name: str, spec, cfg, echo=print) -> dict:
-    """Prune a shell of the dense model (shared weights) with one method, evaluate it, store its record."""
+def run_method(s: Session, name: str, spec, cfg, echo=print) -> dict | None:
+    """Prune a shell of the dense model (shared weights) with one method, evaluate it, store its record
+    (None when another process sharing the sweep holds the run: harness.results.claim)."""
     path = _method_path(s, name, cfg, spec)
     cached, action = _cached_action(s, name, path, echo)
     if action == "reuse":
