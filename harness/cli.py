@@ -584,6 +584,11 @@ def _publish(args, runs: list[dict], out: Path, method_order, paper, session=Non
         print()
     print(report.render_text(tables))
     written = report.write_reports(tables, out)
+    from harness.results.costs import cost_tables
+
+    costs = cost_tables(runs, method_order, _labels(getattr(args, "label", [])))
+    if costs:  # what each run took, from its timings
+        written += report.write_reports(costs, out, stem="costs")
     if run_eval is not None:
         written.append(table_settings.write(out, args, method_order))
     for path in written:
