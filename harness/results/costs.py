@@ -6,7 +6,7 @@ not retyped.
 Stages (a record's ``timings``, in seconds): scoring = ``score_shared`` (the pass every method at a
 target shares; the first run to need it pays it) + ``score`` (a method's own); post-training = every
 ``post_step.*`` (LoRA); fit = ``prune`` minus its scoring and post-training (training a replacement,
-LaCo's search, or nothing but surgery); tasks = ``eval``; PPL = ``ppl``; efficiency = ``efficiency``;
+LaCo's search, or nothing but surgery); tasks = ``eval``; perplexity = ``ppl``; efficiency = ``efficiency``;
 for the dense model also ``load``. A run that reused another's evaluation (the same network) has no
 task, perplexity or efficiency time of its own.
 """
@@ -25,9 +25,9 @@ def _minutes(seconds: float | None) -> float | None:
 def cost_row(run: dict, labels: dict | None = None) -> dict:
     """One run's row: minutes per stage (None where the stage did not run), total, commit, threads."""
     t = run.get("timings") or {}
-    post = sum(v for k, v in t.items() if k.startswith("post_step.")) if any(
-        k.startswith("post_step.") for k in t) else None
-    scoring = None if "score_shared" not in t and not t.get("score") else t.get("score_shared", 0.0) + t.get("score", 0.0)
+    steps = [v for k, v in t.items() if k.startswith("post_step.")]
+    post = sum(steps) if steps else None
+    scoring = t.get("score_shared", 0.0) + t.get("score", 0.0) if "score_shared" in t or t.get("score") else None
     fit = None
     if "prune" in t:  # prune includes its own scoring ("score") and every post-step
         fit = max(t["prune"] - t.get("score", 0.0) - (post or 0.0), 0.0)
