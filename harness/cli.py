@@ -557,8 +557,43 @@ def _run(args):
     from harness.results.store import slug
 
     out = Path(args.output_dir) / slug(args.model)
-    tables = _publish(args, records, out, opts.methods, paper, session=sink.get("session"), run_eval=opts.eval)
+    shown, order = _with_stored_runs(records, out, opts.methods)
+    tables = _publish(args, shown, out, order, paper, session=sink.get("session"), run_eval=opts.eval, ran=records)
     return records, tables
+
+
+def _with_stored_runs(records: list[dict], out: Path, methods: list[str]) -> tuple[list[dict], list[str]]:
+    """The runs the folder's tables show after a run: this invocation's, plus every run already stored
+    in ``out`` under the same evaluation (model, tasks, limit, dtype) that this invocation did not
+    produce again (another method, target or seed), so that a sweep run piece by piece into one
+    folder keeps whole tables, costs and plots there - what ``report DIR`` renders. A stored run with
+    the label, target and seed of one of this invocation's runs is left out: the new one stands for
+    it; of several stored runs in one slot the newest shows. Returns the runs and the method order
+    (the folder's stored order, this run's new methods appended; this run's order when the folder has
+    none)."""
+    from harness.results import report, table_settings
+    from harness.results.claim import in_progress
+    from harness.results.store import load_runs, run_identity
+
+    if not out.is_dir():
+        return records, list(methods)
+    groups = {report.eval_group_key(r) for r in records}
+    mine = {run_identity(r) for r in records}
+    taken = {report.slot_key(r) for r in records}
+    earlier = [r for r in load_runs(str(out)) if report.eval_group_key(r) in groups and run_identity(r) not in mine
+               and report.slot_key(r) not in taken and r["method"] != "dense"]
+    extra, _older = report.newest_per_slot(earlier)
+    for stem, who in in_progress(out):  # processes sharing the sweep, still at work
+        print(f"note: {stem} is still running ({who}); it is not in these tables yet")
+    stored = table_settings.read(out)
+    order = (stored[0].get("methods") or "").split(",") if stored else []
+    order = [m for m in order if m] or list(methods)
+    order += [m for m in methods if m not in order]
+    if extra:
+        names = sorted({r.get("label") or r["method"] for r in extra})
+        print(f"note: the tables also show {len(extra)} run(s) stored earlier in {out} under the same evaluation "
+              f"({', '.join(names)}); --output-dir elsewhere gives tables of this run alone")
+    return records + extra, order
 
 
 def _log_levels(verbose: bool) -> None:
@@ -569,10 +604,12 @@ def _log_levels(verbose: bool) -> None:
             logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def _publish(args, runs: list[dict], out: Path, method_order, paper, session=None, run_eval=None) -> list:
+def _publish(args, runs: list[dict], out: Path, method_order, paper, session=None, run_eval=None,
+             ran: list[dict] | None = None) -> list:
     """Tables (printed and written; for `report` the cross-model summary first), the paper
     comparison, plots and report.html, for `run` and `report` alike; after a run (``run_eval`` given) also the table settings, the layer scores of
-    ``session``, lm-eval task YAMLs and W&B. Returns the tables."""
+    ``session``, lm-eval task YAMLs and W&B (``ran``: the runs this invocation made, the ones logged
+    there; ``runs`` may hold earlier ones of the folder too). Returns the tables."""
     from harness.results import plots, report, table_settings
 
     tables = _tables(runs, args, method_order)
@@ -610,7 +647,7 @@ def _publish(args, runs: list[dict], out: Path, method_order, paper, session=Non
     if run_eval is not None and args.wandb:
         from harness.results.tracking import log_to_wandb
 
-        dirs = log_to_wandb(args.wandb, runs, tables, out, group=out.name)
+        dirs = log_to_wandb(args.wandb, ran if ran is not None else runs, tables, out, group=out.name)
         print(f"logged {len(dirs)} W&B run(s) to project {args.wandb} under {out / 'wandb'} "
               f"(mode {os.environ.get('WANDB_MODE')})")
     return tables
@@ -724,7 +761,12 @@ def _report_runs(args):
 
     if not Path(args.report).is_dir():
         raise UsageError(f"--report directory '{args.report}' does not exist")
-    runs = load_runs(args.report)
+    from harness.results.report import newest_per_slot
+
+    runs, older = newest_per_slot(load_runs(args.report))
+    for run, kept in older:  # e.g. a method run again with other calibration: the newer run is the row
+        print(f"note: {Path(run['_path']).name} is left out of the tables: {Path(kept['_path']).name} is a newer "
+              f"run with the same label, target and seed")
     from harness.results.claim import in_progress
 
     for stem, who in in_progress(Path(args.report)):  # processes sharing a sweep, still at work

@@ -156,6 +156,46 @@ def test_end_to_end_results_tables_resume_and_report(tiny_opt_dir, tmp_path, cap
     assert len(table_lines(text)) == 5 and table_lines(report_out) == table_lines(text)
 
 
+def test_a_sweep_run_piece_by_piece_keeps_whole_tables_in_its_folder(tiny_opt_dir, tmp_path, capsys):
+    """A run into a folder that holds other runs of the same evaluation writes tables (and the stored
+    method order) over all of them, as `report DIR` does; a stored run in the same slot (label, target,
+    seed) is replaced by the new one; another evaluation's runs stay out."""
+    data = shared_data_or_skip()
+    out = tmp_path / "runs"
+    model_out = out / tiny_opt_dir.name
+
+    def run(*extra):
+        assert main([*_small(tiny_opt_dir, data, out), *extra]) == 0
+        return capsys.readouterr().out
+
+    def rows():
+        return [r["Method"] for r in csv.DictReader((model_out / "table.csv").open())]
+
+    run("--methods", "remove,shortgpt")
+    assert rows() == ["Dense", "remove", "shortgpt"]
+    text = run("--methods", "streamline", "-o", "streamline.epochs=1", "-o", "streamline.train_samples=4")
+    sl = "streamline(epochs=1, train_samples=4)"
+    assert rows() == ["Dense", "remove", "shortgpt", sl]  # the stored order first, the new method after it
+    assert "the tables also show 2 run(s) stored earlier" in text and "remove, shortgpt" in text
+    assert any(line.startswith("shortgpt ") for line in text.splitlines())  # printed as written
+    assert "methods: remove,shortgpt,streamline" in (model_out / "table_settings.yaml").read_text()
+    # the same slot with other calibration (a new run key): the new run replaces the stored one in the tables
+    again = run("--methods", "remove", "--calib-samples", "8")
+    assert "remove: pruning" in again or "remove: removed layers" in again
+    assert rows() == ["Dense", "remove", "shortgpt", sl]
+    removes = [f for f in _jsons(model_out) if f.name.startswith("remove__")]
+    assert len(removes) == 2
+    # `report DIR` shows the newest run of a slot as well, and names the one it leaves out
+    table = (model_out / "table.csv").read_bytes()
+    assert main(["report", str(model_out)]) == 0
+    note = [line for line in capsys.readouterr().out.splitlines() if "is left out of the tables" in line]
+    assert len(note) == 1 and (model_out / "table.csv").read_bytes() == table
+    # another evaluation (another --limit) in the same folder: its own tables only
+    assert main([*_small(tiny_opt_dir, data, out, limit=3), "--methods", "remove"]) == 0
+    assert "stored earlier" not in capsys.readouterr().out
+    assert rows() == ["Dense", "remove"]
+
+
 # --- bad input: one "error:" line, exit code 2, nothing written ----------------------------------
 
 def _expect_usage_error(argv, out_dir, capsys, *needles):

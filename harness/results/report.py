@@ -213,6 +213,29 @@ def eval_group_key(run: dict) -> str:
                       "dtype": run["model"].get("dtype")})
 
 
+def slot_key(run: dict) -> str:
+    """The table cell a run fills: its evaluation, row label, target and seed. Two stored runs in one
+    slot (e.g. the same method run again with other calibration: a new run key) would be two rows that
+    look alike; a table shows one of them."""
+    return canonical({"eval": eval_group_key(run), "label": run.get("label") or run["method"],
+                      "target": run.get("target"), "seed": run.get("seed")})
+
+
+def newest_per_slot(runs: list[dict]) -> tuple[list[dict], list[tuple[dict, dict]]]:
+    """The runs with one per slot, the newest by its record's creation time (ties: the later file);
+    returns them (in the given order) and the (left out, kept) pairs."""
+    def when(run: dict) -> tuple:
+        return ((run.get("environment") or {}).get("created") or "", run.get("_path") or "")
+
+    best: dict[str, dict] = {}
+    for run in runs:
+        key = slot_key(run)
+        if key not in best or when(run) >= when(best[key]):
+            best[key] = run
+    kept = [r for r in runs if best[slot_key(r)] is r]
+    return kept, [(r, best[slot_key(r)]) for r in runs if best[slot_key(r)] is not r]
+
+
 def protocol_label(run: dict) -> str:
     """The evaluation protocol of a run in a few words: items, shots, dtype."""
     ev = run.get("eval") or {}

@@ -94,7 +94,7 @@ def _refuse_constant(token):
     raise ValueError(f"{token} is not a JSON number")
 
 
-def _identity(data: dict) -> str:
+def run_identity(data: dict) -> str:
     """Two copies of one run (e.g. a folder copied into the report tree) share this."""
     return json.dumps([data.get(k) for k in ("method", "label", "method_config", "model", "eval", "target",
                                              "calibration", "seed")], sort_keys=True, default=str)
@@ -122,7 +122,7 @@ def load_runs(directory: str) -> list[dict]:
             print(f"warning: {path} {problem if problem.startswith('is ') else 'is damaged: ' + problem}; "
                   "left out of the tables", file=sys.stderr)
             continue
-        key = _identity(data)
+        key = run_identity(data)
         if key in seen:
             print(f"warning: {path} is a copy of {seen[key]}; counted once", file=sys.stderr)
             continue
