@@ -56,7 +56,8 @@ def _save(fig, stem: Path) -> list[Path]:
     paths = []
     for ext in ("png", "pdf"):
         buf = io.BytesIO()
-        fig.savefig(buf, format=ext, dpi=DPI, metadata={"Software": None} if ext == "png" else None)
+        fig.savefig(buf, format=ext, dpi=DPI,  # no software version in the PNG, no creation date in the PDF:
+                    metadata={"Software": None} if ext == "png" else {"CreationDate": None})  # re-rendered, same bytes
         path = Path(f"{stem}.{ext}")
         _write_atomic(path, buf.getvalue())
         paths.append(path)
@@ -424,15 +425,14 @@ def accuracy_vs_ratio(series: dict, stem: Path) -> list[Path]:
     if spare:  # the legend in the first empty panel slot, else below the panels
         spare[0].legend(handles=handles, loc="center", fontsize=7, frameon=False)
     else:
-        fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 5), fontsize=7,
-                   frameon=False)
+        fig.legend(handles=handles, loc="outside right center", fontsize=7, frameon=False)  # clear of the x label
     bars = "std over seeds" if series.get("max_seeds", 1) > 1 else "lm-eval's stderr"
     fig.supxlabel("measured pruning ratio (% of the dense model's parameters, (removed \u2212 added) / dense); "
                   f"error bars: {bars}", fontsize=8)
     ev = series["eval"]
     limit = f", --limit {ev['limit']}" if ev.get("limit") else ""
     fig.suptitle(f"Accuracy vs measured pruning ratio \u2014 {model_name(series['model'])} "
-                 f"({len(tasks)} tasks{limit}; {calibration_name(series['calibration'])})", fontsize=9)
+                 f"({len(tasks)} task{'s' if len(tasks) != 1 else ''}{limit}; {calibration_name(series['calibration'])})", fontsize=9)
     return _save(fig, stem)
 
 
