@@ -572,7 +572,6 @@ def _with_stored_runs(records: list[dict], out: Path, methods: list[str]) -> tup
     (the folder's stored order, this run's new methods appended; this run's order when the folder has
     none)."""
     from harness.results import report, table_settings
-    from harness.results.claim import in_progress
     from harness.results.store import load_runs, run_identity
 
     if not out.is_dir():
@@ -583,8 +582,7 @@ def _with_stored_runs(records: list[dict], out: Path, methods: list[str]) -> tup
     earlier = [r for r in load_runs(str(out)) if report.eval_group_key(r) in groups and run_identity(r) not in mine
                and report.slot_key(r) not in taken and r["method"] != "dense"]
     extra, _older = report.newest_per_slot(earlier)
-    for stem, who in in_progress(out):  # processes sharing the sweep, still at work
-        print(f"note: {stem} is still running ({who}); it is not in these tables yet")
+    _note_in_progress(out)
     stored = table_settings.read(out)
     order = (stored[0].get("methods") or "").split(",") if stored else []
     order = [m for m in order if m] or list(methods)
@@ -767,11 +765,16 @@ def _report_runs(args):
     for run, kept in older:  # e.g. a method run again with other calibration: the newer run is the row
         print(f"note: {Path(run['_path']).name} is left out of the tables: {Path(kept['_path']).name} is a newer "
               f"run with the same label, target and seed")
+    _note_in_progress(Path(args.report))
+    return runs, table_settings.apply(args, Path(args.report))  # the run's metric, labels, order (flags win)
+
+
+def _note_in_progress(folder: Path) -> None:
+    """A note for each run under ``folder`` that another process sharing the sweep is still running."""
     from harness.results.claim import in_progress
 
-    for stem, who in in_progress(Path(args.report)):  # processes sharing a sweep, still at work
+    for stem, who in in_progress(folder):
         print(f"note: {stem} is still running ({who}); it is not in these tables yet")
-    return runs, table_settings.apply(args, Path(args.report))  # the run's metric, labels, order (flags win)
 
 
 def _summary(runs, args, out: Path) -> None:

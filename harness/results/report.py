@@ -227,13 +227,13 @@ def newest_per_slot(runs: list[dict]) -> tuple[list[dict], list[tuple[dict, dict
     def when(run: dict) -> tuple:
         return ((run.get("environment") or {}).get("created") or "", run.get("_path") or "")
 
+    keys = [slot_key(run) for run in runs]
     best: dict[str, dict] = {}
-    for run in runs:
-        key = slot_key(run)
+    for key, run in zip(keys, runs):
         if key not in best or when(run) >= when(best[key]):
             best[key] = run
-    kept = [r for r in runs if best[slot_key(r)] is r]
-    return kept, [(r, best[slot_key(r)]) for r in runs if best[slot_key(r)] is not r]
+    kept = [r for key, r in zip(keys, runs) if best[key] is r]
+    return kept, [(r, best[key]) for key, r in zip(keys, runs) if best[key] is not r]
 
 
 def protocol_label(run: dict) -> str:
